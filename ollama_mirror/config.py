@@ -1,0 +1,447 @@
+"""Configuration: one schema, four layers.
+
+The section dataclasses below *are* the schema: each field carries its default, its
+``OLLAMA_MIRROR_*`` variable and its documentation, so the loader, the validation messages and
+the README's reference table cannot drift apart.  Layers apply in order: built-in defaults,
+the JSON file, the environment, then command-line overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from .names import is_host
+
+ENV_PREFIX = "OLLAMA_MIRROR_"
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message names the key, the value and where it came from."""
+
+
+def setting(
+    default: Any, env: str, doc: str, kind: str, minimum: float | None = 0, planned: bool = False
+) -> Any:
+    """Declare one configuration key (a dataclass field with its metadata).
+
+    ``planned`` marks a key this version accepts but does not act on yet: setting it logs a
+    warning at start-up, so that nobody believes a protection is on when it is not.
+    """
+    metadata = {"env": ENV_PREFIX + env, "doc": doc, "kind": kind, "min": minimum, "planned": planned}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = setting("0.0.0.0", "HOST", "Address to listen on.", "str")
+    port: int = setting(11434, "PORT", "TCP port to listen on.", "port")
+    workers: int = setting(
+        1, "WORKERS", "Worker processes sharing the listening socket.", "int", 1, planned=True
+    )
+    listen: tuple[str, ...] = setting(
+        (),
+        "LISTEN",
+        "Twisted endpoint strings to listen on (e.g. `tcp:11434`, `ssl:443:privateKey=k.pem`, "
+        "`unix:/run/m.sock`); when set, `host` and `port` are not used.",
+        "list",
+    )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    directory: str = setting("./cache", "CACHE_DIR", "The cache: an Ollama models directory.", "str")
+    retention_days: float = setting(
+        30, "CACHE_RETENTION_DAYS", "Models unused this long are evicted.", "float", planned=True
+    )
+    max_size_gb: float = setting(
+        100, "CACHE_MAX_SIZE_GB", "Cap on the cache size, in GB (10^9 bytes).", "float", planned=True
+    )
+    cleanup_interval: float = setting(
+        3600, "CACHE_CLEANUP_INTERVAL", "Seconds between eviction sweeps.", "float", 1, planned=True
+    )
+    min_free_gb: float = setting(
+        1, "CACHE_MIN_FREE_GB", "Free disk space a new download must leave, in GB.", "float", planned=True
+    )
+    manifest_ttl: float = setting(
+        300,
+        "CACHE_MANIFEST_TTL",
+        "Seconds a cached tag is served before it is revalidated upstream.",
+        "float",
+    )
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = setting(
+        "https://registry.ollama.ai", "UPSTREAM_URL", "The registry models are pulled from.", "url"
+    )
+    host: str = setting(
+        "registry.ollama.ai",
+        "UPSTREAM_HOST",
+        "The model host this upstream serves: names without a host (`llama3.2`) and the cache's "
+        "`manifests/<host>/` directory use it, whatever the URL.",
+        "host",
+    )
+    timeout: float = setting(
+        300, "UPSTREAM_TIMEOUT", "Seconds to wait for an upstream's response headers.", "float", 0.001
+    )
+    max_concurrent_downloads: int = setting(
+        3, "MAX_CONCURRENT_DOWNLOADS", "Blobs fetched from upstream at the same time.", "int", 1
+    )
+    retry_attempts: int = setting(3, "RETRY_ATTEMPTS", "Retries of a failed upstream request.", "int")
+    retry_delay: float = setting(
+        1, "RETRY_DELAY", "Seconds before the first retry; doubles on each further one.", "float"
+    )
+    connections_per_blob: int = setting(
+        4, "UPSTREAM_CONNECTIONS_PER_BLOB", "Parallel ranged connections one blob download uses.", "int", 1
+    )
+    chunk_size: int = setting(
+        16 * 2**20,
+        "UPSTREAM_CHUNK_SIZE",
+        "Size of one ranged upstream request (and of a resume unit).",
+        "size",
+        65536,
+    )
+    idle_timeout: float = setting(
+        60,
+        "UPSTREAM_IDLE_TIMEOUT",
+        "Seconds a response body may send nothing before it is dropped.",
+        "float",
+        0.001,
+    )
+    username: str = setting("", "UPSTREAM_USERNAME", "User name for upstream Basic auth (optional).", "str")
+    password: str = setting("", "UPSTREAM_PASSWORD", "Password for upstream Basic auth (optional).", "str")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    api_key: str = setting(
+        "", "API_KEY", "Bearer key required on `/api` and `/mirror` routes; empty: none.", "str", planned=True
+    )
+    allowed_models: tuple[str, ...] = setting(
+        (),
+        "ALLOWED_MODELS",
+        "Only these models may be served (names or globs); empty: all.",
+        "list",
+        planned=True,
+    )
+    blocked_models: tuple[str, ...] = setting(
+        (), "BLOCKED_MODELS", "These models are never served (names or globs).", "list", planned=True
+    )
+    rate_limit_requests: int = setting(
+        100,
+        "RATE_LIMIT_REQUESTS",
+        "Requests one client may make per window; 0: no limit.",
+        "int",
+        planned=True,
+    )
+    rate_limit_window: float = setting(
+        60, "RATE_LIMIT_WINDOW", "The rate-limit window, in seconds.", "float", 1, planned=True
+    )
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = setting(
+        "INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR or CRITICAL.", "level", planned=True
+    )
+    file: str = setting("", "LOG_FILE", "Log file; empty: standard output.", "str", planned=True)
+    max_file_size: int = setting(
+        10_000_000, "LOG_MAX_FILE_SIZE", "Rotate the log file at this size.", "size", 1024, planned=True
+    )
+    backup_count: int = setting(5, "LOG_BACKUP_COUNT", "Rotated log files kept.", "int", planned=True)
+    format: str = setting(
+        "text", "LOG_FORMAT", "`text` or `json` (one JSON object per line).", "format", planned=True
+    )
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    enable_api_proxy: bool = setting(
+        True, "ENABLE_API_PROXY", "Forward inference routes to a backend Ollama.", "bool", planned=True
+    )
+    enable_metrics: bool = setting(
+        True, "ENABLE_METRICS", "Serve Prometheus metrics at `/metrics`.", "bool", planned=True
+    )
+    enable_web_ui: bool = setting(
+        False, "ENABLE_WEB_UI", "Serve the admin web page (not built yet).", "bool", planned=True
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+
+    def listen_endpoints(self) -> list[str]:
+        """The strports descriptions to listen on: ``server.listen``, or one built from host and port."""
+        if self.server.listen:
+            return list(self.server.listen)
+        interface = self.server.host.replace(":", r"\:")
+        return [f"tcp:{self.server.port}:interface={interface}"]
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "cache": CacheConfig,
+    "upstream": UpstreamConfig,
+    "security": SecurityConfig,
+    "logging": LoggingConfig,
+    "features": FeaturesConfig,
+}
+
+
+@dataclass(frozen=True)
+class Key:
+    """One documented key, as listed in the README's reference."""
+
+    section: str
+    name: str
+    env: str
+    kind: str
+    default: Any
+    doc: str
+    minimum: float | None
+    planned: bool
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+def keys() -> Iterator[Key]:
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            yield Key(section, f.name, m["env"], m["kind"], f.default, m["doc"], m["min"], m["planned"])
+
+
+_KEYS: dict[str, Key] = {k.dotted: k for k in keys()}
+_BY_ENV: dict[str, Key] = {k.env: k for k in _KEYS.values()}
+
+# --- value parsing -------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def parse_size(text: str) -> int:
+    """``10MB`` → 10_000_000, ``16MiB`` → 16_777_216, ``512`` → 512 (bytes)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError("expected a size such as 512, 10MB or 16MiB")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    power = "KMGT".find(unit.upper()) + 1 if unit else 0
+    return int(float(number) * base**power)
+
+
+def _parse(key: Key, value: Any, from_text: bool) -> Any:
+    """Turn a JSON value (typed) or an environment/CLI value (text) into the key's type."""
+    kind = key.kind
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if from_text and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError("expected true or false")
+    if kind in ("int", "port"):
+        if from_text:
+            value = value.strip()
+            if not re.fullmatch(r"-?\d+", value):
+                raise ValueError("expected a whole number")
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("expected a whole number")
+        if kind == "port" and not 0 <= value <= 65535:
+            raise ValueError("expected a port number from 0 to 65535")
+        return value
+    if kind == "float":
+        if from_text:
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError("expected a number") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("expected a number")
+        return float(value)
+    if kind == "size":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            return parse_size(value)
+        raise ValueError("expected a size such as 512, 10MB or 16MiB")
+    if kind == "list":
+        if from_text or isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ValueError("expected a list of strings")
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    if kind == "url":
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http:// or https:// URL with a host")
+        return value.rstrip("/")
+    if kind == "level":
+        if value.upper() not in _LEVELS:
+            raise ValueError("expected one of " + ", ".join(_LEVELS))
+        return value.upper()
+    if kind == "host" and not is_host(value):
+        raise ValueError("expected a host name such as registry.ollama.ai")
+    if kind == "format" and value not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return value
+
+
+def _check_minimum(key: Key, value: Any) -> None:
+    if key.minimum is not None and isinstance(value, int | float) and value < key.minimum:
+        raise ValueError("is negative" if value < 0 else f"must be at least {key.minimum:g}")
+
+
+def _describe(value: Any) -> str:
+    return json.dumps(value)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+Layer = dict[str, tuple[Any, str, bool]]  # dotted key -> (raw value, where it came from, is text)
+
+
+def _json_layer(path: str) -> Layer:
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"config file {path}: expected a JSON object of sections")
+    layer: Layer = {}
+    for section, values in document.items():
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"config file {path}: unknown section {section!r} (known: {', '.join(SECTIONS)})"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path}: section {section!r} must be an object")
+        for name, value in values.items():
+            dotted = f"{section}.{name}"
+            if dotted not in _KEYS:
+                raise ConfigError(f"config file {path}: unknown key {dotted}")
+            layer[dotted] = (value, f"config file {path}", False)
+    return layer
+
+
+def _env_layer(environ: Mapping[str, str]) -> Layer:
+    layer: Layer = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = _BY_ENV.get(name)
+        if key is None:
+            raise ConfigError(f"unknown environment variable {name}")
+        layer[key.dotted] = (value, name, True)
+    return layer
+
+
+def _override_layer(overrides: Mapping[str, str]) -> Layer:
+    layer: Layer = {}
+    for dotted, value in overrides.items():
+        if dotted not in _KEYS:
+            raise ConfigError(f"unknown key {dotted} on the command line")
+        layer[dotted] = (value, "command line", True)
+    return layer
+
+
+def load_config(
+    path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the configuration: defaults < JSON file < environment < command-line overrides.
+
+    Raises :class:`ConfigError` with a one-line message naming the key, the value and its source.
+    """
+    merged: Layer = {}
+    if path:
+        merged.update(_json_layer(path))
+    merged.update(_env_layer(environ or {}))
+    merged.update(_override_layer(overrides or {}))
+    values: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for dotted, (raw, source, from_text) in merged.items():
+        key = _KEYS[dotted]
+        try:
+            value = _parse(key, raw, from_text)
+            _check_minimum(key, value)
+        except ValueError as e:
+            raise ConfigError(f"{dotted} = {_describe(raw)} (from {source}): {e}") from None
+        values[key.section][key.name] = value
+    return Config(**{section: cls(**values[section]) for section, cls in SECTIONS.items()})
+
+
+def replace(config: Config, **sections: Mapping[str, Any]) -> Config:
+    """A copy of *config* with some keys changed, e.g. ``replace(c, cache={"directory": d})`` (for tests
+    and embedding apps that build their configuration in code)."""
+    changed = {name: dataclasses.replace(getattr(config, name), **vals) for name, vals in sections.items()}
+    return dataclasses.replace(config, **changed)
+
+
+def inactive_settings(config: Config) -> list[str]:
+    """Keys set away from their default that this version does not act on yet."""
+    return [
+        key.dotted
+        for key in keys()
+        if key.planned and getattr(getattr(config, key.section), key.name) != key.default
+    ]
+
+
+def _default_text(key: Key) -> str:
+    value = key.default
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "(none)" if not value else ",".join(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if key.kind == "size":
+        return f"{value // 2**20}MiB" if value % 2**20 == 0 else f"{value // 10**6}MB"
+    return str(value) if value != "" else "(empty)"
+
+
+def reference_table() -> str:
+    """The configuration reference in Markdown, as the README shows it."""
+    rows = ["| JSON key | Environment variable | Default | Meaning |", "| --- | --- | --- | --- |"]
+    for key in keys():
+        doc = key.doc + (
+            " *(Accepted, not in effect yet: setting it logs a warning.)*" if key.planned else ""
+        )
+        rows.append(f"| `{key.dotted}` | `{key.env}` | `{_default_text(key)}` | {doc} |")
+    return "\n".join(rows)
+
+
+def sample_document() -> dict[str, dict[str, Any]]:
+    """Every key with its default, as ``etc/mirror.json`` holds them."""
+    document: dict[str, dict[str, Any]] = {}
+    for key in keys():
+        value = list(key.default) if isinstance(key.default, tuple) else key.default
+        document.setdefault(key.section, {})[key.name] = value
+    return document
+
+
+if __name__ == "__main__":  # python -m ollama_mirror.config: print the README's reference table
+    print(reference_table())

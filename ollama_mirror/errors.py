@@ -1,0 +1,38 @@
+"""JSON error bodies in the two dialects clients parse: Ollama's and the registry's."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.web.iweb import IRequest
+
+
+def json_body(request: IRequest, code: int, document: Any) -> bytes:
+    """Set the status and content type and return *document* as compact JSON."""
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+def ollama_error(request: IRequest, code: int, message: str) -> bytes:
+    """``{"error": "..."}``: what the Ollama CLI and Python client show the user."""
+    return json_body(request, code, {"error": message})
+
+
+def registry_error(request: IRequest, status: int, code: str, message: str, detail: Any = None) -> bytes:
+    """``{"errors":[{"code":..., "message":...}]}``, the distribution spec's error body."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if detail is not None:
+        error["detail"] = detail
+    return json_body(request, status, {"errors": [error]})
+
+
+class RegistryError(Exception):
+    """An error a registry route answers with its status and registry error code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message

@@ -1,0 +1,517 @@
+"""The Fill: the single owner of one blob's download.
+
+A Fill creates the partial file at full size, splits it into chunks, and runs a few upstream
+workers that each fetch one chunk at a time with ``Range`` and write what arrives at its offset.
+The chunk some reader is waiting on goes first.  Finished chunks are recorded durably, so a
+restarted daemon resumes where it was.  The sha256 advances over the finished prefix in a worker
+thread; at the end the digest is checked and the file is published by atomic rename.
+
+Readers never talk to upstream: they ask :meth:`Fill.available` how many bytes at an offset are
+on disk and :meth:`Fill.wait` for more, each getting a Deferred of its own, so a reader hanging
+up can never cancel the download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol as TxProtocol
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import IResponse
+
+from .runner import Runner
+from .store import PartialState, Store
+from .upstream import UpstreamError, content_range_start, discard
+
+log = Logger()
+
+HASH_READ_SIZE = 4 * 2**20
+
+
+class BlobSource(Protocol):
+    """Where a Fill gets bytes from (the upstream registry now; a shared tier later)."""
+
+    async def open_range(self, repository: str, digest: str, start: int, end: int | None) -> IResponse: ...
+
+
+class FillFailed(Exception):
+    """The download could not be completed; readers of the partial data must not end cleanly."""
+
+
+class DigestMismatch(FillFailed):
+    """The bytes received do not hash to the digest: they were discarded."""
+
+
+class _ChunkWriter(TxProtocol):
+    """Receives one upstream body and writes it into the partial file from *offset* on."""
+
+    def __init__(self, fill: Fill, offset: int, end: int) -> None:
+        self.fill = fill
+        self.offset = offset
+        self.end = end  # exclusive
+        self.done: Deferred[int] = Deferred()
+        self.timer: IDelayedCall | None = None
+        self.failure: Exception | None = None
+
+    def connectionMade(self) -> None:
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.reset(self.fill.idle_timeout)
+        else:
+            self.timer = self.fill.clock.callLater(self.fill.idle_timeout, self._idle)
+
+    def _idle(self) -> None:
+        self.timer = None
+        self._abort(UpstreamError(f"upstream sent nothing for {self.fill.idle_timeout:g} s"))
+
+    def _abort(self, error: Exception) -> None:
+        if self.failure is None:
+            self.failure = error
+            if self.transport is not None:
+                self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.failure is not None:
+            return
+        room = self.end - self.offset
+        if len(data) > room:
+            data = data[:room]
+        if data:
+            os.pwrite(self.fill.fd, data, self.offset)
+            start, self.offset = self.offset, self.offset + len(data)
+            self.fill.wrote(start, self.offset)
+        if self.offset >= self.end:
+            if self.timer is not None and self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+        else:
+            self._arm()
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        if self.offset >= self.end:
+            self.done.callback(self.offset)
+        elif self.failure is not None:
+            self.done.errback(self.failure)
+        elif reason.check(ResponseDone):
+            self.done.errback(UpstreamError("upstream body ended early"))
+        else:
+            self.done.errback(UpstreamError(f"upstream connection lost: {reason.getErrorMessage()}"))
+
+    def stop(self) -> None:
+        self._abort(FillFailed("download stopped"))
+
+
+class Fill:
+    """One blob being downloaded into the cache; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        hexdigest: str,
+        size: int,
+        repository: str,
+        source: BlobSource,
+        store: Store,
+        clock: Any,
+        runner: Runner,
+        chunk_size: int,
+        connections: int,
+        retry_attempts: int,
+        retry_delay: float,
+        idle_timeout: float,
+        gate: DeferredSemaphore | None = None,
+    ) -> None:
+        self.hexdigest = hexdigest
+        self.digest = "sha256:" + hexdigest
+        self.size = size
+        self.repository = repository
+        self.source = source
+        self.store = store
+        self.clock = clock
+        self.runner = runner
+        self.chunk_size = chunk_size
+        self.connections = connections
+        self.retry_attempts = retry_attempts
+        self.retry_delay = retry_delay
+        self.idle_timeout = idle_timeout
+        self.gate = gate
+        self.nchunks = max(1, -(-size // chunk_size))
+        self.done = [False] * self.nchunks
+        self.filled = [0] * self.nchunks  # bytes on disk from each chunk's start
+        self.inflight: set[int] = set()
+        self.writers: set[_ChunkWriter] = set()
+        self.fd = -1
+        self.complete = False
+        self.failure: Failure | None = None
+        self.resumed_bytes = 0
+        self.received_bytes = 0
+        self.started_at: float | None = None
+        self._stopping = False
+        self._ranged: bool | None = None  # unknown until the first upstream answer
+        self._waiters: list[tuple[int, Deferred[None]]] = []
+        self._finished: list[Deferred[None]] = []
+        self._hasher = hashlib.sha256()
+        self._hashed_chunks = 0
+        self._hashing = False
+        self._state_lock = DeferredLock()
+        self._workers = 0
+        self._fd_users = 0  # jobs in threads using self.fd; it is closed only when none is left
+        self._close_wanted = False
+
+    # --- what readers use ----------------------------------------------------------------------
+
+    @property
+    def ended(self) -> bool:
+        return self.complete or self.failure is not None
+
+    def path(self) -> str:
+        """The file to read from: the partial while running, the blob once published."""
+        if self.complete:
+            return self.store.blob_path(self.hexdigest)
+        return self.store.partial_path(self.hexdigest)
+
+    def available(self, offset: int) -> int:
+        """How many bytes from *offset* on are on disk, contiguous."""
+        if self.complete:
+            return max(0, self.size - offset)
+        total, position = 0, offset
+        index = offset // self.chunk_size
+        while index < self.nchunks:
+            start = index * self.chunk_size
+            end = min(self.size, start + self.chunk_size)
+            ready_end = end if self.done[index] else start + self.filled[index]
+            if ready_end <= position:
+                break
+            total += ready_end - position
+            position = ready_end
+            if ready_end < end:
+                break
+            index += 1
+        return total
+
+    def completed_bytes(self) -> int:
+        """Bytes on disk, for progress reports."""
+        if self.complete:
+            return self.size
+        return sum(
+            min(self.size, (i + 1) * self.chunk_size) - i * self.chunk_size
+            if self.done[i]
+            else self.filled[i]
+            for i in range(self.nchunks)
+        )
+
+    def wait(self, offset: int) -> Deferred[None]:
+        """A Deferred (the caller's own) that fires when bytes at *offset* are on disk, or fails with
+        :class:`FillFailed` when the download fails."""
+        d: Deferred[None] = Deferred(lambda d: self._forget(d))
+        if self.failure is not None:
+            d.errback(self.failure)
+        elif self.available(offset) > 0 or self.complete:
+            d.callback(None)
+        else:
+            self._waiters.append((offset, d))
+            self._schedule()
+        return d
+
+    def when_done(self) -> Deferred[None]:
+        """A Deferred of the caller's own that fires when the blob is published (or fails)."""
+        d: Deferred[None] = Deferred(lambda d: self._forget(d))
+        if self.complete:
+            d.callback(None)
+        elif self.failure is not None:
+            d.errback(self.failure)
+        else:
+            self._finished.append(d)
+        return d
+
+    def _forget(self, d: Deferred[None]) -> None:
+        self._waiters = [(o, w) for o, w in self._waiters if w is not d]
+        if d in self._finished:
+            self._finished.remove(d)
+
+    # --- running -------------------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """Begin (or resume) the download; the Deferred fires when it has ended either way."""
+        return Deferred.fromCoroutine(self._run())
+
+    async def _run(self) -> None:
+        if self.gate is not None:
+            await self.gate.acquire()
+        try:
+            if not self._stopping:
+                self.started_at = self.clock.seconds()
+                await self._open()
+                log.info(
+                    "fill {digest}: {size} bytes, {resumed} already on disk",
+                    digest=self.digest,
+                    size=self.size,
+                    resumed=self.resumed_bytes,
+                )
+                self._schedule()
+                self._advance_hash()
+        except Exception as e:
+            self._fail(Failure(e))
+        if not self.ended:
+            await self.when_done().addErrback(lambda _: None)
+        if self.gate is not None:
+            self.gate.release()
+
+    async def _open(self) -> None:
+        state = self.store.read_partial_state(self.hexdigest, self.size, self.chunk_size)
+        path = self.store.partial_path(self.hexdigest)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if state is None:
+            os.ftruncate(self.fd, 0)
+            os.ftruncate(self.fd, self.size)
+            return
+        for index in state.done:
+            if 0 <= index < self.nchunks:
+                self.done[index] = True
+                self.resumed_bytes += min(self.size, (index + 1) * self.chunk_size) - index * self.chunk_size
+
+    def _next_chunk(self) -> int | None:
+        """The chunk a reader waits on first, else the lowest one nobody is fetching."""
+        for offset, _ in sorted(self._waiters, key=lambda w: w[0]):
+            index = offset // self.chunk_size
+            if index < self.nchunks and not self.done[index] and index not in self.inflight:
+                return index
+        for index in range(self.nchunks):
+            if not self.done[index] and index not in self.inflight:
+                return index
+        return None
+
+    def _schedule(self) -> None:
+        """Start workers up to the allowed number (one until we know the upstream does ranges)."""
+        if self.fd < 0 or self.ended or self._stopping:
+            return
+        allowed = self.connections if self._ranged else 1
+        while self._workers < allowed and self._next_chunk() is not None:
+            self._workers += 1
+            Deferred.fromCoroutine(self._worker()).addErrback(self._fail)
+
+    async def _worker(self) -> None:
+        try:
+            while not self.ended and not self._stopping:
+                index = self._next_chunk()
+                if index is None:
+                    return
+                self.inflight.add(index)
+                try:
+                    await self._fetch_with_retries(index)
+                finally:
+                    self.inflight.discard(index)
+        finally:
+            self._workers -= 1
+
+    async def _fetch_with_retries(self, index: int) -> None:
+        failures = 0
+        while True:
+            try:
+                await self._fetch(index)
+                return
+            except UpstreamError as e:
+                if self._stopping or self.ended:
+                    return
+                failures += 1
+                if failures > self.retry_attempts or not e.transient:
+                    raise FillFailed(f"download of {self.digest} failed: {e.message}") from None
+                delay = self.retry_delay * 2 ** (failures - 1)
+                log.warn(
+                    "fill {digest}: chunk {index}: {error}; retry {n} of {max} in {delay:g} s",
+                    digest=self.digest,
+                    index=index,
+                    error=e.message,
+                    n=failures,
+                    max=self.retry_attempts,
+                    delay=delay,
+                )
+                await deferLater(self.clock, delay)
+
+    async def _fetch(self, index: int) -> None:
+        chunk_start = index * self.chunk_size
+        chunk_end = min(self.size, chunk_start + self.chunk_size)
+        start = chunk_start + self.filled[index]
+        if self._ranged is False:
+            start, chunk_end = 0, self.size  # the upstream ignores ranges: one stream, from the start
+        response = await self.source.open_range(self.repository, self.digest, start, chunk_end - 1)
+        if response.code == 200:
+            if self._ranged is None or start == 0:
+                self._ranged = False
+                start, chunk_end = 0, self.size
+            else:
+                await discard(response)
+                raise UpstreamError("upstream stopped honouring Range", 502)
+        else:
+            if content_range_start(response) != start:
+                await discard(response)
+                raise UpstreamError("upstream sent the wrong range", 502)
+            if self._ranged is None:
+                self._ranged = True
+                self._schedule()
+        writer = _ChunkWriter(self, start, chunk_end)
+        self.writers.add(writer)
+        try:
+            response.deliverBody(writer)
+            await writer.done
+        finally:
+            self.writers.discard(writer)
+
+    def wrote(self, start: int, end: int) -> None:
+        """Bytes [start, end) are on disk: advance chunk marks, wake readers, finish chunks."""
+        self.received_bytes += end - start
+        index = start // self.chunk_size
+        while index < self.nchunks and index * self.chunk_size < end:
+            chunk_start = index * self.chunk_size
+            chunk_end = min(self.size, chunk_start + self.chunk_size)
+            if not self.done[index] and chunk_start + self.filled[index] >= start:
+                self.filled[index] = max(self.filled[index], min(end, chunk_end) - chunk_start)
+                if chunk_start + self.filled[index] >= chunk_end:
+                    self._chunk_done(index)
+            index += 1
+        self._wake()
+
+    def _chunk_done(self, index: int) -> None:
+        self.done[index] = True
+        self._state_lock.run(self._save_state).addErrback(self._fail)
+        self._advance_hash()
+
+    def _save_state(self) -> Deferred[None]:
+        if self.ended:
+            return Deferred.fromCoroutine(_nothing())
+        state = PartialState(
+            self.size, self.chunk_size, frozenset(i for i in range(self.nchunks) if self.done[i])
+        )
+        return self._on_fd(self.store.write_partial_state, self.hexdigest, self.fd, state)
+
+    def _on_fd(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """Run a job that uses ``self.fd`` in a thread, keeping the fd open until it returns."""
+        self._fd_users += 1
+
+        def release(result: object) -> object:
+            self._fd_users -= 1
+            if self._close_wanted and self._fd_users == 0:
+                self._close_fd()
+            return result
+
+        return self.runner.run(f, *args).addBoth(release)
+
+    def _wake(self) -> None:
+        ready = [(o, d) for o, d in self._waiters if self.available(o) > 0]
+        if ready:
+            self._waiters = [w for w in self._waiters if w not in ready]
+            for _, d in ready:
+                d.callback(None)
+
+    # --- hashing and publishing ----------------------------------------------------------------
+
+    def _advance_hash(self) -> None:
+        if self._hashing or self.ended or self.fd < 0:
+            return
+        self._hashing = True
+        Deferred.fromCoroutine(self._hash_prefix()).addErrback(self._fail)
+
+    async def _hash_prefix(self) -> None:
+        try:
+            while self._hashed_chunks < self.nchunks and self.done[self._hashed_chunks] and not self.ended:
+                start = self._hashed_chunks * self.chunk_size
+                end = min(self.size, start + self.chunk_size)
+                await self._on_fd(_hash_range, self._hasher, self.fd, start, end)
+                self._hashed_chunks += 1
+        finally:
+            self._hashing = False
+        if self._hashed_chunks == self.nchunks and not self.ended:
+            await self._finish()
+
+    async def _finish(self) -> None:
+        actual = self._hasher.hexdigest()
+        await self._state_lock.acquire()  # no state record may be written after this
+        try:
+            if actual != self.hexdigest:
+                await self.runner.run(self.store.discard_partial, self.hexdigest)
+                self._fail(
+                    Failure(
+                        DigestMismatch(f"blob {self.digest} arrived with digest sha256:{actual}; discarded")
+                    )
+                )
+                return
+            await self._on_fd(self.store.publish_blob, self.hexdigest, self.fd)
+        finally:
+            self._state_lock.release()
+        self.complete = True
+        elapsed = self.clock.seconds() - (self.started_at or self.clock.seconds())
+        log.info(
+            "fill {digest}: complete and verified, {received} bytes from upstream in {elapsed:.1f} s",
+            digest=self.digest,
+            received=self.received_bytes,
+            elapsed=elapsed,
+        )
+        self._close_fd()
+        self._wake()
+        finished, self._finished = self._finished, []
+        for d in finished:
+            d.callback(None)
+
+    # --- ending --------------------------------------------------------------------------------
+
+    def _fail(self, failure: Failure) -> None:
+        if self.ended:
+            return
+        if not failure.check(FillFailed):
+            failure = Failure(FillFailed(f"download of {self.digest} failed: {failure.getErrorMessage()}"))
+        self.failure = failure
+        log.error("fill {digest}: {error}", digest=self.digest, error=failure.getErrorMessage())
+        for writer in list(self.writers):
+            writer.stop()
+        self._close_fd()
+        waiters, self._waiters = self._waiters, []
+        finished, self._finished = self._finished, []
+        for d in [d for _, d in waiters] + finished:
+            d.errback(failure)
+
+    def stop(self) -> Deferred[None]:
+        """Stop downloading (daemon shutdown); what is on disk stays for the next start."""
+        self._stopping = True
+        for writer in list(self.writers):
+            writer.stop()
+        if not self.ended:
+            self._fail(Failure(FillFailed(f"download of {self.digest} stopped (shutting down)")))
+        return self._state_lock.run(_nothing_deferred)
+
+    def _close_fd(self) -> None:
+        if self._fd_users:
+            self._close_wanted = True
+        elif self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _hash_range(hasher: Any, fd: int, start: int, end: int) -> None:
+    """Feed bytes [start, end) of the file to the hasher (runs in a thread; hashlib drops the GIL)."""
+    position = start
+    while position < end:
+        data = os.pread(fd, min(HASH_READ_SIZE, end - position), position)
+        if not data:
+            raise FillFailed("partial file is shorter than expected")
+        hasher.update(data)
+        position += len(data)
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _nothing_deferred() -> Deferred[None]:
+    return Deferred.fromCoroutine(_nothing())

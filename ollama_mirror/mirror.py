@@ -1,0 +1,104 @@
+"""The mirror's parts wired together: store, upstream client, manifest cache, fills and the HTTP tree.
+
+Collaborators that tests replace (the HTTP client towards upstream, the blocking-work runner)
+are parameters; everything else is built from the :class:`Config`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.web.resource import IResource
+
+from . import __version__
+from .config import Config
+from .fills import FillManager
+from .manifests import ManifestCache
+from .registry import RegistryApi
+from .runner import Runner, ThreadRunner
+from .store import Store
+from .upstream import Upstream
+from .web import RootApi
+
+
+class _RunnerService(Service):
+    """Starts and stops the thread pool of a :class:`ThreadRunner` with the daemon."""
+
+    def __init__(self, runner: ThreadRunner) -> None:
+        self.runner = runner
+
+    def startService(self) -> None:
+        super().startService()
+        self.runner.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.runner.stop()
+
+
+class Mirror:
+    def __init__(self, config: Config, reactor: Any, http: Any = None, runner: Runner | None = None) -> None:
+        self.config = config
+        self.reactor = reactor
+        self._pool: Any = None
+        if http is None:
+            http = self._make_http_client(reactor, config)
+        self._thread_runner: ThreadRunner | None = None
+        if runner is None:
+            runner = self._thread_runner = ThreadRunner(reactor)
+        self.runner = runner
+        self.store = Store(config.cache.directory)
+        self.store.create()
+        self.upstream = Upstream(
+            config.upstream.url,
+            config.upstream.host,
+            http,
+            reactor,
+            timeout=config.upstream.timeout,
+            username=config.upstream.username,
+            password=config.upstream.password,
+        )
+        self.manifests = ManifestCache(self.store, self.upstream, runner, reactor, config.cache.manifest_ttl)
+        self.fills = FillManager(self.store, self.upstream, reactor, runner, config.upstream)
+        self.registry = RegistryApi(self.store, self.manifests, self.fills, self.upstream)
+        self.root = RootApi(
+            {
+                "name": "ollama-mirror",
+                "version": __version__,
+                "upstream": config.upstream.url,
+                "cache_directory": os.path.abspath(config.cache.directory),
+            },
+            self.registry.resource(),
+        )
+
+    def _make_http_client(self, reactor: Any, config: Config) -> Any:
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = (
+            config.upstream.connections_per_blob * config.upstream.max_concurrent_downloads
+        )
+        self._pool.retryAutomatically = False
+        return HTTPClient(Agent(reactor, pool=self._pool, connectTimeout=min(30.0, config.upstream.timeout)))
+
+    def resource(self) -> IResource:
+        return self.root.resource()
+
+    def services(self) -> list[IService]:
+        """Services to run beside the listening endpoints (the thread pool first, so it stops last)."""
+        services: list[IService] = []
+        if self._thread_runner is not None:
+            services.append(_RunnerService(self._thread_runner))
+        services.append(self.fills)
+        return services
+
+    def close(self) -> Deferred[Any]:
+        """Close pooled upstream connections (after the services have stopped)."""
+        if self._pool is not None:
+            d: Deferred[Any] = self._pool.closeCachedConnections()
+            return d
+        return succeed(None)

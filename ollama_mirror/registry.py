@@ -1,0 +1,189 @@
+"""The registry API (``/v2``) that ``ollama pull --insecure MIRROR/library/MODEL`` talks to.
+
+Manifests come from :class:`ManifestCache`; blobs are streamed by :class:`BlobProducer` from
+the cache or from the blob's :class:`Fill`.  The blob GET without ``Range`` answers 200 with a
+``Location`` pointing at itself: the Go client insists on a redirect-like answer before it sends
+its parallel ranged GETs, and hangs up on this one at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from twisted.web.server import Request
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from .blobstream import BlobProducer, StreamingResource
+from .errors import RegistryError, json_body, registry_error
+from .fill import Fill
+from .fills import FillManager
+from .manifests import Manifest, ManifestCache, ManifestUnknown
+from .names import InvalidName, ModelName, is_digest, is_model, is_namespace, is_tag, parse_digest
+from .ranges import InvalidRange, UnsatisfiableRange, parse_range
+from .store import Store
+from .upstream import Upstream, UpstreamError
+
+log = Logger()
+
+API_VERSION = (b"docker-distribution-api-version", b"registry/2.0")
+
+
+def _header(request: IRequest, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if value is not None else None
+
+
+class RegistryApi:
+    """The ``/v2`` routes (mounted under ``/v2`` by the root app, so paths here start after it)."""
+
+    app = Klein()
+
+    def __init__(
+        self, store: Store, manifests: ManifestCache, fills: FillManager, upstream: Upstream
+    ) -> None:
+        self._store = store
+        self._manifests = manifests
+        self._fills = fills
+        self._upstream = upstream
+
+    def resource(self) -> IResource:
+        return self.app.resource()  # type: ignore[no-any-return]
+
+    def _name(self, namespace: str, model: str, tag: str = "latest") -> ModelName:
+        if not is_namespace(namespace) or not is_model(model):
+            raise RegistryError(400, "NAME_INVALID", f"invalid repository name {namespace}/{model}")
+        return ModelName(self._upstream.host, namespace, model, tag)
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def version_check(self, request: IRequest) -> bytes:
+        request.setHeader(*API_VERSION)
+        return json_body(request, 200, {})
+
+    # --- manifests -----------------------------------------------------------------------------
+
+    @app.route("/<namespace>/<model>/manifests/<reference>", methods=["GET", "HEAD"])
+    async def manifest(self, request: IRequest, namespace: str, model: str, reference: str) -> bytes:
+        accept = [t.strip() for t in (_header(request, b"accept") or "").split(",") if t.strip()]
+        user_agent = _header(request, b"user-agent")
+        if user_agent and user_agent.startswith("ollama/"):
+            self._upstream.user_agent = user_agent  # registry.ollama.ai may refuse other agents
+        found: Manifest
+        if is_digest(reference):
+            name = self._name(namespace, model)
+            found = await self._manifests.by_digest(name, parse_digest(reference), accept, user_agent)
+        elif is_tag(reference):
+            name = self._name(namespace, model, reference)
+            found = await self._manifests.by_tag(name, accept, user_agent)
+        else:
+            raise RegistryError(400, "TAG_INVALID", f"invalid tag or digest {reference!r}")
+        request.setHeader(*API_VERSION)
+        request.setHeader(b"content-type", found.media_type.encode())
+        request.setHeader(b"docker-content-digest", found.digest.encode())
+        request.setHeader(b"etag", f'"{found.digest}"'.encode())
+        request.setHeader(b"content-length", str(len(found.data)).encode())
+        request.setHeader(b"x-mirror-cache", found.source.encode())
+        return found.data
+
+    # --- blobs ---------------------------------------------------------------------------------
+
+    async def _locate(self, name: ModelName, hexdigest: str) -> tuple[int, Fill | None]:
+        """The blob's size, and its running Fill if it is being downloaded."""
+        size = self._store.blob_size(hexdigest)
+        if size is not None:
+            return size, None
+        fill = self._fills.active(hexdigest)
+        if fill is not None:
+            return fill.size, fill
+        known = self._manifests.blob_sizes.get(hexdigest)
+        if known is not None:
+            return known, None
+        try:
+            return await self._upstream.blob_size(name.repository, "sha256:" + hexdigest), None
+        except UpstreamError as e:
+            if e.status in (404, 400):
+                raise RegistryError(404, "BLOB_UNKNOWN", f"blob unknown: sha256:{hexdigest}") from None
+            raise
+
+    @app.route("/<namespace>/<model>/blobs/<digest>", methods=["GET", "HEAD"])
+    async def blob(self, request: Request, namespace: str, model: str, digest: str) -> Any:
+        name = self._name(namespace, model)
+        try:
+            hexdigest = parse_digest(digest)
+        except InvalidName:
+            raise RegistryError(400, "DIGEST_INVALID", f"invalid digest {digest!r}") from None
+        size, fill = await self._locate(name, hexdigest)
+        try:
+            wanted = parse_range(_header(request, b"range"), size)
+        except InvalidRange as e:
+            raise RegistryError(400, "RANGE_INVALID", str(e)) from None
+        except UnsatisfiableRange:
+            request.setHeader(b"content-range", f"bytes */{size}".encode())
+            return registry_error(
+                request, 416, "RANGE_INVALID", f"range not satisfiable for a {size}-byte blob"
+            )
+        request.setHeader(*API_VERSION)
+        request.setHeader(b"docker-content-digest", digest.encode())
+        request.setHeader(b"etag", f'"{digest}"'.encode())
+        request.setHeader(b"accept-ranges", b"bytes")
+        request.setHeader(b"cache-control", b"public, max-age=31536000, immutable")
+        request.setHeader(b"content-type", b"application/octet-stream")
+        if wanted is None:
+            first, last = 0, size - 1
+            request.setHeader(b"location", f"/v2/{name.repository}/blobs/{digest}".encode())
+        else:
+            first, last = wanted
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", f"bytes {first}-{last}/{size}".encode())
+        request.setHeader(b"content-length", str(last - first + 1).encode())
+        if request.method == b"HEAD" or last < first:
+            return b""
+        if fill is None and self._store.blob_size(hexdigest) is None:
+            fill = self._fills.fill(hexdigest, size, name.repository)
+        request.setHeader(b"x-mirror-cache", b"hit" if fill is None else b"fill")
+        path = fill.path() if fill is not None else self._store.blob_path(hexdigest)
+        return StreamingResource(BlobProducer(request, path, first, last, fill))
+
+    # --- errors --------------------------------------------------------------------------------
+
+    @app.handle_errors(RegistryError)
+    def _registry_error(self, request: IRequest, failure: Failure) -> bytes:
+        e: RegistryError = failure.value  # type: ignore[assignment]
+        return registry_error(request, e.status, e.code, e.message)
+
+    @app.handle_errors(ManifestUnknown)
+    def _manifest_unknown(self, request: IRequest, failure: Failure) -> bytes:
+        return registry_error(request, 404, "MANIFEST_UNKNOWN", failure.getErrorMessage())
+
+    @app.handle_errors(InvalidName)
+    def _invalid_name(self, request: IRequest, failure: Failure) -> bytes:
+        return registry_error(request, 400, "NAME_INVALID", failure.getErrorMessage())
+
+    @app.handle_errors(UpstreamError)
+    def _upstream_error(self, request: IRequest, failure: Failure) -> bytes:
+        e: UpstreamError = failure.value  # type: ignore[assignment]
+        log.warn(
+            "{method} {path}: {error}",
+            method=request.method.decode(),
+            path=request.path.decode("latin-1"),
+            error=e.message,
+        )
+        status = 503 if e.status is None else 502
+        return registry_error(request, status, "UNAVAILABLE", e.message)
+
+    @app.handle_errors(NotFound)
+    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return registry_error(request, 404, "NAME_UNKNOWN", "no such registry route")
+
+    @app.handle_errors(MethodNotAllowed)
+    def _method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        return registry_error(request, 405, "UNSUPPORTED", "this mirror is read-only")
+
+    @app.handle_errors(Exception)
+    def _internal(self, request: IRequest, failure: Failure) -> bytes:
+        log.failure("registry route failed", failure)
+        return registry_error(request, 500, "UNKNOWN", "internal error")

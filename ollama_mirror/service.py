@@ -1,0 +1,84 @@
+"""The service tree: everything the daemon runs, built from a :class:`Config` and a reactor.
+
+``build_service(config, reactor)`` is the one entry point for twistd, ``python -m
+ollama_mirror`` and applications that embed the mirror; tests pass a fake reactor.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from . import __version__
+from .config import Config, ConfigError, inactive_settings
+from .mirror import Mirror
+from .runner import Runner
+
+log = Logger()
+
+
+class StartupError(Exception):
+    """The daemon cannot start (for instance, its port is taken); the message says why."""
+
+
+class ListeningService(MultiService):
+    """The endpoints the site listens on; a taken port stops start-up with a readable message."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise StartupError(f"cannot listen on {e.interface or '*'}:{e.port}: {e.socketError}") from None
+
+
+class MirrorService(MultiService):
+    """The top of the tree; holds the :class:`Mirror` so embedders can reach its parts."""
+
+    def __init__(self, mirror: Mirror) -> None:
+        super().__init__()
+        self.mirror = mirror
+
+    def stopService(self) -> Deferred[Any]:
+        d: Deferred[Any] = maybeDeferred(super().stopService)
+        d.addBoth(lambda result: self.mirror.close().addCallback(lambda _: result))
+        return d
+
+
+def build_service(
+    config: Config, reactor: Any, *, http: Any = None, runner: Runner | None = None
+) -> MirrorService:
+    """Build the daemon's service tree on *reactor* without starting anything.
+
+    *http* (a treq ``HTTPClient``) and *runner* replace the upstream client and the thread pool,
+    for tests and for applications that bring their own.
+    """
+    mirror = Mirror(config, reactor, http=http, runner=runner)
+    top = MirrorService(mirror)
+    site = Site(mirror.resource())
+    site.displayTracebacks = False
+    for child in mirror.services():
+        child.setServiceParent(top)
+    listening = ListeningService()  # added last: it starts last and stops first
+    for description in config.listen_endpoints():
+        try:
+            strports.service(description, site, reactor=reactor).setServiceParent(listening)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"server.listen: cannot use endpoint {description!r}: {e}") from None
+    listening.setServiceParent(top)
+    log.info(
+        "ollama-mirror {version} serving {cache} from {upstream} on {endpoints}",
+        version=__version__,
+        cache=os.path.abspath(config.cache.directory),
+        upstream=config.upstream.url,
+        endpoints=", ".join(config.listen_endpoints()),
+    )
+    for key in inactive_settings(config):
+        log.warn("{key} is set, but this version of ollama-mirror does not act on it yet", key=key)
+    return top

@@ -1,0 +1,179 @@
+"""The cache on disk: an Ollama models directory plus the mirror's own work area.
+
+``manifests/<host>/<namespace>/<model>/<tag>`` hold upstream manifest bytes verbatim and
+``blobs/sha256-<hex>`` only complete, verified blobs, so an Ollama server started with
+``OLLAMA_MODELS`` set to this directory can run every cached model.  Partial downloads live in
+``.mirror/partial/`` because Ollama deletes odd names in ``blobs/``.
+
+Every path is built from a :class:`ModelName` or a validated hex digest, never from raw input.
+Methods that fsync are meant to run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from .names import ModelName
+
+_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_hex(hexdigest: str) -> str:
+    if not _HEX.fullmatch(hexdigest):
+        raise ValueError(f"not a sha256 hex digest: {hexdigest!r}")
+    return hexdigest
+
+
+@dataclass(frozen=True)
+class PartialState:
+    """What a restart needs to resume a download: which chunks of the partial file are final."""
+
+    size: int
+    chunk_size: int
+    done: frozenset[int]
+
+
+class Store:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.blobs_dir = os.path.join(self.root, "blobs")
+        self.manifests_dir = os.path.join(self.root, "manifests")
+        self.work_dir = os.path.join(self.root, ".mirror")
+        self.partial_dir = os.path.join(self.work_dir, "partial")
+        self.digest_manifests_dir = os.path.join(self.work_dir, "manifests")
+
+    def create(self) -> None:
+        """Make the directories (at start-up, before the reactor runs)."""
+        for path in (self.blobs_dir, self.manifests_dir, self.partial_dir, self.digest_manifests_dir):
+            os.makedirs(path, exist_ok=True)
+
+    # --- blobs ---------------------------------------------------------------------------------
+
+    def blob_path(self, hexdigest: str) -> str:
+        return os.path.join(self.blobs_dir, "sha256-" + _check_hex(hexdigest))
+
+    def blob_size(self, hexdigest: str) -> int | None:
+        """The size of a complete blob, or ``None`` when it is not cached."""
+        try:
+            return os.stat(self.blob_path(hexdigest)).st_size
+        except FileNotFoundError:
+            return None
+
+    def partial_path(self, hexdigest: str) -> str:
+        return os.path.join(self.partial_dir, "sha256-" + _check_hex(hexdigest) + ".part")
+
+    def state_path(self, hexdigest: str) -> str:
+        return os.path.join(self.partial_dir, "sha256-" + _check_hex(hexdigest) + ".json")
+
+    def read_partial_state(self, hexdigest: str, size: int, chunk_size: int) -> PartialState | None:
+        """The recorded progress of an earlier download of this blob, if it can be resumed."""
+        try:
+            with open(self.state_path(hexdigest), encoding="utf-8") as f:
+                document = json.load(f)
+            partial_size = os.stat(self.partial_path(hexdigest)).st_size
+        except (OSError, ValueError):
+            return None
+        if (
+            not isinstance(document, dict)
+            or document.get("size") != size
+            or document.get("chunk_size") != chunk_size
+            or partial_size != size
+        ):
+            return None
+        done = document.get("done")
+        if not isinstance(done, list) or not all(isinstance(i, int) for i in done):
+            return None
+        return PartialState(size, chunk_size, frozenset(done))
+
+    def write_partial_state(self, hexdigest: str, fd: int, state: PartialState) -> None:
+        """Record finished chunks durably: the data first, then the record of it (thread)."""
+        os.fdatasync(fd)
+        document = {"size": state.size, "chunk_size": state.chunk_size, "done": sorted(state.done)}
+        _atomic_write(self.state_path(hexdigest), json.dumps(document).encode())
+
+    def publish_blob(self, hexdigest: str, fd: int) -> None:
+        """Move a verified partial into ``blobs/`` atomically and durably (thread)."""
+        os.fsync(fd)
+        os.replace(self.partial_path(hexdigest), self.blob_path(hexdigest))
+        _fsync_dir(self.blobs_dir)
+        _unlink(self.state_path(hexdigest))
+
+    def discard_partial(self, hexdigest: str) -> None:
+        _unlink(self.partial_path(hexdigest))
+        _unlink(self.state_path(hexdigest))
+
+    # --- manifests -----------------------------------------------------------------------------
+
+    def manifest_path(self, name: ModelName) -> str:
+        return os.path.join(self.manifests_dir, name.host, name.namespace, name.model, name.tag)
+
+    def read_manifest(self, name: ModelName) -> bytes | None:
+        try:
+            with open(self.manifest_path(name), "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def write_manifest(self, name: ModelName, data: bytes) -> None:
+        """Store a tag's manifest bytes verbatim, atomically (thread)."""
+        path = self.manifest_path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _atomic_write(path, data)
+
+    def digest_manifest_path(self, hexdigest: str) -> str:
+        return os.path.join(self.digest_manifests_dir, "sha256-" + _check_hex(hexdigest))
+
+    def read_digest_manifest(self, hexdigest: str) -> bytes | None:
+        try:
+            with open(self.digest_manifest_path(hexdigest), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write_digest_manifest(self, hexdigest: str, data: bytes) -> None:
+        _atomic_write(self.digest_manifest_path(hexdigest), data)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write a small file so that readers see the old or the new bytes, never a mix."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def manifest_blobs(data: bytes) -> list[tuple[str, int]]:
+    """The ``(digest, size)`` of the config and every layer of a manifest; ``[]`` if it is not one."""
+    try:
+        document: Any = json.loads(data)
+        entries = [document["config"], *document["layers"]]
+        return [(str(e["digest"]), int(e["size"])) for e in entries]
+    except (ValueError, KeyError, TypeError):
+        return []

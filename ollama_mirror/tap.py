@@ -1,0 +1,98 @@
+"""twistd glue: command-line options and ``makeService``.
+
+``twistd -n ollama-mirror --config etc/mirror.json`` lands here.  This is the only module that
+imports the global reactor, and only inside :func:`makeService`, after twistd installed it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NoReturn
+
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from .config import Config, ConfigError, load_config
+
+_FLAGS = {
+    "host": "server.host",
+    "port": "server.port",
+    "cache-dir": "cache.directory",
+    "upstream-url": "upstream.url",
+    "log-level": "logging.level",
+}
+
+
+class Options(usage.Options):
+    """Options of ``twistd ollama-mirror``; every setting can also come from JSON or the environment."""
+
+    synopsis = "[--config FILE] [--listen ENDPOINT]... [--set SECTION.KEY=VALUE]..."
+    optParameters = [
+        ["config", "c", None, "JSON configuration file (see etc/mirror.json)."],
+        ["host", None, None, "Address to listen on (server.host)."],
+        ["port", "p", None, "Port to listen on (server.port)."],
+        ["cache-dir", None, None, "Cache directory (cache.directory)."],
+        ["upstream-url", None, None, "Upstream registry URL (upstream.url)."],
+        ["log-level", None, None, "Log level (logging.level)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.overrides: dict[str, str] = {}
+        self.listen: list[str] = []
+        self.config: Config | None = None
+
+    def opt_set(self, assignment: str) -> None:
+        """Set any configuration key: --set cache.retention_days=7 (repeatable)."""
+        key, sep, value = assignment.partition("=")
+        if not sep or "." not in key:
+            raise usage.UsageError(f"--set wants SECTION.KEY=VALUE, not {assignment!r}")
+        self.overrides[key.strip()] = value
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Listen on a Twisted endpoint, e.g. tcp:11434:interface=127.0.0.1 (repeatable)."""
+        self.listen.append(endpoint)
+
+    def postOptions(self) -> None:
+        overrides = {_FLAGS[flag]: self[flag] for flag in _FLAGS if self[flag] is not None}
+        if self.listen:
+            overrides["server.listen"] = ",".join(self.listen)
+        overrides.update(self.overrides)
+        try:
+            self.config = load_config(self["config"], os.environ, overrides)
+        except ConfigError as e:
+            fail(f"configuration error: {e}")
+
+
+def fail(message: str) -> NoReturn:
+    """Stop start-up with one line on stderr and exit status 2 (no usage text, no traceback)."""
+    sys.stderr.write(f"ollama-mirror: {message}\n")
+    raise SystemExit(2)
+
+
+class _Daemon(MultiService):
+    """Under twistd, a failed listen (port taken) ends start-up with one clear line, not a traceback."""
+
+    def privilegedStartService(self) -> None:
+        from .service import StartupError
+
+        try:
+            super().privilegedStartService()
+        except StartupError as e:
+            fail(str(e))
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor  # twistd has installed the chosen reactor by now
+
+    from .service import build_service
+
+    assert options.config is not None
+    try:
+        mirror = build_service(options.config, reactor)
+    except ConfigError as e:
+        fail(f"configuration error: {e}")
+    daemon = _Daemon()
+    mirror.setServiceParent(daemon)
+    return daemon

@@ -1,0 +1,69 @@
+"""The root of the HTTP tree: liveness, version, and the branches for each API.
+
+Each API is a Klein app of its own (registry ``/v2``, later ``/api`` and ``/mirror``); this
+class mounts them and owns the errors nothing else catches, so that every answer is JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+from . import __version__
+from .errors import json_body, ollama_error
+
+log = Logger()
+
+
+class RootApi:
+    """``/``, ``/api/version`` and the mount points of the other APIs."""
+
+    app = Klein()
+
+    def __init__(self, info: dict[str, Any], registry: IResource) -> None:
+        self._info = info
+        self._registry = registry
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def root(self, request: IRequest) -> bytes:
+        return json_body(request, 200, {"message": "Ollama is running", **self._info})
+
+    @app.route("/api/version", methods=["GET", "HEAD"])
+    def version(self, request: IRequest) -> bytes:
+        return json_body(request, 200, {"version": __version__})
+
+    @app.route("/v2/", branch=True)
+    def registry(self, request: IRequest) -> IResource:
+        return self._registry
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return ollama_error(request, 404, "not found")
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        return ollama_error(request, 405, "method not allowed")
+
+    @app.handle_errors(HTTPException)
+    def http_exception(self, request: IRequest, failure: Failure) -> bytes:
+        """Routing answers such as werkzeug's redirect of ``/v2`` to ``/v2/``."""
+        e: HTTPException = failure.value  # type: ignore[assignment]
+        response = e.get_response()
+        location = response.headers.get("Location")
+        if location:
+            request.setHeader(b"location", location.encode("latin-1"))
+        return ollama_error(request, e.code or 500, e.description or e.name)
+
+    @app.handle_errors(Exception)
+    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        log.failure("unhandled error on {method} {path}", failure, method=request.method, path=request.path)
+        return ollama_error(request, 500, "internal error")
+
+    def resource(self) -> IResource:
+        return self.app.resource()  # type: ignore[no-any-return]

@@ -1,0 +1,134 @@
+"""Fixtures of the integration test bed: a real registry with real models, and the real daemon.
+
+- ``registry`` (session): the CNCF distribution registry on loopback (``tests.support.registry``).
+- ``small_model`` (session): a ~64 KiB GGUF model pushed as ``library/tiny:latest``.
+- ``model_factory`` (session): ``model_factory(repo, tag, size, seed)`` builds and pushes more models.
+- ``mirror`` (function): ``twistd -n ollama-mirror`` against ``registry`` with a fresh cache in ``tmp_path``.
+- ``mirror_factory`` (function): ``mirror_factory(config=..., env=..., ...)`` for custom configurations.
+
+Every test in this directory is marked ``integration``. Without ``/usr/bin/docker-registry`` the registry
+fixtures skip, except under CI (``CI`` set), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.daemon import MirrorDaemon, MirrorFactory
+from tests.support.models import (
+    SMALL_MODEL_SIZE,
+    ModelFactory,
+    PushedModel,
+    build_model,
+    push_model,
+)
+from tests.support.registry import REGISTRY_BINARY, RegistryProcess
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "integration: starts real processes (the upstream registry, the daemon) on loopback"
+    )
+    config.addinivalue_line("markers", "daemon: starts the real ollama-mirror daemon (twistd plugin)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.integration)
+
+
+def _require_registry_binary() -> None:
+    if os.path.exists(REGISTRY_BINARY):
+        return
+    message = f"{REGISTRY_BINARY} is missing (Debian package docker-registry)"
+    if os.environ.get("CI"):
+        pytest.fail(message + "; under CI the integration tests must run", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def testbed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A session-wide scratch directory (registry storage, built model blobs)."""
+    return tmp_path_factory.mktemp("testbed")
+
+
+@pytest.fixture(scope="session")
+def registry(testbed_dir: Path) -> Iterator[RegistryProcess]:
+    """The upstream registry, empty at first, shared by the whole session."""
+    _require_registry_binary()
+    process = RegistryProcess(testbed_dir / "registry")
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def model_factory(registry: RegistryProcess, testbed_dir: Path) -> ModelFactory:
+    """Build and push a model as ``repo:tag`` into ``registry``; the same arguments give the same object.
+
+    Extra keyword arguments go to :func:`tests.support.models.build_model` (``template``, ``params``,
+    ``license_text``, ``system``, ``fill``, ``context_length``…). Blobs live in one shared directory, so
+    models share their template, params and license blobs.
+    """
+    built: dict[tuple[Any, ...], PushedModel] = {}
+    blobs_dir = testbed_dir / "models"
+
+    def make(
+        repo: str, tag: str = "latest", size: int = SMALL_MODEL_SIZE, seed: int = 0, **build_args: Any
+    ) -> PushedModel:
+        key = (repo, tag, size, seed, tuple(sorted((k, repr(v)) for k, v in build_args.items())))
+        if key not in built:
+            name = build_args.pop("name", repo.rsplit("/", 1)[-1])
+            model = build_model(blobs_dir, size=size, seed=seed, name=name, **build_args)
+            built[key] = push_model(registry.url, repo, tag, model, headers=registry.auth_headers())
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def small_model(model_factory: ModelFactory) -> PushedModel:
+    """A ~64 KiB GGUF model in ``registry`` as ``library/tiny:latest`` (``.repo``, ``.tag``, ``.name``)."""
+    return model_factory("library/tiny", "latest", SMALL_MODEL_SIZE, 0)
+
+
+@pytest.fixture
+def mirror_factory(registry: RegistryProcess, tmp_path: Path) -> Iterator[MirrorFactory]:
+    """Start daemons with custom settings: ``mirror_factory(config={"upstream": {"timeout": 5}}, env=...)``.
+
+    Keyword arguments go to :class:`tests.support.daemon.MirrorDaemon`; ``cache_dir`` defaults to a fresh
+    directory under ``tmp_path`` and ``upstream_url`` to ``registry.url``. Every daemon is stopped after the
+    test.
+    """
+    daemons: list[MirrorDaemon] = []
+
+    def make(**kwargs: Any) -> MirrorDaemon:
+        n = len(daemons)
+        kwargs.setdefault("cache_dir", tmp_path / f"cache{n}")
+        kwargs.setdefault("upstream_url", registry.url)
+        kwargs.setdefault("workdir", tmp_path / f"mirror{n}")
+        daemon = MirrorDaemon(start=False, **{k: v for k, v in kwargs.items() if k != "start"})
+        daemons.append(daemon)
+        if kwargs.get("start", True):
+            daemon.start()
+        return daemon
+
+    try:
+        yield make
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+
+
+@pytest.fixture
+def mirror(mirror_factory: MirrorFactory) -> MirrorDaemon:
+    """The daemon with default settings, pulling from ``registry``, with an empty cache."""
+    return mirror_factory()
