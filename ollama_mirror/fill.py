@@ -484,9 +484,7 @@ class Fill:
     def stop(self) -> Deferred[None]:
         """Stop downloading (daemon shutdown); what is on disk stays for the next start."""
         self._stopping = True
-        for writer in list(self.writers):
-            writer.stop()
-        if not self.ended:
+        if not self.ended:  # _fail also cuts the transfers in flight
             self._fail(Failure(FillFailed(f"download of {self.digest} stopped (shutting down)")))
         return self._state_lock.run(_nothing_deferred)
 

@@ -39,9 +39,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise UnsatisfiableRange(header)
         return max(0, size - suffix), size - 1
     first = int(first_text)
-    last = int(last_text) if last_text else size - 1
-    if last < first:
+    if last_text and int(last_text) < first:
         raise InvalidRange(f"invalid range {header!r}")
     if first >= size:
         raise UnsatisfiableRange(header)
-    return first, min(last, size - 1)
+    return first, min(int(last_text), size - 1) if last_text else size - 1

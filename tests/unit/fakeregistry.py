@@ -1,0 +1,155 @@
+"""A small in-memory registry for unit tests, served to the mirror through ``StubTreq``.
+
+It answers like the real ones where the mirror cares: manifests need the v2 ``Accept`` header
+(the distribution registry's 400 otherwise), blobs honour one ``Range``, and optional modes add
+Basic auth, a Bearer token service, or registry.ollama.ai's 307 to a storage host elsewhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+@dataclass
+class Seen:
+    method: str
+    host: str
+    path: str
+    authorization: str | None
+    range: str | None
+
+
+@dataclass
+class FakeRegistry(Resource):
+    isLeaf = True
+
+    manifests: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    auth: str = ""  # "", "basic" or "bearer"
+    credentials: tuple[str, str] = ("user", "secret")
+    redirect_to: str = ""  # e.g. "http://storage.example": blob GETs answer 307 there
+    ignore_range: bool = False
+    fail_with: int = 0  # answer every registry request with this status
+    seen: list[Seen] = field(default_factory=list)
+    tokens_issued: int = 0
+
+    def __post_init__(self) -> None:
+        Resource.__init__(self)
+
+    def add_model(self, repository: str, tag: str, layers: list[bytes]) -> bytes:
+        config = json.dumps({"model_format": "gguf", "model_family": "llama"}).encode()
+        entries = []
+        for data in [config, *layers]:
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            self.blobs[digest] = data
+            entries.append(
+                {"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": len(data)}
+            )
+        manifest = json.dumps(
+            {"schemaVersion": 2, "mediaType": MANIFEST_V2, "config": entries[0], "layers": entries[1:]}
+        ).encode()
+        self.manifests[(repository, tag)] = manifest
+        return manifest
+
+    def _authorized(self, request: Request) -> bool:
+        header = (request.getHeader(b"authorization") or b"").decode()
+        if self.auth == "basic":
+            expected = "Basic " + base64.b64encode(":".join(self.credentials).encode()).decode()
+            return header == expected
+        if self.auth == "bearer":
+            return header == "Bearer good-token"
+        return True
+
+    def _challenge(self, request: Request, repository: str) -> bytes:
+        request.setResponseCode(401)
+        if self.auth == "basic":
+            request.setHeader(b"www-authenticate", b'Basic realm="registry"')
+        else:
+            challenge = (
+                f'Bearer realm="http://auth.example/token",service="registry.example",'
+                f'scope="repository:{repository}:pull"'
+            )
+            request.setHeader(b"www-authenticate", challenge.encode())
+        return b'{"errors":[{"code":"UNAUTHORIZED"}]}'
+
+    def render(self, request: Request) -> bytes:
+        host = (request.getHeader(b"host") or b"").decode()
+        path = request.path.decode()
+        self.seen.append(
+            Seen(
+                request.method.decode(),
+                host,
+                path + (("?" + request.uri.decode().split("?", 1)[1]) if b"?" in request.uri else ""),
+                (request.getHeader(b"authorization") or b"").decode() or None,
+                (request.getHeader(b"range") or b"").decode() or None,
+            )
+        )
+        if host == "auth.example":
+            return self._token(request)
+        if host == "storage.example":
+            return self._blob(request, path.rsplit("/", 1)[-1])
+        if self.fail_with:
+            request.setResponseCode(self.fail_with)
+            return b'{"errors":[{"code":"UNAVAILABLE"}]}'
+        match = re.fullmatch(r"/v2/([^/]+/[^/]+)/(manifests|blobs)/([^/]+)", path)
+        if match is None:
+            request.setResponseCode(404)
+            return b'{"errors":[{"code":"NAME_UNKNOWN"}]}'
+        repository, kind, reference = match.groups()
+        if not self._authorized(request):
+            return self._challenge(request, repository)
+        if kind == "manifests":
+            return self._manifest(request, repository, reference)
+        if self.redirect_to:
+            request.setResponseCode(307)
+            request.setHeader(b"location", f"{self.redirect_to}/presigned/{reference}?X-Sig=abc".encode())
+            return b""
+        return self._blob(request, reference)
+
+    def _token(self, request: Request) -> bytes:
+        header = (request.getHeader(b"authorization") or b"").decode()
+        expected = "Basic " + base64.b64encode(":".join(self.credentials).encode()).decode()
+        if header != expected:
+            request.setResponseCode(401)
+            return b"{}"
+        self.tokens_issued += 1
+        return b'{"token":"good-token"}'
+
+    def _manifest(self, request: Request, repository: str, reference: str) -> bytes:
+        accept = (request.getHeader(b"accept") or b"").decode()
+        if MANIFEST_V2 not in accept:
+            request.setResponseCode(400)
+            return b'{"errors":[{"code":"MANIFEST_INVALID"}]}'
+        data = self.manifests.get((repository, reference))
+        if data is None:
+            request.setResponseCode(404)
+            return b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}'
+        request.setHeader(b"content-type", MANIFEST_V2.encode())
+        request.setHeader(b"docker-content-digest", ("sha256:" + hashlib.sha256(data).hexdigest()).encode())
+        return data
+
+    def _blob(self, request: Request, digest: str) -> bytes:
+        data = self.blobs.get(digest)
+        if data is None:
+            request.setResponseCode(404)
+            return b'{"errors":[{"code":"BLOB_UNKNOWN"}]}'
+        request.setHeader(b"content-length", str(len(data)).encode())
+        wanted = (request.getHeader(b"range") or b"").decode()
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", wanted)
+        if match and not self.ignore_range:
+            first = int(match.group(1))
+            last = min(int(match.group(2) or len(data) - 1), len(data) - 1)
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", f"bytes {first}-{last}/{len(data)}".encode())
+            request.setHeader(b"content-length", str(last - first + 1).encode())
+            data = data[first : last + 1]
+        return b"" if request.method == b"HEAD" else data

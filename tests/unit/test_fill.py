@@ -1,0 +1,325 @@
+"""The Fill on a fake clock, with an upstream the test drives byte by byte."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.http_headers import Headers
+
+from ollama_mirror.fill import DigestMismatch, Fill, FillFailed
+from ollama_mirror.runner import InlineRunner
+from ollama_mirror.store import Store
+from ollama_mirror.upstream import UpstreamError
+
+CHUNK = 1000
+
+
+class FakeTransport:
+    def __init__(self, response: FakeResponse) -> None:
+        self.response = response
+        self.stopped = False
+
+    def stopProducing(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.response.lose(ResponseFailed([Failure(ConnectionError("aborted"))]))
+
+
+@dataclass
+class FakeResponse:
+    """An upstream response whose body the test sends piece by piece."""
+
+    code: int
+    start: int
+    end: int | None
+    headers: Headers = field(default_factory=Headers)
+    protocol: Any = None
+    transport: FakeTransport | None = None
+    ended: bool = False
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.transport = FakeTransport(self)
+        protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def finish(self) -> None:
+        self.lose(ResponseDone())
+
+    def lose(self, reason: Exception) -> None:
+        if not self.ended:
+            self.ended = True
+            self.protocol.connectionLost(Failure(reason))
+
+
+@dataclass
+class Request:
+    start: int
+    end: int | None
+    answer: Deferred[Any]
+
+
+class FakeSource:
+    """Records each ranged request; the test answers it."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+        self.requests: list[Request] = []
+
+    async def open_range(self, repository: str, digest: str, start: int, end: int | None) -> Any:
+        request = Request(start, end, Deferred())
+        self.requests.append(request)
+        return await request.answer
+
+    def pending(self) -> list[Request]:
+        return [r for r in self.requests if not r.answer.called]
+
+    def respond(
+        self, request: Request, *, code: int = 206, send: bool = True, body: bytes | None = None
+    ) -> FakeResponse:
+        last = len(self.blob) - 1 if request.end is None else request.end
+        response = FakeResponse(code, request.start, request.end)
+        if code == 206:
+            response.headers.setRawHeaders(
+                b"content-range", [f"bytes {request.start}-{last}/{len(self.blob)}".encode()]
+            )
+        request.answer.callback(response)
+        if send:
+            data = (
+                body
+                if body is not None
+                else (self.blob if code == 200 else self.blob[request.start : last + 1])
+            )
+            response.send(data)
+            response.finish()
+        return response
+
+    def serve_all(self, limit: int = 1000) -> None:
+        for _ in range(limit):
+            pending = self.pending()
+            if not pending:
+                return
+            self.respond(pending[0])
+        raise AssertionError("the fill kept asking")
+
+
+def make_fill(tmp_path: Path, blob: bytes, source: FakeSource, clock: Clock, **kwargs: Any) -> Fill:
+    store = Store(str(tmp_path / "cache"))
+    store.create()
+    settings: dict[str, Any] = {
+        "chunk_size": CHUNK,
+        "connections": 2,
+        "retry_attempts": 2,
+        "retry_delay": 1.0,
+        "idle_timeout": 10.0,
+    }
+    settings.update(kwargs)
+    return Fill(
+        hexdigest=hashlib.sha256(blob).hexdigest(),
+        size=len(blob),
+        repository="library/tiny",
+        source=source,
+        store=store,
+        clock=clock,
+        runner=InlineRunner(),
+        **settings,
+    )
+
+
+@pytest.fixture
+def blob() -> bytes:
+    return os.urandom(4500)  # five chunks, the last one short
+
+
+def published(fill: Fill) -> bytes:
+    with open(fill.store.blob_path(fill.hexdigest), "rb") as f:
+        return f.read()
+
+
+def test_ranged_download_over_several_connections_is_verified_and_published(
+    tmp_path: Path, blob: bytes
+) -> None:
+    clock, source = Clock(), FakeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock)
+    done = fill.when_done()
+    fill.start()
+    assert [(r.start, r.end) for r in source.requests] == [(0, 999)]  # one probe until ranges are known
+    source.respond(source.requests[0])
+    assert len(source.pending()) == 2  # ranges work: now both connections
+    source.serve_all()
+    assert done.called and fill.complete
+    assert published(fill) == blob
+    assert sorted((r.start, r.end) for r in source.requests) == [
+        (i, min(i + 999, 4499)) for i in range(0, 4500, 1000)
+    ]
+    assert not os.path.exists(fill.store.partial_path(fill.hexdigest))
+    assert not os.path.exists(fill.store.state_path(fill.hexdigest))
+
+
+def test_readers_see_bytes_as_they_arrive_and_their_chunk_goes_first(tmp_path: Path, blob: bytes) -> None:
+    clock, source = Clock(), FakeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock, connections=1)
+    fill.start()
+    waiting = fill.wait(3500)  # a reader wants chunk 3
+    response = source.respond(source.requests[0], send=False)
+    response.send(blob[:300])
+    assert fill.available(0) == 300 and fill.available(100) == 200
+    assert not waiting.called
+    response.send(blob[300:1000])
+    response.finish()
+    assert [(r.start, r.end) for r in source.pending()] == [(3000, 3999)]  # the reader's chunk, not chunk 1
+    source.respond(source.pending()[0])
+    assert waiting.called
+    assert fill.available(3500) == 500 and fill.available(1000) == 0
+
+
+def test_an_upstream_ignoring_range_is_read_as_one_stream(tmp_path: Path, blob: bytes) -> None:
+    clock, source = Clock(), FakeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock)
+    fill.start()
+    source.respond(source.requests[0], code=200)
+    assert fill.complete and published(fill) == blob
+    assert len(source.requests) == 1
+
+
+def test_a_cut_connection_is_retried_from_where_it_stopped(tmp_path: Path, blob: bytes) -> None:
+    clock, source = Clock(), FakeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock, connections=1)
+    fill.start()
+    response = source.respond(source.requests[0], send=False)
+    response.send(blob[:400])
+    response.lose(ResponseFailed([Failure(ConnectionError("reset"))]))
+    assert source.pending() == []
+    clock.advance(1.0)  # retry_delay
+    assert (source.requests[-1].start, source.requests[-1].end) == (400, 999)
+    source.serve_all()
+    assert fill.complete and published(fill) == blob
+
+
+def test_retries_back_off_and_then_fail_keeping_the_partial_for_later(tmp_path: Path, blob: bytes) -> None:
+    clock, source = Clock(), FakeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock, connections=1, retry_attempts=2)
+    done = fill.when_done()
+    fill.start()
+    source.respond(source.requests[0])  # chunk 0 arrives
+    for delay in (None, 1.0, 2.0):  # first try, then retries after 1 s and 2 s
+        if delay is not None:
+            clock.advance(delay - 0.01)
+            assert source.pending() == []
+            clock.advance(0.01)
+        source.pending()[0].answer.errback(UpstreamError("upstream answered 503", 503))
+    failure = []
+    done.addErrback(failure.append)
+    assert failure and failure[0].check(FillFailed)
+    assert "503" in failure[0].getErrorMessage()
+    state = json.loads(Path(fill.store.state_path(fill.hexdigest)).read_text())
+    assert state["done"] == [0]  # chunk 0 stays on disk for the next attempt
+    assert not os.path.exists(fill.store.blob_path(fill.hexdigest))
+
+
+def test_a_404_is_not_retried(tmp_path: Path, blob: bytes) -> None:
+    clock, source = Clock(), FakeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock)
+    reader = fill.wait(0)
+    fill.start()
+    source.requests[0].answer.errback(UpstreamError("upstream answered 404", 404))
+    assert len(source.requests) == 1
+    errors: list[Failure] = []
+    reader.addErrback(errors.append)
+    assert errors and errors[0].check(FillFailed)
+
+
+def test_a_silent_body_is_dropped_after_the_idle_timeout_and_retried(tmp_path: Path, blob: bytes) -> None:
+    clock, source = Clock(), FakeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock, connections=1, idle_timeout=5.0)
+    fill.start()
+    response = source.respond(source.requests[0], send=False)
+    response.send(blob[:10])
+    clock.advance(4.9)
+    response.send(blob[10:20])  # activity resets the timer
+    clock.advance(4.9)
+    assert response.transport is not None and not response.transport.stopped
+    clock.advance(0.2)
+    assert response.transport.stopped
+    clock.advance(1.0)
+    assert source.pending()[0].start == 20
+    source.serve_all()
+    assert fill.complete and published(fill) == blob
+
+
+def test_a_digest_mismatch_discards_everything_and_fails_readers(tmp_path: Path, blob: bytes) -> None:
+    clock, source = Clock(), FakeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock, connections=1)
+    done = fill.when_done()
+    fill.start()
+    source.respond(source.requests[0], body=b"X" * 1000)  # corrupt chunk 0
+    source.serve_all()
+    errors: list[Failure] = []
+    done.addErrback(errors.append)
+    assert errors and errors[0].check(DigestMismatch)
+    assert fill.failure is not None and fill.failure.check(DigestMismatch)
+    assert not os.path.exists(fill.store.blob_path(fill.hexdigest))
+    assert not os.path.exists(fill.store.partial_path(fill.hexdigest))
+    assert not os.path.exists(fill.store.state_path(fill.hexdigest))
+
+
+def test_a_new_fill_resumes_from_the_recorded_chunks(tmp_path: Path, blob: bytes) -> None:
+    clock, source = Clock(), FakeSource(blob)
+    first = make_fill(tmp_path, blob, source, clock, connections=1)
+    first.start()
+    source.respond(source.requests[0])
+    source.respond(source.pending()[0])  # chunks 0 and 1 done
+    first.stop()
+    assert json.loads(Path(first.store.state_path(first.hexdigest)).read_text())["done"] == [0, 1]
+
+    source2 = FakeSource(blob)
+    second = make_fill(tmp_path, blob, source2, clock, connections=1)
+    second.start()
+    assert second.resumed_bytes == 2000
+    assert second.available(0) == 2000
+    source2.serve_all()
+    assert second.complete and published(second) == blob
+    assert all(r.start >= 2000 for r in source2.requests)
+
+
+def test_the_wrong_range_from_upstream_is_not_written(tmp_path: Path, blob: bytes) -> None:
+    clock, source = Clock(), FakeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock, connections=1, retry_attempts=0)
+    done = fill.when_done()
+    fill.start()
+    request = source.requests[0]
+    response = FakeResponse(206, 0, 999)
+    response.headers.setRawHeaders(b"content-range", [b"bytes 500-1499/4500"])
+    request.answer.callback(response)
+    response.send(blob[500:1500])  # the mirror reads it away (to reuse the connection) and gives up
+    response.finish()
+    errors: list[Failure] = []
+    done.addErrback(errors.append)
+    assert errors and "wrong range" in errors[0].getErrorMessage()
+
+
+def test_stop_aborts_transfers_and_keeps_what_is_on_disk(tmp_path: Path, blob: bytes) -> None:
+    clock, source = Clock(), FakeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock, connections=1)
+    fill.start()
+    source.respond(source.requests[0])
+    response = source.respond(source.pending()[0], send=False)
+    response.send(blob[1000:1100])
+    stopped = fill.stop()
+    assert stopped.called
+    assert response.transport is not None and response.transport.stopped
+    assert fill.failure is not None and "shutting down" in fill.failure.getErrorMessage()
+    assert os.path.exists(fill.store.partial_path(fill.hexdigest))
+    assert json.loads(Path(fill.store.state_path(fill.hexdigest)).read_text())["done"] == [0]

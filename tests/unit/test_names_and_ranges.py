@@ -1,0 +1,92 @@
+"""Names, digests and ranges: validated before anything becomes a path or a read."""
+
+from __future__ import annotations
+
+import pytest
+
+from ollama_mirror.names import InvalidName, ModelName, parse_digest
+from ollama_mirror.ranges import InvalidRange, UnsatisfiableRange, parse_range
+
+
+@pytest.mark.parametrize(
+    ("text", "parts", "display"),
+    [
+        ("llama3.2", ("registry.ollama.ai", "library", "llama3.2", "latest"), "llama3.2:latest"),
+        ("llama3.2:1b", ("registry.ollama.ai", "library", "llama3.2", "1b"), "llama3.2:1b"),
+        ("me/model:q4_K_M", ("registry.ollama.ai", "me", "model", "q4_K_M"), "me/model:q4_K_M"),
+        ("hf.co/user/repo:Q8_0", ("hf.co", "user", "repo", "Q8_0"), "hf.co/user/repo:Q8_0"),
+        (
+            "mirror:11434/library/tiny",
+            ("mirror:11434", "library", "tiny", "latest"),
+            "mirror:11434/library/tiny:latest",
+        ),
+    ],
+)
+def test_names_parse_like_ollama(text: str, parts: tuple[str, ...], display: str) -> None:
+    name = ModelName.parse(text)
+    assert (name.host, name.namespace, name.model, name.tag) == parts
+    assert name.display() == display
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "../etc/passwd",
+        "a/../../b",
+        "lib.rary/m",
+        "/abs",
+        "a/b/c/d",
+        "m:",
+        "m:../x",
+        "-m",
+        "m\x00",
+        "h/ns/.m",
+        "x" * 81,
+        "m:" + "t" * 81,
+    ],
+)
+def test_bad_names_are_refused(text: str) -> None:
+    with pytest.raises(InvalidName):
+        ModelName.parse(text)
+
+
+def test_digests() -> None:
+    assert parse_digest("sha256:" + "a" * 64) == "a" * 64
+    for bad in [
+        "sha256:" + "A" * 64,
+        "sha256:" + "a" * 63,
+        "sha512:" + "a" * 64,
+        "sha256:../" + "a" * 61,
+        "a" * 64,
+    ]:
+        with pytest.raises(InvalidName):
+            parse_digest(bad)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("bytes=0-0", (0, 0)),
+        ("bytes=10-", (10, 99)),
+        ("bytes=-5", (95, 99)),
+        ("bytes=-500", (0, 99)),
+        ("bytes=90-200", (90, 99)),
+        ("bytes=0-1,5-6", None),
+    ],
+)
+def test_ranges(header: str | None, expected: tuple[int, int] | None) -> None:
+    assert parse_range(header, 100) == expected
+
+
+@pytest.mark.parametrize("header", ["bytes=100-", "bytes=100-200", "bytes=-0"])
+def test_unsatisfiable_ranges(header: str) -> None:
+    with pytest.raises(UnsatisfiableRange):
+        parse_range(header, 100)
+
+
+@pytest.mark.parametrize("header", ["bytes=5-1", "bytes=-", "bytes=a-b", "items=0-1", "bytes=1-2,x"])
+def test_malformed_ranges(header: str) -> None:
+    with pytest.raises(InvalidRange):
+        parse_range(header, 100)

@@ -1,0 +1,271 @@
+"""The /v2 routes through StubTreq, with a fake registry (also through StubTreq) as the upstream."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from ollama_mirror.config import load_config
+from ollama_mirror.mirror import Mirror
+from ollama_mirror.runner import InlineRunner
+
+from .fakeregistry import FakeRegistry
+
+BASE = "http://mirror.test"
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, registry: FakeRegistry, **settings: str) -> None:
+        self.clock = Clock()
+        self.registry = registry
+        self.upstream = StubTreq(registry)
+        overrides = {
+            "cache.directory": str(tmp_path / "cache"),
+            "upstream.url": "http://registry.example",
+            "upstream.chunk_size": "65536",
+            "upstream.retry_delay": "0",
+            **settings,
+        }
+        self.config = load_config(None, {}, overrides)
+        self.mirror = Mirror(self.config, self.clock, http=self.upstream, runner=InlineRunner())
+        self.client = StubTreq(self.mirror.resource())
+
+    def settle(self, d: Deferred[Any]) -> Any:
+        box: list[Any] = []
+        d.addBoth(box.append)
+        for _ in range(1000):
+            if box:
+                break
+            self.upstream.flush()
+            self.client.flush()
+            self.clock.advance(0)
+        assert box, "request never completed"
+        if isinstance(box[0], Failure):
+            box[0].raiseException()
+        return box[0]
+
+    def request(self, method: str, path: str, **kwargs: Any) -> tuple[Any, bytes]:
+        async def go() -> tuple[Any, bytes]:
+            response = await self.client.request(method, BASE + path, **kwargs)
+            body = await response.content()
+            return response, body
+
+        return self.settle(ensureDeferred(go()))  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def registry() -> FakeRegistry:
+    registry = FakeRegistry()
+    registry.add_model("library/tiny", "latest", [os.urandom(200_000), b"{{ .Prompt }}"])
+    return registry
+
+
+def blob_digests(registry: FakeRegistry) -> list[str]:
+    manifest = json.loads(registry.manifests[("library/tiny", "latest")])
+    return [manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]]
+
+
+def test_manifest_is_served_verbatim_and_stored_in_the_ollama_layout(
+    tmp_path: Path, registry: FakeRegistry
+) -> None:
+    h = Harness(tmp_path, registry)
+    response, body = h.request("GET", "/v2/library/tiny/manifests/latest")
+    assert response.code == 200
+    assert body == registry.manifests[("library/tiny", "latest")]
+    assert response.headers.getRawHeaders("docker-content-digest") == [
+        "sha256:" + hashlib.sha256(body).hexdigest()
+    ]
+    stored = tmp_path / "cache" / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest"
+    assert stored.read_bytes() == body
+
+
+def test_a_cached_tag_is_revalidated_only_after_the_ttl(tmp_path: Path, registry: FakeRegistry) -> None:
+    h = Harness(tmp_path, registry, **{"cache.manifest_ttl": "60"})
+    h.request("GET", "/v2/library/tiny/manifests/latest")
+    h.request("GET", "/v2/library/tiny/manifests/latest")
+    assert len([s for s in registry.seen if "/manifests/" in s.path]) == 1
+    h.clock.advance(61)
+    response, _ = h.request("GET", "/v2/library/tiny/manifests/latest")
+    assert len([s for s in registry.seen if "/manifests/" in s.path]) == 2
+    assert response.headers.getRawHeaders("x-mirror-cache") == ["cache"]  # unchanged upstream
+
+
+def test_a_changed_tag_is_replaced(tmp_path: Path, registry: FakeRegistry) -> None:
+    h = Harness(tmp_path, registry, **{"cache.manifest_ttl": "0"})
+    h.request("GET", "/v2/library/tiny/manifests/latest")
+    new = registry.add_model("library/tiny", "latest", [b"new weights"])
+    _, body = h.request("GET", "/v2/library/tiny/manifests/latest")
+    assert body == new
+    stored = tmp_path / "cache" / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest"
+    assert stored.read_bytes() == new
+
+
+def test_the_cached_manifest_is_served_when_upstream_fails(tmp_path: Path, registry: FakeRegistry) -> None:
+    h = Harness(tmp_path, registry, **{"cache.manifest_ttl": "0"})
+    _, first = h.request("GET", "/v2/library/tiny/manifests/latest")
+    registry.fail_with = 503
+    response, body = h.request("GET", "/v2/library/tiny/manifests/latest")
+    assert response.code == 200 and body == first
+    assert response.headers.getRawHeaders("x-mirror-cache") == ["stale"]
+
+
+def test_an_uncached_manifest_when_upstream_fails_is_a_502_naming_it(
+    tmp_path: Path, registry: FakeRegistry
+) -> None:
+    registry.fail_with = 503
+    h = Harness(tmp_path, registry)
+    response, body = h.request("GET", "/v2/library/tiny/manifests/latest")
+    assert response.code == 502
+    error = json.loads(body)["errors"][0]
+    assert error["code"] == "UNAVAILABLE" and "503" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/v2/library/nope/manifests/latest", 404, "MANIFEST_UNKNOWN"),
+        ("/v2/library/tiny/manifests/bad:tag", 400, "TAG_INVALID"),
+        ("/v2/library/-bad/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/lib.rary/tiny/manifests/latest", 400, "NAME_INVALID"),
+        ("/v2/library/tiny/blobs/sha256:xyz", 400, "DIGEST_INVALID"),
+        ("/v2/library/tiny/blobs/md5:abc", 400, "DIGEST_INVALID"),
+        ("/v2/library/tiny/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN"),
+        ("/v2/library/tiny/tags/list", 404, "NAME_UNKNOWN"),
+        ("/v2/a/b/c/manifests/latest", 404, "NAME_UNKNOWN"),
+        ("/v2/library/..%2f..%2fetc/manifests/passwd", 404, "NAME_UNKNOWN"),
+    ],
+)
+def test_bad_and_unknown_requests_get_registry_errors(
+    tmp_path: Path, registry: FakeRegistry, path: str, status: int, code: str
+) -> None:
+    h = Harness(tmp_path, registry)
+    response, body = h.request("GET", path)
+    assert response.code == status
+    assert json.loads(body)["errors"][0]["code"] == code
+
+
+def test_a_cold_blob_is_streamed_with_a_location_and_cached(tmp_path: Path, registry: FakeRegistry) -> None:
+    h = Harness(tmp_path, registry)
+    h.request("GET", "/v2/library/tiny/manifests/latest")
+    digest = blob_digests(registry)[1]
+    response, body = h.request("GET", f"/v2/library/tiny/blobs/{digest}")
+    assert response.code == 200
+    assert body == registry.blobs[digest]
+    assert response.headers.getRawHeaders("location") == [f"/v2/library/tiny/blobs/{digest}"]
+    assert (tmp_path / "cache" / "blobs" / ("sha256-" + digest[7:])).read_bytes() == body
+    upstream_requests = len(registry.seen)
+    response, again = h.request("GET", f"/v2/library/tiny/blobs/{digest}")
+    assert again == body and len(registry.seen) == upstream_requests  # served from disk
+    assert response.headers.getRawHeaders("x-mirror-cache") == ["hit"]
+
+
+@pytest.mark.parametrize(
+    ("header", "first", "last"),
+    [
+        ("bytes=100-199", 100, 199),
+        ("bytes=150000-", 150000, 199999),
+        ("bytes=-10", 199990, 199999),
+        ("bytes=199999-300000", 199999, 199999),
+    ],
+)
+def test_ranges_cold_and_warm(
+    tmp_path: Path, registry: FakeRegistry, header: str, first: int, last: int
+) -> None:
+    h = Harness(tmp_path, registry)
+    digest = blob_digests(registry)[1]
+    data = registry.blobs[digest]
+    for _ in ("cold", "warm"):
+        response, body = h.request("GET", f"/v2/library/tiny/blobs/{digest}", headers={"Range": header})
+        assert response.code == 206
+        assert body == data[first : last + 1]
+        assert response.headers.getRawHeaders("content-range") == [f"bytes {first}-{last}/{len(data)}"]
+
+
+def test_unsatisfiable_and_malformed_ranges(tmp_path: Path, registry: FakeRegistry) -> None:
+    h = Harness(tmp_path, registry)
+    digest = blob_digests(registry)[1]
+    response, _ = h.request("GET", f"/v2/library/tiny/blobs/{digest}", headers={"Range": "bytes=200000-"})
+    assert response.code == 416
+    assert response.headers.getRawHeaders("content-range") == ["bytes */200000"]
+    response, body = h.request("GET", f"/v2/library/tiny/blobs/{digest}", headers={"Range": "bytes=9-3"})
+    assert response.code == 400 and json.loads(body)["errors"][0]["code"] == "RANGE_INVALID"
+    response, body = h.request("GET", f"/v2/library/tiny/blobs/{digest}", headers={"Range": "lines=1-2"})
+    assert response.code == 400
+
+
+def test_head_gives_the_exact_size_cached_or_not(tmp_path: Path, registry: FakeRegistry) -> None:
+    h = Harness(tmp_path, registry)
+    digest = blob_digests(registry)[1]
+    response, body = h.request("HEAD", f"/v2/library/tiny/blobs/{digest}")  # never seen, not in any manifest
+    assert response.code == 200 and body == b""
+    assert response.headers.getRawHeaders("content-length") == ["200000"]
+    assert response.headers.getRawHeaders("docker-content-digest") == [digest]
+    assert not list((tmp_path / "cache" / "blobs").iterdir())  # a HEAD downloads nothing
+
+
+def test_blobs_behind_a_redirect_are_fetched_without_our_credentials(
+    tmp_path: Path, registry: FakeRegistry
+) -> None:
+    registry.auth = "basic"
+    registry.redirect_to = "http://storage.example"
+    h = Harness(tmp_path, registry, **{"upstream.username": "user", "upstream.password": "secret"})
+    digest = blob_digests(registry)[1]
+    _, body = h.request("GET", f"/v2/library/tiny/blobs/{digest}")
+    assert body == registry.blobs[digest]
+    storage = [s for s in registry.seen if s.host == "storage.example"]
+    assert storage and all(s.authorization is None for s in storage)
+    assert all(s.range for s in storage)
+    registry_gets = [s for s in registry.seen if s.host == "registry.example" and s.method == "GET"]
+    # the presigned URL is remembered: after the first chunk, chunks go straight to storage
+    assert len(registry_gets) <= 3  # the 401, the authorised retry, and at most one more
+
+
+def test_bearer_token_flow(tmp_path: Path, registry: FakeRegistry) -> None:
+    registry.auth = "bearer"
+    h = Harness(tmp_path, registry, **{"upstream.username": "user", "upstream.password": "secret"})
+    response, _ = h.request("GET", "/v2/library/tiny/manifests/latest")
+    assert response.code == 200
+    token_requests = [s for s in registry.seen if s.host == "auth.example"]
+    assert len(token_requests) == 1
+    assert "scope=repository%3Alibrary%2Ftiny%3Apull" in token_requests[0].path
+    assert "service=registry.example" in token_requests[0].path
+    digest = blob_digests(registry)[1]
+    _, data = h.request("GET", f"/v2/library/tiny/blobs/{digest}")
+    assert data == registry.blobs[digest]
+    assert registry.tokens_issued == 1  # the token is reused
+
+
+def test_wrong_credentials_are_a_clear_upstream_error(tmp_path: Path, registry: FakeRegistry) -> None:
+    registry.auth = "basic"
+    h = Harness(tmp_path, registry, **{"upstream.username": "user", "upstream.password": "wrong"})
+    response, body = h.request("GET", "/v2/library/tiny/manifests/latest")
+    assert response.code == 502
+    assert "refused our credentials" in json.loads(body)["errors"][0]["message"]
+
+
+def test_an_upstream_ignoring_range_still_gives_clients_their_range(
+    tmp_path: Path, registry: FakeRegistry
+) -> None:
+    registry.ignore_range = True
+    h = Harness(tmp_path, registry)
+    digest = blob_digests(registry)[1]
+    response, body = h.request(
+        "GET", f"/v2/library/tiny/blobs/{digest}", headers={"Range": "bytes=1000-1999"}
+    )
+    assert response.code == 206 and body == registry.blobs[digest][1000:2000]
+
+
+def test_version_check(tmp_path: Path, registry: FakeRegistry) -> None:
+    h = Harness(tmp_path, registry)
+    response, body = h.request("GET", "/v2/")
+    assert response.code == 200 and json.loads(body) == {}
+    assert response.headers.getRawHeaders("docker-distribution-api-version") == ["registry/2.0"]
