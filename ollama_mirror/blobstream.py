@@ -66,9 +66,11 @@ class BlobProducer:
         return min(self._fill.available(self._position), self._last + 1 - self._position)
 
     def _pump(self) -> None:
-        while not self._paused and not self._stopped:
+        while not self._stopped:
             if self._position > self._last:
                 self._finish()
+                return
+            if self._paused:
                 return
             available = self._available()
             if available <= 0:

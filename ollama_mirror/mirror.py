@@ -63,7 +63,7 @@ class Mirror:
         )
         self.manifests = ManifestCache(self.store, self.upstream, runner, reactor, config.cache.manifest_ttl)
         self.fills = FillManager(self.store, self.upstream, reactor, runner, config.upstream)
-        self.registry = RegistryApi(self.store, self.manifests, self.fills, self.upstream)
+        self.registry = RegistryApi(self.store, self.manifests, self.fills, self.upstream, reactor)
         self.root = RootApi(
             {
                 "name": "ollama-mirror",

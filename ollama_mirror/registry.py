@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from klein import Klein
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -20,7 +21,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from .blobstream import BlobProducer, StreamingResource
 from .errors import RegistryError, json_body, registry_error
-from .fill import Fill
+from .fill import Fill, FillFailed
 from .fills import FillManager
 from .manifests import Manifest, ManifestCache, ManifestUnknown
 from .names import InvalidName, ModelName, is_digest, is_model, is_namespace, is_tag, parse_digest
@@ -31,6 +32,7 @@ from .upstream import Upstream, UpstreamError
 log = Logger()
 
 API_VERSION = (b"docker-distribution-api-version", b"registry/2.0")
+FIRST_BYTES_WAIT = 10.0
 
 
 def _header(request: IRequest, name: bytes) -> str | None:
@@ -44,8 +46,9 @@ class RegistryApi:
     app = Klein()
 
     def __init__(
-        self, store: Store, manifests: ManifestCache, fills: FillManager, upstream: Upstream
+        self, store: Store, manifests: ManifestCache, fills: FillManager, upstream: Upstream, clock: Any
     ) -> None:
+        self._clock = clock
         self._store = store
         self._manifests = manifests
         self._fills = fills
@@ -109,6 +112,26 @@ class RegistryApi:
                 raise RegistryError(404, "BLOB_UNKNOWN", f"blob unknown: sha256:{hexdigest}") from None
             raise
 
+    async def _first_bytes(self, fill: Fill, offset: int) -> None:
+        """Hold the response until the download has bytes for it (or failed), so that an upstream
+        failing at once is a clear 502 instead of a broken stream; never longer than a few seconds,
+        since the Go client gives its discovery GET 30 s in all."""
+        if fill.available(offset) > 0:
+            return
+        waiting = fill.wait(offset)
+        timer = self._clock.callLater(FIRST_BYTES_WAIT, waiting.cancel)
+        try:
+            await waiting
+        except CancelledError:
+            if timer.active():  # the client hung up: let the cancellation through
+                raise
+            return  # still nothing: send headers anyway and stream as bytes come
+        except FillFailed as e:
+            raise UpstreamError(str(e), 502) from None
+        finally:
+            if timer.active():
+                timer.cancel()
+
     @app.route("/<namespace>/<model>/blobs/<digest>", methods=["GET", "HEAD"])
     async def blob(self, request: Request, namespace: str, model: str, digest: str) -> Any:
         name = self._name(namespace, model)
@@ -126,24 +149,26 @@ class RegistryApi:
             return registry_error(
                 request, 416, "RANGE_INVALID", f"range not satisfiable for a {size}-byte blob"
             )
+        first, last = (0, size - 1) if wanted is None else wanted
+        streaming = request.method != b"HEAD" and last >= first
+        if streaming and fill is None and self._store.blob_size(hexdigest) is None:
+            fill = self._fills.fill(hexdigest, size, name.repository)
+        if streaming and fill is not None:
+            await self._first_bytes(fill, first)  # before any header: a failure here is still a clean 502
         request.setHeader(*API_VERSION)
         request.setHeader(b"docker-content-digest", digest.encode())
         request.setHeader(b"etag", f'"{digest}"'.encode())
         request.setHeader(b"accept-ranges", b"bytes")
         request.setHeader(b"cache-control", b"public, max-age=31536000, immutable")
         request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"content-length", str(last - first + 1).encode())
         if wanted is None:
-            first, last = 0, size - 1
             request.setHeader(b"location", f"/v2/{name.repository}/blobs/{digest}".encode())
         else:
-            first, last = wanted
             request.setResponseCode(206)
             request.setHeader(b"content-range", f"bytes {first}-{last}/{size}".encode())
-        request.setHeader(b"content-length", str(last - first + 1).encode())
-        if request.method == b"HEAD" or last < first:
+        if not streaming:
             return b""
-        if fill is None and self._store.blob_size(hexdigest) is None:
-            fill = self._fills.fill(hexdigest, size, name.repository)
         request.setHeader(b"x-mirror-cache", b"hit" if fill is None else b"fill")
         path = fill.path() if fill is not None else self._store.blob_path(hexdigest)
         return StreamingResource(BlobProducer(request, path, first, last, fill))

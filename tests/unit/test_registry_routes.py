@@ -269,3 +269,21 @@ def test_version_check(tmp_path: Path, registry: FakeRegistry) -> None:
     response, body = h.request("GET", "/v2/")
     assert response.code == 200 and json.loads(body) == {}
     assert response.headers.getRawHeaders("docker-distribution-api-version") == ["registry/2.0"]
+
+
+def test_a_blob_whose_download_fails_at_once_is_a_502_not_a_broken_stream(
+    tmp_path: Path, registry: FakeRegistry
+) -> None:
+    h = Harness(tmp_path, registry)
+    h.request("GET", "/v2/library/tiny/manifests/latest")  # the mirror now knows the blob sizes
+    registry.fail_with = 503
+    digest = blob_digests(registry)[1]
+    response, body = h.request("GET", f"/v2/library/tiny/blobs/{digest}")
+    assert response.code == 502
+    assert "503" in json.loads(body)["errors"][0]["message"]
+    blob_gets = [s for s in registry.seen if "/blobs/" in s.path]
+    assert len(blob_gets) == 1 + h.config.upstream.retry_attempts
+    assert not list((tmp_path / "cache" / "blobs").iterdir())
+    registry.fail_with = 0  # upstream back: the next request starts a new download
+    response, body = h.request("GET", f"/v2/library/tiny/blobs/{digest}")
+    assert response.code == 200 and body == registry.blobs[digest]

@@ -1,0 +1,738 @@
+"""Registry pull-through core: real clients pull real models through the mirror from a real registry.
+
+The upstream is the CNCF distribution registry (``registry`` fixture) behind a :class:`FaultProxy` that counts
+the body bytes the mirror fetches and can misbehave (redirect blobs to another host, ignore ``Range``, go
+down). The daemon is the real ``twistd -n ollama-mirror`` with small chunks, so a few-MiB blob is fetched in
+many ranged pieces. Clients: the Go-style test puller (``tests/support/puller.py``), the ``oras`` Python SDK,
+and plain sockets.
+
+The helpers and fixtures at the top are shared with ``test_registry_faults.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from tests.support.daemon import MirrorDaemon, MirrorFactory
+from tests.support.faultproxy import FaultProxy
+from tests.support.models import (
+    MANIFEST_V2,
+    Blob,
+    KiB,
+    MiB,
+    ModelFactory,
+    PushedModel,
+    Response,
+    http_request,
+)
+from tests.support.puller import PullResult, pull
+from tests.support.registry import RegistryProcess
+
+# --- shared helpers ------------------------------------------------------------------------------
+
+CHUNK = 256 * KiB  # the mirror's upstream chunk size in these tests
+CONNECTIONS = 4  # upstream.connections_per_blob (the default)
+UPSTREAM_HOST = "registry.ollama.ai"  # upstream.host default: the cache's manifests/<host>/ directory
+CLIENT_TIMEOUT = 30.0
+UPSTREAM_SETTINGS: dict[str, Any] = {
+    "chunk_size": "256KiB",
+    "connections_per_blob": CONNECTIONS,
+    "retry_attempts": 3,
+    "retry_delay": 0.1,
+    "idle_timeout": 5,
+    "timeout": 5,
+}
+
+
+class MirrorStarter(Protocol):
+    """The ``start_mirror`` fixture: a daemon whose upstream is the test's FaultProxy."""
+
+    def __call__(
+        self, upstream: Mapping[str, Any] | None = None, cache: Mapping[str, Any] | None = None
+    ) -> MirrorDaemon: ...
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as fh:
+        while piece := fh.read(MiB):
+            sha.update(piece)
+    return sha.hexdigest()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def blob_url(mirror: MirrorDaemon, model: PushedModel, blob: Blob) -> str:
+    return f"{mirror.url}/v2/{model.repo}/blobs/{blob.digest}"
+
+
+def manifest_url(mirror: MirrorDaemon, model: PushedModel, reference: str | None = None) -> str:
+    return f"{mirror.url}/v2/{model.repo}/manifests/{reference or model.tag}"
+
+
+def cached_blob(mirror: MirrorDaemon, blob: Blob) -> Path:
+    return mirror.cache_dir / "blobs" / blob.cache_name
+
+
+def partial_files(mirror: MirrorDaemon, blob: Blob) -> tuple[Path, Path]:
+    """The partial download and its state record (finished chunk indices)."""
+    partial = mirror.cache_dir / ".mirror" / "partial"
+    return partial / f"{blob.cache_name}.part", partial / f"{blob.cache_name}.json"
+
+
+def wait_cached(mirror: MirrorDaemon, blob: Blob, timeout: float = 15.0) -> Path:
+    """Wait until the blob is published in ``blobs/``, then check its size and sha256."""
+    path = cached_blob(mirror, blob)
+    wait_until(path.exists, timeout, f"{blob.digest} in blobs/")
+    assert path.stat().st_size == blob.size
+    assert sha256_file(path) == blob.hex
+    return path
+
+
+def get_manifest(mirror: MirrorDaemon, model: PushedModel, method: str = "GET") -> Response:
+    return http_request(method, manifest_url(mirror, model), headers={"Accept": MANIFEST_V2})
+
+
+def registry_error_code(response: Response) -> str:
+    """The first ``errors[].code`` of a registry JSON error body (fails the test if it is not one)."""
+    assert response.header("content-type").startswith("application/json"), response.headers
+    document = json.loads(response.body)
+    assert isinstance(document.get("errors"), list) and document["errors"], document
+    code = document["errors"][0]["code"]
+    assert isinstance(code, str) and document["errors"][0].get("message")
+    return code
+
+
+@dataclass
+class Fetched:
+    """A response read as far as it went: ``error`` says why it stopped early, if it did."""
+
+    status: int | None
+    headers: dict[str, str]
+    body: bytes
+    error: str | None = None
+    elapsed: float = 0.0
+
+    def header(self, name: str, default: str = "") -> str:
+        return self.headers.get(name.lower(), default)
+
+    @property
+    def clean(self) -> bool:
+        """The whole body arrived as framed (Content-Length bytes) with no error."""
+        return self.error is None and self.status is not None
+
+
+def fetch(url: str, headers: Mapping[str, str] | None = None, timeout: float = CLIENT_TIMEOUT) -> Fetched:
+    """GET that never raises on a broken response: an aborted or short body is reported in ``error``."""
+    parsed = http.client.urlsplit(url)
+    assert parsed.hostname is not None
+    started = time.monotonic()
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+    status: int | None = None
+    response_headers: dict[str, str] = {}
+    pieces: list[bytes] = []
+    error: str | None = None
+    try:
+        conn.request("GET", parsed.path, headers=dict(headers or {}))
+        response = conn.getresponse()
+        status = response.status
+        response_headers = {k.lower(): v for k, v in response.getheaders()}
+        while piece := response.read(MiB):
+            pieces.append(piece)
+    except http.client.IncompleteRead as exc:
+        pieces.append(exc.partial)
+        error = f"IncompleteRead: {exc!r}"
+    except (OSError, http.client.HTTPException) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        conn.close()
+    return Fetched(status, response_headers, b"".join(pieces), error, time.monotonic() - started)
+
+
+def fetch_blob(mirror: MirrorDaemon, model: PushedModel, blob: Blob, rng: str | None = None) -> Fetched:
+    return fetch(blob_url(mirror, model, blob), {"Range": rng} if rng else None)
+
+
+def assert_blob_served(got: Fetched, blob: Blob) -> None:
+    assert got.clean, got.error
+    assert got.status == 200
+    assert got.header("content-length") == str(blob.size)
+    assert len(got.body) == blob.size
+    assert sha256_hex(got.body) == blob.hex
+
+
+def pull_into_cache(mirror: MirrorDaemon, model: PushedModel) -> None:
+    """Fetch a model's manifest and every blob through the mirror and wait until all are cached."""
+    assert get_manifest(mirror, model).status == 200
+    for blob in model.blobs:
+        assert_blob_served(fetch_blob(mirror, model, blob), blob)
+    for blob in model.blobs:
+        wait_cached(mirror, blob)
+
+
+def go_pull(mirror: MirrorDaemon, model: PushedModel, dest: Path) -> PullResult:
+    """The Go server's pull, with parts small enough that a few-MiB blob is split into 16 of them."""
+    return pull(
+        mirror.url,
+        model.repo,
+        model.tag,
+        dest,
+        part_size_min=16 * KiB,
+        part_size_max=MiB,
+        stall_timeout=10.0,
+        request_timeout=CLIENT_TIMEOUT,
+        timeout=60.0,
+    )
+
+
+def blob_records_bytes(proxy: FaultProxy, blob: Blob) -> int:
+    """Body bytes the upstream (through the proxy) sent for one blob, redirected fetches included."""
+    return proxy.bytes_for(blob.hex)
+
+
+class RawClient:
+    """A plain socket GET, for clients that read slowly or hang up mid-body."""
+
+    def __init__(self, mirror: MirrorDaemon, path: str, rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(CLIENT_TIMEOUT)
+        self.sock.connect(("127.0.0.1", mirror.port))
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {mirror.host}\r\n\r\n".encode())
+        self.received = bytearray()
+
+    def recv(self, n: int) -> int:
+        data = self.sock.recv(n)
+        self.received += data
+        return len(data)
+
+    def body_bytes(self) -> int:
+        end = self.received.find(b"\r\n\r\n")
+        return 0 if end < 0 else len(self.received) - end - 4
+
+    def status_line(self) -> str:
+        return bytes(self.received.split(b"\r\n", 1)[0]).decode("latin-1")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(registry: RegistryProcess) -> Iterator[FaultProxy]:
+    """A FaultProxy in front of the session's registry, fresh for each test."""
+    with FaultProxy(registry.url) as fault_proxy:
+        yield fault_proxy
+
+
+@pytest.fixture
+def start_mirror(mirror_factory: MirrorFactory, proxy: FaultProxy) -> MirrorStarter:
+    """Start the daemon against ``proxy`` with small chunks and quick retries (plus any given settings)."""
+
+    def start(
+        upstream: Mapping[str, Any] | None = None, cache: Mapping[str, Any] | None = None
+    ) -> MirrorDaemon:
+        config: dict[str, Any] = {"upstream": {**UPSTREAM_SETTINGS, **(upstream or {})}}
+        if cache:
+            config["cache"] = dict(cache)
+        return mirror_factory(upstream_url=proxy.url, config=config)
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def medium_model(model_factory: ModelFactory) -> PushedModel:
+    """A model whose GGUF layer is ~4 MiB: 16 chunks of 256 KiB."""
+    return model_factory("library/medium", "latest", 4 * MiB, 1)
+
+
+@pytest.fixture(scope="session")
+def big_model(model_factory: ModelFactory) -> PushedModel:
+    """A model whose GGUF layer is ~8 MiB: 32 chunks of 256 KiB."""
+    return model_factory("library/big", "latest", 8 * MiB, 2)
+
+
+# --- 1. the Go server's pull, cold then warm -----------------------------------------------------
+
+
+def test_go_pull_cold_then_warm(
+    start_mirror: MirrorStarter, proxy: FaultProxy, medium_model: PushedModel, tmp_path: Path
+) -> None:
+    mirror = start_mirror()
+    cold = go_pull(mirror, medium_model, tmp_path / "cold")
+
+    assert cold.manifest_bytes == medium_model.manifest
+    assert cold.manifest_digest == medium_model.digest
+    assert {d for d, _s, _p in cold.blobs} == {b.digest for b in medium_model.blobs}
+    for digest, size, path in cold.blobs:
+        assert path.stat().st_size == size
+        assert "sha256:" + sha256_file(path) == digest
+    model_result = next(r for r in cold.blob_results if r.digest == medium_model.model_layer.digest)
+    assert len(model_result.parts) >= 16
+    assert all(set(p.statuses) == {206} for p in model_result.parts)
+
+    # Every discovery GET (no Range) got 200 with a Location, as the Go client insists.
+    discoveries = [r for r in cold.requests if r.method == "GET" and "/blobs/" in r.url and r.range is None]
+    assert len(discoveries) == len(medium_model.blobs)
+    for request in discoveries:
+        assert request.status == 200, request
+        assert request.headers.get("location"), request
+    for blob in medium_model.blobs:
+        wait_cached(mirror, blob)
+    cold_upstream = proxy.bytes_for("/blobs/")
+    assert medium_model.total_size <= cold_upstream <= 1.05 * medium_model.total_size
+
+    # Warm: every blob answer is a cache hit and the upstream sends nothing more.
+    manifest_requests = proxy.requests_for("/manifests/")
+    warm = go_pull(mirror, medium_model, tmp_path / "warm")
+    for digest, _size, path in warm.blobs:
+        assert "sha256:" + sha256_file(path) == digest
+    blob_gets = [r for r in warm.requests if r.method == "GET" and "/blobs/" in r.url]
+    assert len(blob_gets) >= len(medium_model.blobs) + 16
+    assert {r.headers.get("x-mirror-cache") for r in blob_gets} == {"hit"}
+    assert proxy.bytes_for("/blobs/") == cold_upstream
+    assert proxy.requests_for("/manifests/") == manifest_requests  # the tag is fresh (manifest_ttl)
+
+
+# --- 2. manifests verbatim, exact blob sizes -----------------------------------------------------
+
+
+def test_manifest_verbatim_and_exact_head_sizes(
+    start_mirror: MirrorStarter, medium_model: PushedModel
+) -> None:
+    mirror = start_mirror()
+    model = medium_model
+
+    # HEAD of a blob the mirror has never heard of (no manifest seen yet): the size comes from upstream.
+    head = http_request("HEAD", blob_url(mirror, model, model.config))
+    assert head.status == 200
+    assert head.header("content-length") == str(model.config.size)
+
+    response = get_manifest(mirror, model)
+    assert response.status == 200
+    assert response.body == model.manifest
+    assert response.header("docker-content-digest") == "sha256:" + sha256_hex(response.body)
+    assert response.header("docker-content-digest") == model.digest
+    assert response.header("content-type") == MANIFEST_V2
+    assert response.header("content-length") == str(len(model.manifest))
+    stored = mirror.cache_dir / "manifests" / UPSTREAM_HOST / "library" / "medium" / "latest"
+    assert stored.read_bytes() == model.manifest
+
+    head_manifest = get_manifest(mirror, model, method="HEAD")
+    assert head_manifest.status == 200
+    assert head_manifest.header("content-length") == str(len(model.manifest))
+    assert head_manifest.header("docker-content-digest") == model.digest
+    by_digest = http_request("GET", manifest_url(mirror, model, model.digest))
+    assert by_digest.status == 200
+    assert by_digest.body == model.manifest
+
+    # Not cached yet: exact Content-Length for every blob, and HEAD does not publish anything.
+    for blob in model.blobs:
+        head = http_request("HEAD", blob_url(mirror, model, blob))
+        assert head.status == 200, blob
+        assert head.header("content-length") == str(blob.size)
+        assert head.body == b""
+        assert not cached_blob(mirror, blob).exists()
+
+    pull_into_cache(mirror, model)
+    for blob in model.blobs:
+        head = http_request("HEAD", blob_url(mirror, model, blob))
+        assert head.status == 200
+        assert head.header("content-length") == str(blob.size)
+        assert head.header("docker-content-digest") == blob.digest
+
+
+# --- 3. ranges, cold and warm --------------------------------------------------------------------
+
+
+def _range_cases(size: int) -> list[tuple[str, int, int]]:
+    """``(Range header, first, last)`` for ``a-b``, ``a-`` and ``-n``, none on a chunk boundary."""
+    a = CHUNK * 3 // 2 + 123
+    return [
+        (f"bytes={a}-{a + 700_000}", a, a + 700_000),
+        (f"bytes={size - 1_000_003}-", size - 1_000_003, size - 1),
+        ("bytes=-300001", size - 300_001, size - 1),
+    ]
+
+
+def _check_range(got: Fetched, blob: Blob, first: int, last: int) -> None:
+    assert got.clean, got.error
+    assert got.status == 206
+    assert got.header("content-range") == f"bytes {first}-{last}/{blob.size}"
+    assert got.header("content-length") == str(last - first + 1)
+    assert got.body == blob.read_range(first, last)
+
+
+def test_ranges_cold_and_warm(start_mirror: MirrorStarter, model_factory: ModelFactory) -> None:
+    mirror = start_mirror()
+    models = [model_factory("library/ranges", f"r{i}", 2 * MiB, 10 + i) for i in range(3)]
+    cases = _range_cases(models[0].model_layer.size)
+
+    # Cold: each form is the very first request ever made for its blob.
+    for model, (header, first, last) in zip(models, cases, strict=True):
+        blob = model.model_layer
+        assert blob.size == models[0].model_layer.size
+        got = fetch_blob(mirror, model, blob, header)
+        _check_range(got, blob, first, last)
+        assert got.header("x-mirror-cache") == "fill"
+
+    # Warm: the same forms, from the cache.
+    for model in models:
+        wait_cached(mirror, model.model_layer)
+    for model in models:
+        for header, first, last in cases:
+            got = fetch_blob(mirror, model, model.model_layer, header)
+            _check_range(got, model.model_layer, first, last)
+            assert got.header("x-mirror-cache") == "hit"
+
+    blob, model = models[0].model_layer, models[0]
+    past_end = fetch_blob(mirror, model, blob, f"bytes={blob.size}-")
+    assert past_end.status == 416
+    assert past_end.header("content-range") == f"bytes */{blob.size}"
+    assert registry_error_code(Response(416, past_end.headers, past_end.body)) == "RANGE_INVALID"
+
+    for malformed in ("bytes=abc", "bytes=-", "bytes=10-5", "lines=0-10", "bytes=1-2-3"):
+        got = fetch_blob(mirror, model, blob, malformed)
+        assert got.status == 400, malformed
+        assert registry_error_code(Response(400, got.headers, got.body)) == "RANGE_INVALID"
+
+
+# --- 4. the oras SDK ------------------------------------------------------------------------------
+
+
+def test_oras_pulls_through_the_mirror(
+    start_mirror: MirrorStarter, medium_model: PushedModel, tmp_path: Path
+) -> None:
+    import oras.client
+
+    mirror = start_mirror()
+    client = oras.client.OrasClient(hostname=mirror.host, insecure=True)
+    outdir = tmp_path / "oras"
+    files = client.pull(target=f"{mirror.host}/{medium_model.repo}:{medium_model.tag}", outdir=str(outdir))
+
+    # Layers without a title annotation are written under their digest.
+    assert len(files) == len(medium_model.layers)
+    written = {Path(f).name: Path(f) for f in files}
+    for layer in medium_model.layers:
+        path = written[layer.digest]
+        assert path.stat().st_size == layer.size
+        assert sha256_file(path) == layer.hex
+    manifest = client.get_manifest(f"{mirror.host}/{medium_model.repo}:{medium_model.tag}")
+    assert manifest == json.loads(medium_model.manifest)
+
+
+# --- 5. concurrent cold clients share one download ------------------------------------------------
+
+
+def test_concurrent_cold_clients_share_one_fill(
+    start_mirror: MirrorStarter, proxy: FaultProxy, big_model: PushedModel
+) -> None:
+    clients = 8
+    mirror = start_mirror()
+    blob = big_model.model_layer
+    proxy.throttle(2 * MiB, path="/blobs/")  # ~1 s fill, so that every client arrives while it is cold
+    barrier = threading.Barrier(clients)
+    results: list[Fetched | None] = [None] * clients
+
+    def client(i: int) -> None:
+        barrier.wait(timeout=10)
+        results[i] = fetch_blob(mirror, big_model, blob)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+
+    for got in results:
+        assert got is not None
+        assert_blob_served(got, blob)
+    fills = sum(1 for got in results if got is not None and got.header("x-mirror-cache") == "fill")
+    assert fills >= 2, "the clients did not overlap with the download"
+    wait_cached(mirror, blob)
+    assert blob_records_bytes(proxy, blob) <= 1.05 * blob.size
+
+
+# --- 6. a slow client does not slow a fast one ----------------------------------------------------
+
+
+def test_slow_client_does_not_slow_a_fast_one(start_mirror: MirrorStarter, big_model: PushedModel) -> None:
+    mirror = start_mirror()
+    blob = big_model.model_layer
+    rate = 1_000_000  # bytes per second
+    slow_would_need = blob.size / rate
+    slow = RawClient(mirror, f"/v2/{big_model.repo}/blobs/{blob.digest}", rcvbuf=32 * KiB)
+    stop = threading.Event()
+
+    def read_slowly() -> None:
+        deadline = time.monotonic() + 20.0
+        with contextlib.suppress(OSError):
+            while not stop.is_set() and time.monotonic() < deadline:
+                if slow.recv(16 * KiB) == 0:
+                    return
+                stop.wait(16 * KiB / rate)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    try:
+        wait_until(lambda: slow.body_bytes() > 0, 10.0, "the slow client's first bytes")
+        assert slow.status_line().startswith("HTTP/1.1 200")
+        fast = fetch_blob(mirror, big_model, blob)
+        slow_progress = slow.body_bytes()
+    finally:
+        stop.set()
+        reader.join(timeout=10)
+        slow.close()
+    assert_blob_served(fast, blob)
+    assert fast.elapsed < 0.25 * slow_would_need, (fast.elapsed, slow_would_need)
+    assert slow_progress < 0.6 * blob.size, "the slow client was not slow: the test proves nothing"
+    wait_cached(mirror, blob)
+
+
+# --- 7. the download outlives the client that started it -----------------------------------------
+
+
+def test_client_hangup_does_not_stop_the_fill(
+    start_mirror: MirrorStarter, proxy: FaultProxy, big_model: PushedModel
+) -> None:
+    mirror = start_mirror()
+    blob = big_model.model_layer
+    proxy.throttle(2 * MiB, path="/blobs/")  # ~1 s with 4 connections
+    client = RawClient(mirror, f"/v2/{big_model.repo}/blobs/{blob.digest}")
+    try:
+        deadline = time.monotonic() + 10.0
+        while client.body_bytes() < 4 * KiB and time.monotonic() < deadline:
+            assert client.recv(4 * KiB) > 0
+        assert client.status_line().startswith("HTTP/1.1 200")
+    finally:
+        client.close()
+    assert not cached_blob(mirror, blob).exists(), "too fast: the fill was over before the hang-up"
+    wait_cached(mirror, blob)
+    assert not any(p.exists() for p in partial_files(mirror, blob))
+    assert blob_records_bytes(proxy, blob) <= 1.05 * blob.size
+
+
+# --- 8. errors are registry JSON, never 500 -------------------------------------------------------
+
+
+def test_unknown_and_invalid_names_and_digests(start_mirror: MirrorStarter, small_model: PushedModel) -> None:
+    mirror = start_mirror()
+    base = f"{mirror.url}/v2"
+
+    unknown_model = http_request("GET", f"{base}/library/no-such-model/manifests/latest")
+    assert unknown_model.status == 404
+    assert registry_error_code(unknown_model) == "MANIFEST_UNKNOWN"
+    unknown_tag = http_request("GET", f"{base}/{small_model.repo}/manifests/no-such-tag")
+    assert unknown_tag.status == 404
+    assert registry_error_code(unknown_tag) == "MANIFEST_UNKNOWN"
+    unknown_by_digest = http_request("GET", f"{base}/{small_model.repo}/manifests/sha256:{'1' * 64}")
+    assert unknown_by_digest.status == 404
+    assert registry_error_code(unknown_by_digest) == "MANIFEST_UNKNOWN"
+
+    missing = f"sha256:{'0' * 64}"
+    unknown_blob = http_request("GET", f"{base}/{small_model.repo}/blobs/{missing}")
+    assert unknown_blob.status == 404
+    assert registry_error_code(unknown_blob) == "BLOB_UNKNOWN"
+    assert http_request("HEAD", f"{base}/{small_model.repo}/blobs/{missing}").status == 404
+    assert not list((mirror.cache_dir / "blobs").iterdir())
+
+    bad_requests = {
+        f"{base}/{small_model.repo}/blobs/sha256:xyz": "DIGEST_INVALID",
+        f"{base}/{small_model.repo}/blobs/sha256:{'A' * 64}": "DIGEST_INVALID",
+        f"{base}/{small_model.repo}/blobs/md5:{'0' * 32}": "DIGEST_INVALID",
+        f"{base}/{small_model.repo}/blobs/sha256:{'0' * 63}": "DIGEST_INVALID",
+        f"{base}/library/-bad/manifests/latest": "NAME_INVALID",
+        f"{base}/library/-bad/blobs/{missing}": "NAME_INVALID",
+        f"{base}/bad.namespace/tiny/manifests/latest": "NAME_INVALID",
+        f"{base}/{small_model.repo}/manifests/-tag": "TAG_INVALID",
+        f"{base}/{small_model.repo}/manifests/sha256:xyz": "TAG_INVALID",
+    }
+    for url, code in bad_requests.items():
+        response = http_request("GET", url)
+        assert response.status == 400, (url, response.status, response.body)
+        assert registry_error_code(response) == code, url
+
+    # Odd paths: whatever the answer, a 4xx with a registry error body, never a 500 or a traceback.
+    for path in (
+        "/library/..%2f..%2fetc/manifests/latest",
+        "/library/%2e%2e/manifests/latest",
+        "/library/tiny/blobs/..%2f..%2fsha256:" + "0" * 64,
+        "/library/tiny/manifests/" + "a" * 300,
+        "/a/b/c/manifests/latest",
+    ):
+        response = http_request("GET", base + path)
+        assert 400 <= response.status < 500, (path, response.status, response.body)
+        registry_error_code(response)
+    assert "Traceback" not in mirror.log_text()
+
+
+# --- 9. offline: what is cached is still served ---------------------------------------------------
+
+
+def test_offline_cached_model_still_served(
+    start_mirror: MirrorStarter,
+    proxy: FaultProxy,
+    medium_model: PushedModel,
+    small_model: PushedModel,
+) -> None:
+    timeout = 2.0
+    mirror = start_mirror(upstream={"timeout": timeout}, cache={"manifest_ttl": 0})
+    pull_into_cache(mirror, medium_model)
+    proxy.down()
+
+    for method in ("GET", "HEAD"):
+        response = get_manifest(mirror, medium_model, method=method)
+        assert response.status == 200
+        assert response.header("x-mirror-cache") == "stale"
+        assert response.header("docker-content-digest") == medium_model.digest
+    assert get_manifest(mirror, medium_model).body == medium_model.manifest
+    for blob in medium_model.blobs:
+        got = fetch_blob(mirror, medium_model, blob)
+        assert_blob_served(got, blob)
+        assert got.header("x-mirror-cache") == "hit"
+        ranged = fetch_blob(mirror, medium_model, blob, "bytes=1-10")
+        assert ranged.status == 206
+        assert ranged.body == blob.read_range(1, 10)
+
+    # A model that was never cached: a prompt 502/503 registry error, never a hang.
+    for url in (
+        manifest_url(mirror, small_model),
+        blob_url(mirror, small_model, small_model.model_layer),
+    ):
+        started = time.monotonic()
+        response = http_request("GET", url, timeout=timeout + 10)
+        assert response.status in (502, 503), (url, response.status)
+        assert time.monotonic() - started < timeout + 2
+        registry_error_code(response)
+
+
+def test_hanging_upstream_times_out(
+    start_mirror: MirrorStarter,
+    mirror_factory: MirrorFactory,
+    medium_model: PushedModel,
+    small_model: PushedModel,
+) -> None:
+    """An upstream that accepts connections and never answers costs one ``upstream.timeout``, not a hang."""
+    warm = start_mirror()
+    pull_into_cache(warm, medium_model)
+    warm.stop()
+
+    timeout = 1.5
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(64)  # never accepted: connections complete in the kernel, no answer ever comes
+        mirror = mirror_factory(
+            cache_dir=warm.cache_dir,
+            upstream_url=f"http://127.0.0.1:{blackhole.getsockname()[1]}",
+            config={"upstream": {**UPSTREAM_SETTINGS, "timeout": timeout}, "cache": {"manifest_ttl": 0}},
+        )
+        started = time.monotonic()
+        response = get_manifest(mirror, medium_model)
+        assert response.status == 200
+        assert response.header("x-mirror-cache") == "stale"
+        assert response.body == medium_model.manifest
+        assert time.monotonic() - started < timeout + 3
+        assert_blob_served(
+            fetch_blob(mirror, medium_model, medium_model.model_layer), medium_model.model_layer
+        )
+
+        for url in (
+            manifest_url(mirror, small_model),
+            blob_url(mirror, small_model, small_model.model_layer),
+        ):
+            started = time.monotonic()
+            response = http_request("GET", url, timeout=timeout + 10)
+            assert response.status in (502, 503), (url, response.status)
+            assert time.monotonic() - started < timeout + 3
+            registry_error_code(response)
+
+
+# --- 10. blob redirects to another host -----------------------------------------------------------
+
+
+def test_upstream_blob_redirects_are_followed(
+    start_mirror: MirrorStarter,
+    proxy: FaultProxy,
+    medium_model: PushedModel,
+    big_model: PushedModel,
+    tmp_path: Path,
+) -> None:
+    mirror = start_mirror()
+    proxy.redirect_blobs("localhost")  # like registry.ollama.ai's 307s to presigned storage URLs
+    result = go_pull(mirror, medium_model, tmp_path / "pulled")
+    for digest, _size, path in result.blobs:
+        assert "sha256:" + sha256_file(path) == digest
+    assert {r.status for r in result.requests} <= {200, 206}
+    assert all(urlsplit_host(r.url) == "127.0.0.1" for r in result.requests)
+    redirects = [r for r in proxy.records("/blobs/") if r.status == 307]
+    signed = [r for r in proxy.records("sig=") if r.status in (200, 206)]
+    assert redirects and signed
+    assert all(r.host is not None and r.host.startswith("localhost:") for r in signed)
+
+    # Signed URLs expire quickly now; a slow download outlives them and must resolve again.
+    proxy.expire_redirects_after(0.3)
+    proxy.throttle(2 * MiB, path="sig=")
+    blob = big_model.model_layer
+    got = fetch_blob(mirror, big_model, blob)
+    assert_blob_served(got, blob)
+    wait_cached(mirror, blob)
+    expired = [r for r in proxy.records(blob.hex) if "expired" in r.faults]
+    assert expired, "no signed URL expired during the download: the test proves nothing"
+    served = sum(r.bytes_sent for r in proxy.records(blob.hex) if r.status in (200, 206))
+    assert served <= 1.05 * blob.size
+
+
+def urlsplit_host(url: str) -> str | None:
+    return http.client.urlsplit(url).hostname
+
+
+# --- 11. an upstream that ignores Range ------------------------------------------------------------
+
+
+def test_upstream_ignoring_range(
+    start_mirror: MirrorStarter, proxy: FaultProxy, medium_model: PushedModel
+) -> None:
+    mirror = start_mirror()
+    proxy.ignore_range(True, path="/blobs/")
+    blob = medium_model.model_layer
+    first, last = 3 * CHUNK + 17, 5 * CHUNK + 1000
+
+    got = fetch_blob(mirror, medium_model, blob, f"bytes={first}-{last}")  # cold, in the middle
+    _check_range(got, blob, first, last)
+    assert_blob_served(fetch_blob(mirror, medium_model, blob), blob)
+    wait_cached(mirror, blob)
+    gets = [r for r in proxy.records(blob.hex) if r.method == "GET"]
+    assert gets and all(r.status == 200 and "ignore_range" in r.faults for r in gets)
+    assert blob_records_bytes(proxy, blob) <= 1.05 * blob.size
+
+    warm = fetch_blob(mirror, medium_model, blob, f"bytes={first}-{last}")
+    _check_range(warm, blob, first, last)
+    assert warm.header("x-mirror-cache") == "hit"
