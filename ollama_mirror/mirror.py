@@ -11,6 +11,8 @@ from typing import Any
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource
 
 from . import __version__
@@ -40,12 +42,14 @@ class _RunnerService(Service):
 
 
 class Mirror:
-    def __init__(self, config: Config, reactor: Any, http: Any = None, runner: Runner | None = None) -> None:
+    def __init__(
+        self, config: Config, reactor: Any, agent: IAgent | None = None, runner: Runner | None = None
+    ) -> None:
         self.config = config
         self.reactor = reactor
-        self._pool: Any = None
-        if http is None:
-            http = self._make_http_client(reactor, config)
+        self._pool: HTTPConnectionPool | None = None
+        if agent is None:
+            agent = self._make_agent(reactor, config)
         self._thread_runner: ThreadRunner | None = None
         if runner is None:
             runner = self._thread_runner = ThreadRunner(reactor)
@@ -55,7 +59,7 @@ class Mirror:
         self.upstream = Upstream(
             config.upstream.url,
             config.upstream.host,
-            http,
+            agent,
             reactor,
             timeout=config.upstream.timeout,
             username=config.upstream.username,
@@ -74,16 +78,13 @@ class Mirror:
             self.registry.resource(),
         )
 
-    def _make_http_client(self, reactor: Any, config: Config) -> Any:
-        from treq.client import HTTPClient
-        from twisted.web.client import Agent, HTTPConnectionPool
-
+    def _make_agent(self, reactor: Any, config: Config) -> IAgent:
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = (
             config.upstream.connections_per_blob * config.upstream.max_concurrent_downloads
         )
         self._pool.retryAutomatically = False
-        return HTTPClient(Agent(reactor, pool=self._pool, connectTimeout=min(30.0, config.upstream.timeout)))
+        return Agent(reactor, pool=self._pool, connectTimeout=min(30.0, config.upstream.timeout))
 
     def resource(self) -> IResource:
         return self.root.resource()

@@ -14,6 +14,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.web.iweb import IAgent
 from twisted.web.server import Site
 
 from . import __version__
@@ -52,14 +53,14 @@ class MirrorService(MultiService):
 
 
 def build_service(
-    config: Config, reactor: Any, *, http: Any = None, runner: Runner | None = None
+    config: Config, reactor: Any, *, agent: IAgent | None = None, runner: Runner | None = None
 ) -> MirrorService:
     """Build the daemon's service tree on *reactor* without starting anything.
 
-    *http* (a treq ``HTTPClient``) and *runner* replace the upstream client and the thread pool,
+    *agent* (an ``IAgent``) and *runner* replace the upstream HTTP client and the thread pool,
     for tests and for applications that bring their own.
     """
-    mirror = Mirror(config, reactor, http=http, runner=runner)
+    mirror = Mirror(config, reactor, agent=agent, runner=runner)
     top = MirrorService(mirror)
     site = Site(mirror.resource())
     site.displayTracebacks = False

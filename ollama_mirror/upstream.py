@@ -23,7 +23,7 @@ from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IAgent, IResponse
 
 from . import __version__
 from .bodies import collect_limited, drain
@@ -61,7 +61,7 @@ class Upstream:
         self,
         url: str,
         host: str,
-        http: Any,
+        agent: IAgent,
         clock: Any,
         timeout: float,
         username: str = "",
@@ -69,7 +69,7 @@ class Upstream:
     ) -> None:
         self.url = url.rstrip("/")
         self.host = host
-        self._http = http  # a treq.client.HTTPClient (or StubTreq in tests)
+        self._agent = agent
         self._clock = clock
         self._timeout = timeout
         self._basic = (
@@ -82,17 +82,17 @@ class Upstream:
     # --- requests ------------------------------------------------------------------------------
 
     async def _send(self, method: str, url: str, headers: dict[bytes, list[bytes]]) -> IResponse:
-        """One request; ``timeout`` bounds the wait for response headers, never the body."""
+        """One request; ``timeout`` bounds the wait for response headers, never the body.
+
+        A plain ``Agent`` rather than treq: treq always asks for gzip and decodes it, and a blob
+        range must arrive as the exact bytes asked for.
+        """
         headers.setdefault(b"user-agent", [self.user_agent.encode()])
+        headers.setdefault(b"accept-encoding", [b"identity"])
+        d = self._agent.request(method.encode("ascii"), url.encode("ascii"), Headers(headers), None)
+        d.addTimeout(self._timeout, self._clock)
         try:
-            response: IResponse = await self._http.request(
-                method,
-                url,
-                headers=Headers(headers),
-                allow_redirects=False,
-                unbuffered=True,
-                timeout=self._timeout,
-            )
+            response: IResponse = await d
         except NETWORK_ERRORS as e:
             raise _network_error(url, e) from None
         return response

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from treq.testing import StubTreq
+from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -27,7 +27,7 @@ class Harness:
     def __init__(self, tmp_path: Path, registry: FakeRegistry, **settings: str) -> None:
         self.clock = Clock()
         self.registry = registry
-        self.upstream = StubTreq(registry)
+        self.upstream = RequestTraversalAgent(registry)
         overrides = {
             "cache.directory": str(tmp_path / "cache"),
             "upstream.url": "http://registry.example",
@@ -36,7 +36,7 @@ class Harness:
             **settings,
         }
         self.config = load_config(None, {}, overrides)
-        self.mirror = Mirror(self.config, self.clock, http=self.upstream, runner=InlineRunner())
+        self.mirror = Mirror(self.config, self.clock, agent=self.upstream, runner=InlineRunner())
         self.client = StubTreq(self.mirror.resource())
 
     def settle(self, d: Deferred[Any]) -> Any:

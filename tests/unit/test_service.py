@@ -68,10 +68,11 @@ def test_a_taken_port_stops_start_up_with_a_readable_error(tmp_path: Path) -> No
 
 
 def test_embedders_can_inject_the_http_client_and_runner(tmp_path: Path) -> None:
-    from treq.testing import StubTreq
+    from treq.testing import RequestTraversalAgent
     from twisted.web.resource import Resource
 
-    service = build_service(
-        config_for(tmp_path), MemoryReactorClock(), http=StubTreq(Resource()), runner=InlineRunner()
-    )
-    assert service.mirror.runner.__class__ is InlineRunner
+    runner = InlineRunner()
+    agent = RequestTraversalAgent(Resource())
+    service = build_service(config_for(tmp_path), MemoryReactorClock(), agent=agent, runner=runner)
+    assert service.mirror.runner is runner
+    assert service.mirror.upstream._agent is agent
