@@ -120,6 +120,20 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class BackendConfig:
+    url: str = setting(
+        "http://127.0.0.1:11435",
+        "BACKEND_URL",
+        "The Ollama server that inference routes are forwarded to (start it with "
+        "`OLLAMA_MODELS=<cache.directory>` so it runs the cached models).",
+        "url",
+    )
+    timeout: float = setting(
+        600, "BACKEND_TIMEOUT", "Seconds to wait for the backend's response headers.", "float", 0.001
+    )
+
+
+@dataclass(frozen=True)
 class SecurityConfig:
     api_key: str = setting(
         "", "API_KEY", "Bearer key required on `/api` and `/mirror` routes; empty: none.", "str", planned=True
@@ -164,7 +178,7 @@ class LoggingConfig:
 @dataclass(frozen=True)
 class FeaturesConfig:
     enable_api_proxy: bool = setting(
-        True, "ENABLE_API_PROXY", "Forward inference routes to a backend Ollama.", "bool", planned=True
+        True, "ENABLE_API_PROXY", "Forward inference routes to the backend Ollama (`backend.url`).", "bool"
     )
     enable_metrics: bool = setting(
         True, "ENABLE_METRICS", "Serve Prometheus metrics at `/metrics`.", "bool", planned=True
@@ -179,6 +193,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
@@ -195,6 +210,7 @@ SECTIONS: dict[str, type[Any]] = {
     "server": ServerConfig,
     "cache": CacheConfig,
     "upstream": UpstreamConfig,
+    "backend": BackendConfig,
     "security": SecurityConfig,
     "logging": LoggingConfig,
     "features": FeaturesConfig,

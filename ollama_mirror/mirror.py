@@ -10,15 +10,18 @@ import os
 from typing import Any
 
 from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource
 
 from . import __version__
+from .catalog import Catalog
 from .config import Config
 from .fills import FillManager
 from .manifests import ManifestCache
+from .ollama_api import OllamaApi
+from .proxy import InferenceProxy
 from .registry import RegistryApi
 from .runner import Runner, ThreadRunner
 from .store import Store
@@ -43,11 +46,17 @@ class _RunnerService(Service):
 
 class Mirror:
     def __init__(
-        self, config: Config, reactor: Any, agent: IAgent | None = None, runner: Runner | None = None
+        self,
+        config: Config,
+        reactor: Any,
+        agent: IAgent | None = None,
+        runner: Runner | None = None,
+        backend_agent: IAgent | None = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
         self._pool: HTTPConnectionPool | None = None
+        self._backend_pool: HTTPConnectionPool | None = None
         if agent is None:
             agent = self._make_agent(reactor, config)
         self._thread_runner: ThreadRunner | None = None
@@ -68,6 +77,20 @@ class Mirror:
         self.manifests = ManifestCache(self.store, self.upstream, runner, reactor, config.cache.manifest_ttl)
         self.fills = FillManager(self.store, self.upstream, reactor, runner, config.upstream)
         self.registry = RegistryApi(self.store, self.manifests, self.fills, self.upstream, reactor)
+        self.catalog = Catalog(self.store)
+        if backend_agent is None and config.features.enable_api_proxy:
+            self._backend_pool = HTTPConnectionPool(reactor, persistent=True)
+            backend_agent = Agent(reactor, pool=self._backend_pool, connectTimeout=10)
+        self.proxy = InferenceProxy(
+            backend_agent,
+            config.backend.url,
+            config.features.enable_api_proxy,
+            config.backend.timeout,
+            reactor,
+        )
+        self.api = OllamaApi(
+            self.store, self.catalog, self.manifests, self.fills, self.upstream, runner, reactor, self.proxy
+        )
         self.root = RootApi(
             {
                 "name": "ollama-mirror",
@@ -75,7 +98,9 @@ class Mirror:
                 "upstream": config.upstream.url,
                 "cache_directory": os.path.abspath(config.cache.directory),
             },
-            self.registry.resource(),
+            registry=self.registry.resource(),
+            api=self.api.resource(),
+            openai=self.proxy.resource(),
         )
 
     def _make_agent(self, reactor: Any, config: Config) -> IAgent:
@@ -98,8 +123,6 @@ class Mirror:
         return services
 
     def close(self) -> Deferred[Any]:
-        """Close pooled upstream connections (after the services have stopped)."""
-        if self._pool is not None:
-            d: Deferred[Any] = self._pool.closeCachedConnections()
-            return d
-        return succeed(None)
+        """Close pooled connections (after the services have stopped)."""
+        pools = [pool for pool in (self._pool, self._backend_pool) if pool is not None]
+        return DeferredList([pool.closeCachedConnections() for pool in pools])

@@ -15,7 +15,6 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from . import __version__
 from .errors import json_body, ollama_error
 
 log = Logger()
@@ -26,21 +25,30 @@ class RootApi:
 
     app = Klein()
 
-    def __init__(self, info: dict[str, Any], registry: IResource) -> None:
+    def __init__(
+        self, info: dict[str, Any], *, registry: IResource, api: IResource, openai: IResource
+    ) -> None:
         self._info = info
         self._registry = registry
+        self._api = api
+        self._openai = openai
 
     @app.route("/", methods=["GET", "HEAD"])
     def root(self, request: IRequest) -> bytes:
         return json_body(request, 200, {"message": "Ollama is running", **self._info})
 
-    @app.route("/api/version", methods=["GET", "HEAD"])
-    def version(self, request: IRequest) -> bytes:
-        return json_body(request, 200, {"version": __version__})
-
     @app.route("/v2/", branch=True)
     def registry(self, request: IRequest) -> IResource:
         return self._registry
+
+    @app.route("/api/", branch=True)
+    def api(self, request: IRequest) -> IResource:
+        return self._api
+
+    @app.route("/v1/", branch=True)
+    def openai(self, request: IRequest) -> IResource:
+        """OpenAI-compatible routes, all forwarded to the backend Ollama."""
+        return self._openai
 
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
