@@ -29,41 +29,47 @@ READ_SIZE = 256 * 1024
 
 @implementer(IPushProducer)
 class BlobProducer:
-    """Writes bytes [first, last] of a blob to *request*, then finishes it.
+    """Writes bytes [first, last] of a blob from the open descriptor *fd* to *request*, then finishes it.
 
     With a *fill*, bytes are sent as the download puts them on disk; if the download fails, the
-    connection is aborted so that the client never mistakes a short body for a complete one.
+    connection is aborted so that the client never mistakes a short body for a complete one.  With
+    *hold_last* (a whole-blob response), the last byte waits until the digest has been verified, so
+    that a corrupt download can never end as a clean, complete-looking response.  The producer owns
+    *fd* and closes it.
     """
 
-    def __init__(self, request: Request, path: str, first: int, last: int, fill: Fill | None = None) -> None:
+    def __init__(
+        self,
+        request: Request,
+        fd: int,
+        first: int,
+        last: int,
+        fill: Fill | None = None,
+        hold_last: bool = False,
+    ) -> None:
         self._request = request
-        self._path = path
+        self._fd = fd
         self._position = first
         self._last = last
         self._fill = fill
-        self._fd = -1
+        self._hold_last = hold_last
         self._paused = False
         self._stopped = False
         self._waiting: Deferred[None] | None = None
         self.sent = 0
 
     def start(self) -> None:
-        """Open the file and begin; the request is finished (or aborted) by this producer."""
-        try:
-            self._fd = os.open(self._path, os.O_RDONLY)
-        except OSError:
-            if self._fill is not None and self._fill.complete:  # renamed between lookup and open
-                self._fd = os.open(self._fill.path(), os.O_RDONLY)
-            else:
-                raise
+        """Begin; the request is finished (or aborted) by this producer."""
         self._request.notifyFinish().addErrback(self._client_gone)
         self._request.registerProducer(self, True)
         self._pump()
 
     def _available(self) -> int:
-        if self._fill is None:
-            return self._last + 1 - self._position
-        return min(self._fill.available(self._position), self._last + 1 - self._position)
+        wanted = self._last + 1 - self._position
+        if self._fill is None or self._fill.complete:
+            return wanted
+        ready = min(self._fill.available(self._position), wanted)
+        return min(ready, wanted - 1) if self._hold_last else ready
 
     def _pump(self) -> None:
         while not self._stopped:
@@ -75,7 +81,8 @@ class BlobProducer:
             available = self._available()
             if available <= 0:
                 assert self._fill is not None
-                self._waiting = self._fill.wait(self._position)
+                holding = self._hold_last and self._position == self._last
+                self._waiting = self._fill.when_done() if holding else self._fill.wait(self._position)
                 self._waiting.addCallbacks(self._more, self._fill_failed)
                 return
             data = os.pread(self._fd, min(READ_SIZE, available), self._position)

@@ -88,6 +88,8 @@ class Catalog:
         blobs = tuple(
             (digest[7:], size) for digest, size in manifest_blobs(data) if digest.startswith("sha256:")
         )
+        if not blobs:
+            return None  # not a manifest we can read: not a model
         missing = tuple(hexdigest for hexdigest, _ in blobs if self.store.blob_size(hexdigest) is None)
         return CachedModel(name, data, modified, blobs, missing)
 

@@ -7,12 +7,20 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
+# Headers a route may have set for the answer it meant to give; an error body must not carry them.
+_ANSWER_HEADERS = (b"content-range", b"location", b"docker-content-digest", b"etag", b"x-mirror-cache")
+
 
 def json_body(request: IRequest, code: int, document: Any) -> bytes:
-    """Set the status and content type and return *document* as compact JSON."""
+    """Set the status, content type and length and return *document* as compact JSON."""
+    body = json.dumps(document, separators=(",", ":")).encode("utf-8")
     request.setResponseCode(code)
+    if code >= 400:
+        for name in _ANSWER_HEADERS:
+            request.responseHeaders.removeHeader(name)  # type: ignore[attr-defined]
     request.setHeader(b"content-type", b"application/json; charset=utf-8")
-    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+    request.setHeader(b"content-length", str(len(body)).encode())
+    return body
 
 
 def ollama_error(request: IRequest, code: int, message: str) -> bytes:

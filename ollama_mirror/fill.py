@@ -176,11 +176,15 @@ class Fill:
     def ended(self) -> bool:
         return self.complete or self.failure is not None
 
-    def path(self) -> str:
-        """The file to read from: the partial while running, the blob once published."""
-        if self.complete:
-            return self.store.blob_path(self.hexdigest)
-        return self.store.partial_path(self.hexdigest)
+    def open_reader(self) -> int:
+        """A file descriptor of the blob's data for one reader.
+
+        A duplicate of the Fill's own descriptor while it runs: it stays valid when the partial
+        file is renamed into ``blobs/``, so a reader never races the publish.
+        """
+        if self.fd >= 0 and not self._close_wanted:
+            return os.dup(self.fd)
+        return os.open(self.store.blob_path(self.hexdigest), os.O_RDONLY)
 
     def available(self, offset: int) -> int:
         """How many bytes from *offset* on are on disk, contiguous."""
@@ -295,10 +299,14 @@ class Fill:
 
     def _schedule(self) -> None:
         """Start workers up to the allowed number (one until we know the upstream does ranges)."""
-        if self.fd < 0 or self.ended or self._stopping:
-            return
-        allowed = self.connections if self._ranged else 1
-        while self._workers < allowed and self._next_chunk() is not None:
+        # Re-checked each round: a worker can run to its end (even fail the Fill) inside fromCoroutine.
+        while (
+            self.fd >= 0
+            and not self.ended
+            and not self._stopping
+            and self._workers < (self.connections if self._ranged else 1)
+            and self._next_chunk() is not None
+        ):
             self._workers += 1
             Deferred.fromCoroutine(self._worker()).addErrback(self._fail)
 

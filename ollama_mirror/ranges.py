@@ -19,11 +19,14 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """The inclusive ``(first, last)`` byte of a single range, or ``None`` for the whole blob.
 
     ``a-b``, ``a-`` and ``-n`` are understood; a multi-range request is answered in full
-    (RFC 9110 lets a server ignore Range), which no Ollama client sends.
+    (RFC 9110 lets a server ignore Range), which no Ollama client sends.  A unit other than
+    ``bytes`` is ignored too.
     """
     if header is None:
         return None
     text = header.strip()
+    if not text.lower().startswith("bytes="):
+        return None  # RFC 9110 14.2: a range unit we don't know is ignored
     if "," in text:
         parts = text.removeprefix("bytes=").split(",")
         if not text.startswith("bytes=") or not all(re.fullmatch(r"\s*\d*-\d*\s*", p) for p in parts):

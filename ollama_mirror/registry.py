@@ -8,6 +8,7 @@ its parallel ranged GETs, and hangs up on this one at once.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from klein import Klein
@@ -112,6 +113,21 @@ class RegistryApi:
                 raise RegistryError(404, "BLOB_UNKNOWN", f"blob unknown: sha256:{hexdigest}") from None
             raise
 
+    def _open(self, hexdigest: str, fill: Fill | None) -> int:
+        """The descriptor the response reads from, opened before any header is sent."""
+        try:
+            return (
+                fill.open_reader()
+                if fill is not None
+                else os.open(self._store.blob_path(hexdigest), os.O_RDONLY)
+            )
+        except FileNotFoundError:
+            if fill is not None and fill.failure is not None:
+                raise UpstreamError(fill.failure.getErrorMessage(), 502) from None
+            raise RegistryError(
+                503, "UNAVAILABLE", "the blob left the cache while being opened; retry"
+            ) from None
+
     async def _first_bytes(self, fill: Fill, offset: int) -> None:
         """Hold the response until the download has bytes for it (or failed), so that an upstream
         failing at once is a clear 502 instead of a broken stream; never longer than a few seconds,
@@ -145,16 +161,20 @@ class RegistryApi:
         except InvalidRange as e:
             raise RegistryError(400, "RANGE_INVALID", str(e)) from None
         except UnsatisfiableRange:
-            request.setHeader(b"content-range", f"bytes */{size}".encode())
-            return registry_error(
+            body = registry_error(
                 request, 416, "RANGE_INVALID", f"range not satisfiable for a {size}-byte blob"
             )
+            request.setHeader(b"content-range", f"bytes */{size}".encode())
+            return body
         first, last = (0, size - 1) if wanted is None else wanted
         streaming = request.method != b"HEAD" and last >= first
         if streaming and fill is None and self._store.blob_size(hexdigest) is None:
             fill = self._fills.fill(hexdigest, size, name.repository)
-        if streaming and fill is not None:
-            await self._first_bytes(fill, first)  # before any header: a failure here is still a clean 502
+        fd = -1
+        if streaming:
+            if fill is not None:
+                await self._first_bytes(fill, first)  # before any header: a failure is still a clean 502
+            fd = self._open(hexdigest, fill)
         request.setHeader(*API_VERSION)
         request.setHeader(b"docker-content-digest", digest.encode())
         request.setHeader(b"etag", f'"{digest}"'.encode())
@@ -170,8 +190,8 @@ class RegistryApi:
         if not streaming:
             return b""
         request.setHeader(b"x-mirror-cache", b"hit" if fill is None else b"fill")
-        path = fill.path() if fill is not None else self._store.blob_path(hexdigest)
-        return StreamingResource(BlobProducer(request, path, first, last, fill))
+        hold_last = wanted is None and fill is not None  # a whole body only ends once verified
+        return StreamingResource(BlobProducer(request, fd, first, last, fill, hold_last))
 
     # --- errors --------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from .names import ModelName
+from .names import ModelName, is_digest
 
 _HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -170,10 +170,20 @@ def _unlink(path: str) -> None:
 
 
 def manifest_blobs(data: bytes) -> list[tuple[str, int]]:
-    """The ``(digest, size)`` of the config and every layer of a manifest; ``[]`` if it is not one."""
+    """The ``(digest, size)`` of the config and every layer of a manifest.
+
+    ``[]`` if it is not a manifest we can use: any digest that is not ``sha256:<64 hex>`` or any
+    size that is not a whole number makes the whole manifest unusable (a digest becomes a path).
+    """
     try:
         document: Any = json.loads(data)
         entries = [document["config"], *document["layers"]]
-        return [(str(e["digest"]), int(e["size"])) for e in entries]
+        blobs = [(e["digest"], e["size"]) for e in entries]
     except (ValueError, KeyError, TypeError):
         return []
+    for digest, size in blobs:
+        if not isinstance(digest, str) or not is_digest(digest):
+            return []
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            return []
+    return blobs

@@ -13,15 +13,21 @@ fixtures skip, except under CI (``CI`` set), where they fail.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.integration.helpers import (
+    UPSTREAM_SETTINGS,
+    MirrorStarter,
+)
 from tests.support.daemon import MirrorDaemon, MirrorFactory
+from tests.support.faultproxy import FaultProxy
 from tests.support.models import (
     SMALL_MODEL_SIZE,
+    MiB,
     ModelFactory,
     PushedModel,
     build_model,
@@ -132,3 +138,40 @@ def mirror_factory(registry: RegistryProcess, tmp_path: Path) -> Iterator[Mirror
 def mirror(mirror_factory: MirrorFactory) -> MirrorDaemon:
     """The daemon with default settings, pulling from ``registry``, with an empty cache."""
     return mirror_factory()
+
+
+# --- shared by the registry pull-through tests ---------------------------------------------------
+
+
+@pytest.fixture
+def proxy(registry: RegistryProcess) -> Iterator[FaultProxy]:
+    """A FaultProxy in front of the session's registry, fresh for each test."""
+    with FaultProxy(registry.url) as fault_proxy:
+        yield fault_proxy
+
+
+@pytest.fixture
+def start_mirror(mirror_factory: MirrorFactory, proxy: FaultProxy) -> MirrorStarter:
+    """Start the daemon against ``proxy`` with small chunks and quick retries (plus any given settings)."""
+
+    def start(
+        upstream: Mapping[str, Any] | None = None, cache: Mapping[str, Any] | None = None
+    ) -> MirrorDaemon:
+        config: dict[str, Any] = {"upstream": {**UPSTREAM_SETTINGS, **(upstream or {})}}
+        if cache:
+            config["cache"] = dict(cache)
+        return mirror_factory(upstream_url=proxy.url, config=config)
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def medium_model(model_factory: ModelFactory) -> PushedModel:
+    """A model whose GGUF layer is ~4 MiB: 16 chunks of 256 KiB."""
+    return model_factory("library/medium", "latest", 4 * MiB, 1)
+
+
+@pytest.fixture(scope="session")
+def big_model(model_factory: ModelFactory) -> PushedModel:
+    """A model whose GGUF layer is ~8 MiB: 32 chunks of 256 KiB."""
+    return model_factory("library/big", "latest", 8 * MiB, 2)

@@ -6,26 +6,46 @@ down). The daemon is the real ``twistd -n ollama-mirror`` with small chunks, so 
 many ranged pieces. Clients: the Go-style test puller (``tests/support/puller.py``), the ``oras`` Python SDK,
 and plain sockets.
 
-The helpers and fixtures at the top are shared with ``test_registry_faults.py``.
+Shared helpers live in ``helpers.py``; the ``proxy``, ``start_mirror``, ``medium_model`` and ``big_model``
+fixtures in ``conftest.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import json
+import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from urllib.parse import urlsplit
 
-import pytest
-
-from tests.support.daemon import MirrorDaemon, MirrorFactory
+from tests.integration.helpers import (
+    CHUNK,
+    UPSTREAM_HOST,
+    UPSTREAM_SETTINGS,
+    Fetched,
+    MirrorStarter,
+    RawClient,
+    assert_blob_served,
+    blob_records_bytes,
+    blob_url,
+    cached_blob,
+    fetch_blob,
+    get_manifest,
+    go_pull,
+    manifest_url,
+    partial_files,
+    pull_into_cache,
+    registry_error_code,
+    sha256_file,
+    sha256_hex,
+    wait_cached,
+    wait_until,
+)
+from tests.support.daemon import MirrorFactory
 from tests.support.faultproxy import FaultProxy
 from tests.support.models import (
     MANIFEST_V2,
@@ -36,248 +56,10 @@ from tests.support.models import (
     PushedModel,
     Response,
     http_request,
+    push_blob,
+    write_blob,
 )
-from tests.support.puller import PullResult, pull
 from tests.support.registry import RegistryProcess
-
-# --- shared helpers ------------------------------------------------------------------------------
-
-CHUNK = 256 * KiB  # the mirror's upstream chunk size in these tests
-CONNECTIONS = 4  # upstream.connections_per_blob (the default)
-UPSTREAM_HOST = "registry.ollama.ai"  # upstream.host default: the cache's manifests/<host>/ directory
-CLIENT_TIMEOUT = 30.0
-UPSTREAM_SETTINGS: dict[str, Any] = {
-    "chunk_size": "256KiB",
-    "connections_per_blob": CONNECTIONS,
-    "retry_attempts": 3,
-    "retry_delay": 0.1,
-    "idle_timeout": 5,
-    "timeout": 5,
-}
-
-
-class MirrorStarter(Protocol):
-    """The ``start_mirror`` fixture: a daemon whose upstream is the test's FaultProxy."""
-
-    def __call__(
-        self, upstream: Mapping[str, Any] | None = None, cache: Mapping[str, Any] | None = None
-    ) -> MirrorDaemon: ...
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    with path.open("rb") as fh:
-        while piece := fh.read(MiB):
-            sha.update(piece)
-    return sha.hexdigest()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
-def blob_url(mirror: MirrorDaemon, model: PushedModel, blob: Blob) -> str:
-    return f"{mirror.url}/v2/{model.repo}/blobs/{blob.digest}"
-
-
-def manifest_url(mirror: MirrorDaemon, model: PushedModel, reference: str | None = None) -> str:
-    return f"{mirror.url}/v2/{model.repo}/manifests/{reference or model.tag}"
-
-
-def cached_blob(mirror: MirrorDaemon, blob: Blob) -> Path:
-    return mirror.cache_dir / "blobs" / blob.cache_name
-
-
-def partial_files(mirror: MirrorDaemon, blob: Blob) -> tuple[Path, Path]:
-    """The partial download and its state record (finished chunk indices)."""
-    partial = mirror.cache_dir / ".mirror" / "partial"
-    return partial / f"{blob.cache_name}.part", partial / f"{blob.cache_name}.json"
-
-
-def wait_cached(mirror: MirrorDaemon, blob: Blob, timeout: float = 15.0) -> Path:
-    """Wait until the blob is published in ``blobs/``, then check its size and sha256."""
-    path = cached_blob(mirror, blob)
-    wait_until(path.exists, timeout, f"{blob.digest} in blobs/")
-    assert path.stat().st_size == blob.size
-    assert sha256_file(path) == blob.hex
-    return path
-
-
-def get_manifest(mirror: MirrorDaemon, model: PushedModel, method: str = "GET") -> Response:
-    return http_request(method, manifest_url(mirror, model), headers={"Accept": MANIFEST_V2})
-
-
-def registry_error_code(response: Response) -> str:
-    """The first ``errors[].code`` of a registry JSON error body (fails the test if it is not one)."""
-    assert response.header("content-type").startswith("application/json"), response.headers
-    document = json.loads(response.body)
-    assert isinstance(document.get("errors"), list) and document["errors"], document
-    code = document["errors"][0]["code"]
-    assert isinstance(code, str) and document["errors"][0].get("message")
-    return code
-
-
-@dataclass
-class Fetched:
-    """A response read as far as it went: ``error`` says why it stopped early, if it did."""
-
-    status: int | None
-    headers: dict[str, str]
-    body: bytes
-    error: str | None = None
-    elapsed: float = 0.0
-
-    def header(self, name: str, default: str = "") -> str:
-        return self.headers.get(name.lower(), default)
-
-    @property
-    def clean(self) -> bool:
-        """The whole body arrived as framed (Content-Length bytes) with no error."""
-        return self.error is None and self.status is not None
-
-
-def fetch(url: str, headers: Mapping[str, str] | None = None, timeout: float = CLIENT_TIMEOUT) -> Fetched:
-    """GET that never raises on a broken response: an aborted or short body is reported in ``error``."""
-    parsed = http.client.urlsplit(url)
-    assert parsed.hostname is not None
-    started = time.monotonic()
-    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
-    status: int | None = None
-    response_headers: dict[str, str] = {}
-    pieces: list[bytes] = []
-    error: str | None = None
-    try:
-        conn.request("GET", parsed.path, headers=dict(headers or {}))
-        response = conn.getresponse()
-        status = response.status
-        response_headers = {k.lower(): v for k, v in response.getheaders()}
-        while piece := response.read(MiB):
-            pieces.append(piece)
-    except http.client.IncompleteRead as exc:
-        pieces.append(exc.partial)
-        error = f"IncompleteRead: {exc!r}"
-    except (OSError, http.client.HTTPException) as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    finally:
-        conn.close()
-    return Fetched(status, response_headers, b"".join(pieces), error, time.monotonic() - started)
-
-
-def fetch_blob(mirror: MirrorDaemon, model: PushedModel, blob: Blob, rng: str | None = None) -> Fetched:
-    return fetch(blob_url(mirror, model, blob), {"Range": rng} if rng else None)
-
-
-def assert_blob_served(got: Fetched, blob: Blob) -> None:
-    assert got.clean, got.error
-    assert got.status == 200
-    assert got.header("content-length") == str(blob.size)
-    assert len(got.body) == blob.size
-    assert sha256_hex(got.body) == blob.hex
-
-
-def pull_into_cache(mirror: MirrorDaemon, model: PushedModel) -> None:
-    """Fetch a model's manifest and every blob through the mirror and wait until all are cached."""
-    assert get_manifest(mirror, model).status == 200
-    for blob in model.blobs:
-        assert_blob_served(fetch_blob(mirror, model, blob), blob)
-    for blob in model.blobs:
-        wait_cached(mirror, blob)
-
-
-def go_pull(mirror: MirrorDaemon, model: PushedModel, dest: Path) -> PullResult:
-    """The Go server's pull, with parts small enough that a few-MiB blob is split into 16 of them."""
-    return pull(
-        mirror.url,
-        model.repo,
-        model.tag,
-        dest,
-        part_size_min=16 * KiB,
-        part_size_max=MiB,
-        stall_timeout=10.0,
-        request_timeout=CLIENT_TIMEOUT,
-        timeout=60.0,
-    )
-
-
-def blob_records_bytes(proxy: FaultProxy, blob: Blob) -> int:
-    """Body bytes the upstream (through the proxy) sent for one blob, redirected fetches included."""
-    return proxy.bytes_for(blob.hex)
-
-
-class RawClient:
-    """A plain socket GET, for clients that read slowly or hang up mid-body."""
-
-    def __init__(self, mirror: MirrorDaemon, path: str, rcvbuf: int | None = None) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(CLIENT_TIMEOUT)
-        self.sock.connect(("127.0.0.1", mirror.port))
-        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {mirror.host}\r\n\r\n".encode())
-        self.received = bytearray()
-
-    def recv(self, n: int) -> int:
-        data = self.sock.recv(n)
-        self.received += data
-        return len(data)
-
-    def body_bytes(self) -> int:
-        end = self.received.find(b"\r\n\r\n")
-        return 0 if end < 0 else len(self.received) - end - 4
-
-    def status_line(self) -> str:
-        return bytes(self.received.split(b"\r\n", 1)[0]).decode("latin-1")
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-
-# --- fixtures ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def proxy(registry: RegistryProcess) -> Iterator[FaultProxy]:
-    """A FaultProxy in front of the session's registry, fresh for each test."""
-    with FaultProxy(registry.url) as fault_proxy:
-        yield fault_proxy
-
-
-@pytest.fixture
-def start_mirror(mirror_factory: MirrorFactory, proxy: FaultProxy) -> MirrorStarter:
-    """Start the daemon against ``proxy`` with small chunks and quick retries (plus any given settings)."""
-
-    def start(
-        upstream: Mapping[str, Any] | None = None, cache: Mapping[str, Any] | None = None
-    ) -> MirrorDaemon:
-        config: dict[str, Any] = {"upstream": {**UPSTREAM_SETTINGS, **(upstream or {})}}
-        if cache:
-            config["cache"] = dict(cache)
-        return mirror_factory(upstream_url=proxy.url, config=config)
-
-    return start
-
-
-@pytest.fixture(scope="session")
-def medium_model(model_factory: ModelFactory) -> PushedModel:
-    """A model whose GGUF layer is ~4 MiB: 16 chunks of 256 KiB."""
-    return model_factory("library/medium", "latest", 4 * MiB, 1)
-
-
-@pytest.fixture(scope="session")
-def big_model(model_factory: ModelFactory) -> PushedModel:
-    """A model whose GGUF layer is ~8 MiB: 32 chunks of 256 KiB."""
-    return model_factory("library/big", "latest", 8 * MiB, 2)
-
 
 # --- 1. the Go server's pull, cold then warm -----------------------------------------------------
 
@@ -418,7 +200,7 @@ def test_ranges_cold_and_warm(start_mirror: MirrorStarter, model_factory: ModelF
     assert past_end.header("content-range") == f"bytes */{blob.size}"
     assert registry_error_code(Response(416, past_end.headers, past_end.body)) == "RANGE_INVALID"
 
-    for malformed in ("bytes=abc", "bytes=-", "bytes=10-5", "lines=0-10", "bytes=1-2-3"):
+    for malformed in ("bytes=abc", "bytes=-", "bytes=10-5", "bytes=1-2-3", "bytes=x-5"):
         got = fetch_blob(mirror, model, blob, malformed)
         assert got.status == 400, malformed
         assert registry_error_code(Response(400, got.headers, got.body)) == "RANGE_INVALID"
@@ -430,7 +212,7 @@ def test_ranges_cold_and_warm(start_mirror: MirrorStarter, model_factory: ModelF
 def test_oras_pulls_through_the_mirror(
     start_mirror: MirrorStarter, medium_model: PushedModel, tmp_path: Path
 ) -> None:
-    import oras.client
+    import oras.client  # type: ignore[import-untyped]
 
     mirror = start_mirror()
     client = oras.client.OrasClient(hostname=mirror.host, insecure=True)
@@ -479,6 +261,70 @@ def test_concurrent_cold_clients_share_one_fill(
     assert fills >= 2, "the clients did not overlap with the download"
     wait_cached(mirror, blob)
     assert blob_records_bytes(proxy, blob) <= 1.05 * blob.size
+
+
+def test_blob_vanishing_under_requests_never_breaks_a_response(
+    start_mirror: MirrorStarter, registry: RegistryProcess, tmp_path: Path
+) -> None:
+    """Clients requesting a small blob over and over while it is downloaded, published, evicted (by hand
+    here, as eviction or ``ollama rm`` on the shared models directory would) and downloaded again get either
+    the right bytes or a clean registry error: never wrong bytes, never a response that does not match its
+    framing (a client waiting for bytes that never come).
+
+    Evicting right after each publish widens a window that exists without eviction too: a request that
+    found the running Fill opens its partial file after the publish thread renamed it. The Go puller hits
+    that under load (its part requests follow the discovery GET at once) and fails the pull on the error
+    body it writes into the blob.
+    """
+    data = random.Random(7).randbytes(3000)
+    blob = write_blob(tmp_path / "race", "application/octet-stream", data)
+    push_blob(registry.url, "library/race", blob, registry.auth_headers())
+    mirror = start_mirror()
+    path = f"/v2/library/race/blobs/{blob.digest}"
+    cached = cached_blob(mirror, blob)
+    stop = threading.Event()
+    broken: list[str] = []
+    answers: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", mirror.port, timeout=2)
+        try:
+            while not stop.is_set():
+                conn.request("GET", path, headers={"Range": f"bytes=0-{blob.size - 1}"})
+                response = conn.getresponse()
+                body = response.read()
+                with lock:
+                    answers[response.status] = answers.get(response.status, 0) + 1
+                if response.status == 206 and body == data:
+                    continue
+                if response.status >= 400:
+                    registry_error_code(Response(response.status, dict(response.getheaders()), body))
+                    continue
+                broken.append(f"{response.status} {body[:80]!r}")
+                return
+        except (OSError, http.client.HTTPException, AssertionError, ValueError) as exc:
+            broken.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            conn.close()
+            stop.set()
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    fills = 0
+    deadline = time.monotonic() + 5.0
+    while fills < 40 and time.monotonic() < deadline and not stop.is_set():
+        if cached.exists():
+            cached.unlink()  # evicted: the next request downloads it again
+            fills += 1
+        time.sleep(0.002)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert not broken, f"after {fills} downloads, answers {answers}: {broken}"
+    assert fills >= 10, f"only {fills} downloads: the test proves nothing"
+    assert answers.get(206, 0) > fills
 
 
 # --- 6. a slow client does not slow a fast one ----------------------------------------------------
@@ -691,7 +537,7 @@ def test_upstream_blob_redirects_are_followed(
     for digest, _size, path in result.blobs:
         assert "sha256:" + sha256_file(path) == digest
     assert {r.status for r in result.requests} <= {200, 206}
-    assert all(urlsplit_host(r.url) == "127.0.0.1" for r in result.requests)
+    assert all(urlsplit(r.url).hostname == "127.0.0.1" for r in result.requests)
     redirects = [r for r in proxy.records("/blobs/") if r.status == 307]
     signed = [r for r in proxy.records("sig=") if r.status in (200, 206)]
     assert redirects and signed
@@ -708,10 +554,6 @@ def test_upstream_blob_redirects_are_followed(
     assert expired, "no signed URL expired during the download: the test proves nothing"
     served = sum(r.bytes_sent for r in proxy.records(blob.hex) if r.status in (200, 206))
     assert served <= 1.05 * blob.size
-
-
-def urlsplit_host(url: str) -> str | None:
-    return http.client.urlsplit(url).hostname
 
 
 # --- 11. an upstream that ignores Range ------------------------------------------------------------

@@ -45,15 +45,26 @@ class FakeRegistry(Resource):
     def __post_init__(self) -> None:
         Resource.__init__(self)
 
-    def add_model(self, repository: str, tag: str, layers: list[bytes]) -> bytes:
-        config = json.dumps({"model_format": "gguf", "model_family": "llama"}).encode()
+    def add_model(
+        self, repository: str, tag: str, layers: list[bytes], media_types: list[str] | None = None
+    ) -> bytes:
+        """Add a model; every layer is a ``model`` layer unless *media_types* says otherwise."""
+        config = json.dumps(
+            {
+                "model_format": "gguf",
+                "model_family": "llama",
+                "model_families": ["llama"],
+                "model_type": "1B",
+                "file_type": "Q4_0",
+            }
+        ).encode()
+        types = ["application/vnd.docker.container.image.v1+json"]
+        types += media_types or ["application/vnd.ollama.image.model"] * len(layers)
         entries = []
-        for data in [config, *layers]:
+        for data, media_type in zip([config, *layers], types, strict=True):
             digest = "sha256:" + hashlib.sha256(data).hexdigest()
             self.blobs[digest] = data
-            entries.append(
-                {"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": len(data)}
-            )
+            entries.append({"mediaType": media_type, "digest": digest, "size": len(data)})
         manifest = json.dumps(
             {"schemaVersion": 2, "mediaType": MANIFEST_V2, "config": entries[0], "layers": entries[1:]}
         ).encode()

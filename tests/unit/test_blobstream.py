@@ -60,6 +60,7 @@ class GrowingFill:
         self.ready = 0
         self.complete = False
         self.waiters: list[Deferred[None]] = []
+        self.finished: list[Deferred[None]] = []
 
     def path(self) -> str:
         return str(self._path)
@@ -72,10 +73,21 @@ class GrowingFill:
         self.waiters.append(d)
         return d
 
+    def when_done(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred(lambda d: self.finished.remove(d))
+        self.finished.append(d)
+        return d
+
     def grow(self, ready: int) -> None:
         self.ready = ready
         waiters, self.waiters = self.waiters, []
         for d in waiters:
+            d.callback(None)
+
+    def verified(self) -> None:
+        self.complete = True
+        finished, self.finished = self.finished, []
+        for d in finished:
             d.callback(None)
 
 
@@ -94,7 +106,7 @@ def test_a_range_of_a_complete_blob_is_written_and_finished(tmp_path: Path) -> N
     path, data = blob_file(tmp_path, 3 * READ_SIZE + 17)
     request = FakeRequest()
     before = open_fds()
-    BlobProducer(request, str(path), 5, len(data) - 3, None).start()  # type: ignore[arg-type]
+    BlobProducer(request, os.open(path, os.O_RDONLY), 5, len(data) - 3, None).start()  # type: ignore[arg-type]
     assert request.body == data[5 : len(data) - 2]
     assert request.finished and request.producer is None
     assert open_fds() == before
@@ -103,7 +115,7 @@ def test_a_range_of_a_complete_blob_is_written_and_finished(tmp_path: Path) -> N
 def test_nothing_more_is_read_while_the_client_is_paused(tmp_path: Path) -> None:
     path, data = blob_file(tmp_path, 4 * READ_SIZE)
     request = FakeRequest(pause_after=1)
-    producer = BlobProducer(request, str(path), 0, len(data) - 1, None)  # type: ignore[arg-type]
+    producer = BlobProducer(request, os.open(path, os.O_RDONLY), 0, len(data) - 1, None)  # type: ignore[arg-type]
     producer.start()
     assert len(request.written) == 1 and not request.finished
     producer.resumeProducing()
@@ -117,7 +129,7 @@ def test_bytes_of_a_download_are_sent_as_they_arrive(tmp_path: Path) -> None:
     path, data = blob_file(tmp_path, 1000)
     fill = GrowingFill(path)
     request = FakeRequest()
-    BlobProducer(request, str(path), 0, 999, fill).start()  # type: ignore[arg-type]
+    BlobProducer(request, os.open(path, os.O_RDONLY), 0, 999, fill).start()  # type: ignore[arg-type]
     assert request.body == b"" and len(fill.waiters) == 1
     fill.grow(300)
     assert request.body == data[:300]
@@ -129,7 +141,7 @@ def test_a_failed_download_aborts_the_connection_instead_of_ending_cleanly(tmp_p
     path, data = blob_file(tmp_path, 1000)
     fill = GrowingFill(path)
     request = FakeRequest()
-    BlobProducer(request, str(path), 0, 999, fill).start()  # type: ignore[arg-type]
+    BlobProducer(request, os.open(path, os.O_RDONLY), 0, 999, fill).start()  # type: ignore[arg-type]
     fill.grow(400)
     fill.waiters.pop().errback(FillFailed("digest mismatch"))
     assert request.aborted and not request.finished
@@ -141,7 +153,7 @@ def test_a_client_hanging_up_stops_reading_and_drops_its_wait(tmp_path: Path) ->
     fill = GrowingFill(path)
     request = FakeRequest()
     before = open_fds()
-    producer = BlobProducer(request, str(path), 0, 999, fill)  # type: ignore[arg-type]
+    producer = BlobProducer(request, os.open(path, os.O_RDONLY), 0, 999, fill)  # type: ignore[arg-type]
     producer.start()
     assert len(fill.waiters) == 1
     request.gone.errback(Failure(CancelledError()))
@@ -149,3 +161,25 @@ def test_a_client_hanging_up_stops_reading_and_drops_its_wait(tmp_path: Path) ->
     assert open_fds() == before
     fill.grow(1000)
     assert request.body == b"" and not request.finished
+
+
+def test_a_whole_body_from_a_download_ends_only_once_the_digest_is_verified(tmp_path: Path) -> None:
+    path, data = blob_file(tmp_path, 1000)
+    fill = GrowingFill(path)
+    request = FakeRequest()
+    BlobProducer(request, os.open(path, os.O_RDONLY), 0, 999, fill, hold_last=True).start()  # type: ignore[arg-type]
+    fill.grow(1000)
+    assert request.body == data[:999] and not request.finished  # everything but the last byte
+    fill.verified()
+    assert request.body == data and request.finished
+
+
+def test_a_whole_body_of_a_corrupt_download_never_ends_cleanly(tmp_path: Path) -> None:
+    path, _ = blob_file(tmp_path, 1000)
+    fill = GrowingFill(path)
+    request = FakeRequest()
+    BlobProducer(request, os.open(path, os.O_RDONLY), 0, 999, fill, hold_last=True).start()  # type: ignore[arg-type]
+    fill.grow(1000)
+    fill.finished.pop().errback(FillFailed("digest mismatch"))
+    assert request.aborted and not request.finished
+    assert len(request.body) == 999

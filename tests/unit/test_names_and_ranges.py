@@ -86,7 +86,30 @@ def test_unsatisfiable_ranges(header: str) -> None:
         parse_range(header, 100)
 
 
-@pytest.mark.parametrize("header", ["bytes=5-1", "bytes=-", "bytes=a-b", "items=0-1", "bytes=1-2,x"])
+@pytest.mark.parametrize("header", ["bytes=5-1", "bytes=-", "bytes=a-b", "bytes=1-2,x", "bytes=1--2"])
 def test_malformed_ranges(header: str) -> None:
     with pytest.raises(InvalidRange):
         parse_range(header, 100)
+
+
+def test_manifest_blobs_refuses_manifests_with_unsafe_digests_or_sizes() -> None:
+    import json
+
+    from ollama_mirror.store import manifest_blobs
+
+    good = {"digest": "sha256:" + "a" * 64, "size": 3}
+
+    def manifest(*layers: object) -> bytes:
+        return json.dumps({"config": good, "layers": list(layers)}).encode()
+
+    assert manifest_blobs(manifest(good)) == [("sha256:" + "a" * 64, 3)] * 2
+    for bad in (
+        {"digest": "sha256:../../etc/passwd", "size": 1},
+        {"digest": "sha256:" + "a" * 65, "size": 1},
+        {"digest": 5, "size": 1},
+        {"digest": "sha256:" + "b" * 64, "size": -1},
+        {"digest": "sha256:" + "b" * 64, "size": "12"},
+        {"digest": "sha256:" + "b" * 64},
+    ):
+        assert manifest_blobs(manifest(good, bad)) == []
+    assert manifest_blobs(b"not json") == [] and manifest_blobs(b"[]") == []
