@@ -20,6 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from .events import Events
 from .fill import Fill
 
 log = Logger()
@@ -46,6 +47,7 @@ class BlobProducer:
         last: int,
         fill: Fill | None = None,
         hold_last: bool = False,
+        events: Events | None = None,
     ) -> None:
         self._request = request
         self._fd = fd
@@ -56,6 +58,8 @@ class BlobProducer:
         self._paused = False
         self._stopped = False
         self._waiting: Deferred[None] | None = None
+        self._events = events or Events()
+        self._source = "cache" if fill is None else "fill"
         self.sent = 0
 
     def start(self) -> None:
@@ -105,6 +109,7 @@ class BlobProducer:
     def _finish(self) -> None:
         self._stopped = True
         self._close()
+        self._events.blob_served(self._source, self.sent, True)
         self._request.unregisterProducer()
         self._request.finish()
 
@@ -113,6 +118,7 @@ class BlobProducer:
         log.warn("aborting blob response at byte {position}: {why}", position=self._position, why=why)
         self._stopped = True
         self._close()
+        self._events.blob_served(self._source, self.sent, False)
         self._request.unregisterProducer()
         transport: Any = self._request.channel.transport if self._request.channel else None
         if transport is not None:
@@ -144,6 +150,7 @@ class BlobProducer:
         if not self._stopped:
             self._stopped = True
             self._close()
+            self._events.blob_served(self._source, self.sent, False)
 
 
 class StreamingResource(Resource):

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import IResponse
 
+from .events import Events
 from .runner import Runner
 from .store import PartialState, Store
 from .upstream import UpstreamError, content_range_start, discard
@@ -72,7 +73,7 @@ class _ChunkWriter(TxProtocol):
 
     def _idle(self) -> None:
         self.timer = None
-        self._abort(UpstreamError(f"upstream sent nothing for {self.fill.idle_timeout:g} s"))
+        self._abort(UpstreamError(f"upstream sent nothing for {self.fill.idle_timeout:g} s", kind="idle"))
 
     def _abort(self, error: Exception) -> None:
         if self.failure is None:
@@ -105,7 +106,7 @@ class _ChunkWriter(TxProtocol):
         elif self.failure is not None:
             self.done.errback(self.failure)
         elif reason.check(ResponseDone):
-            self.done.errback(UpstreamError("upstream body ended early"))
+            self.done.errback(UpstreamError("upstream body ended early", kind="protocol"))
         else:
             self.done.errback(UpstreamError(f"upstream connection lost: {reason.getErrorMessage()}"))
 
@@ -132,6 +133,7 @@ class Fill:
         retry_delay: float,
         idle_timeout: float,
         gate: DeferredSemaphore | None = None,
+        events: Events | None = None,
     ) -> None:
         self.hexdigest = hexdigest
         self.digest = "sha256:" + hexdigest
@@ -147,6 +149,7 @@ class Fill:
         self.retry_delay = retry_delay
         self.idle_timeout = idle_timeout
         self.gate = gate
+        self.events = events or Events()
         self.nchunks = max(1, -(-size // chunk_size))
         self.done = [False] * self.nchunks
         self.filled = [0] * self.nchunks  # bytes on disk from each chunk's start
@@ -258,6 +261,7 @@ class Fill:
             if not self._stopping:
                 self.started_at = self.clock.seconds()
                 await self._open()
+                self.events.fill_started(self)
                 log.info(
                     "fill {digest}: {size} bytes, {resumed} already on disk",
                     digest=self.digest,
@@ -333,6 +337,7 @@ class Fill:
             except UpstreamError as e:
                 if self._stopping or self.ended:
                     return
+                self.events.upstream_error(e.kind)
                 failures += 1
                 if failures > self.retry_attempts or not e.transient:
                     raise FillFailed(f"download of {self.digest} failed: {e.message}") from None
@@ -361,11 +366,11 @@ class Fill:
                 start, chunk_end = 0, self.size
             else:
                 await discard(response)
-                raise UpstreamError("upstream stopped honouring Range", 502)
+                raise UpstreamError("upstream stopped honouring Range", 502, kind="protocol")
         else:
             if content_range_start(response) != start:
                 await discard(response)
-                raise UpstreamError("upstream sent the wrong range", 502)
+                raise UpstreamError("upstream sent the wrong range", 502, kind="protocol")
             if self._ranged is None:
                 self._ranged = True
                 self._schedule()
@@ -380,6 +385,7 @@ class Fill:
     def wrote(self, start: int, end: int) -> None:
         """Bytes [start, end) are on disk: advance chunk marks, wake readers, finish chunks."""
         self.received_bytes += end - start
+        self.events.upstream_bytes(end - start)
         index = start // self.chunk_size
         while index < self.nchunks and index * self.chunk_size < end:
             chunk_start = index * self.chunk_size
@@ -448,6 +454,7 @@ class Fill:
         await self._state_lock.acquire()  # no state record may be written after this
         try:
             if actual != self.hexdigest:
+                self.events.digest_mismatch(self)
                 await self.runner.run(self.store.discard_partial, self.hexdigest)
                 self._fail(
                     Failure(
@@ -467,6 +474,7 @@ class Fill:
             elapsed=elapsed,
         )
         self._close_fd()
+        self.events.fill_ended(self, None)
         self._wake()
         finished, self._finished = self._finished, []
         for d in finished:
@@ -481,6 +489,7 @@ class Fill:
             failure = Failure(FillFailed(f"download of {self.digest} failed: {failure.getErrorMessage()}"))
         self.failure = failure
         log.error("fill {digest}: {error}", digest=self.digest, error=failure.getErrorMessage())
+        self.events.fill_ended(self, failure.getErrorMessage())
         for writer in list(self.writers):
             writer.stop()
         self._close_fd()

@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.logger import Logger
 
 from .config import UpstreamConfig
+from .events import Events
 from .fill import BlobSource, Fill
 from .runner import Runner
 from .store import Store
@@ -18,13 +19,20 @@ log = Logger()
 
 class FillManager(Service):
     def __init__(
-        self, store: Store, source: BlobSource, clock: Any, runner: Runner, config: UpstreamConfig
+        self,
+        store: Store,
+        source: BlobSource,
+        clock: Any,
+        runner: Runner,
+        config: UpstreamConfig,
+        events: Events | None = None,
     ) -> None:
         self.store = store
         self.source = source
         self.clock = clock
         self.runner = runner
         self.config = config
+        self.events = events or Events()
         self.gate = DeferredSemaphore(config.max_concurrent_downloads)
         self.fills: dict[str, Fill] = {}
 
@@ -52,6 +60,7 @@ class FillManager(Service):
             retry_delay=self.config.retry_delay,
             idle_timeout=self.config.idle_timeout,
             gate=self.gate,
+            events=self.events,
         )
         self.fills[hexdigest] = fill
         fill.start().addBoth(self._ended, fill)

@@ -18,6 +18,7 @@ from twisted.web.resource import IResource
 from . import __version__
 from .catalog import Catalog
 from .config import Config
+from .events import EventHub
 from .fills import FillManager
 from .manifests import ManifestCache
 from .ollama_api import OllamaApi
@@ -74,9 +75,12 @@ class Mirror:
             username=config.upstream.username,
             password=config.upstream.password,
         )
+        self.events = EventHub()
         self.manifests = ManifestCache(self.store, self.upstream, runner, reactor, config.cache.manifest_ttl)
-        self.fills = FillManager(self.store, self.upstream, reactor, runner, config.upstream)
-        self.registry = RegistryApi(self.store, self.manifests, self.fills, self.upstream, reactor)
+        self.fills = FillManager(self.store, self.upstream, reactor, runner, config.upstream, self.events)
+        self.registry = RegistryApi(
+            self.store, self.manifests, self.fills, self.upstream, reactor, self.events
+        )
         self.catalog = Catalog(self.store)
         if backend_agent is None and config.features.enable_api_proxy:
             self._backend_pool = HTTPConnectionPool(reactor, persistent=True)

@@ -22,6 +22,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from .blobstream import BlobProducer, StreamingResource
 from .errors import RegistryError, json_body, registry_error
+from .events import Events
 from .fill import Fill, FillFailed
 from .fills import FillManager
 from .manifests import Manifest, ManifestCache, ManifestUnknown
@@ -47,9 +48,16 @@ class RegistryApi:
     app = Klein()
 
     def __init__(
-        self, store: Store, manifests: ManifestCache, fills: FillManager, upstream: Upstream, clock: Any
+        self,
+        store: Store,
+        manifests: ManifestCache,
+        fills: FillManager,
+        upstream: Upstream,
+        clock: Any,
+        events: Events | None = None,
     ) -> None:
         self._clock = clock
+        self._events = events or Events()
         self._store = store
         self._manifests = manifests
         self._fills = fills
@@ -91,6 +99,7 @@ class RegistryApi:
         request.setHeader(b"etag", f'"{found.digest}"'.encode())
         request.setHeader(b"content-length", str(len(found.data)).encode())
         request.setHeader(b"x-mirror-cache", found.source.encode())
+        self._events.manifest_served(found.source)
         return found.data
 
     # --- blobs ---------------------------------------------------------------------------------
@@ -191,7 +200,7 @@ class RegistryApi:
             return b""
         request.setHeader(b"x-mirror-cache", b"hit" if fill is None else b"fill")
         hold_last = wanted is None and fill is not None  # a whole body only ends once verified
-        return StreamingResource(BlobProducer(request, fd, first, last, fill, hold_last))
+        return StreamingResource(BlobProducer(request, fd, first, last, fill, hold_last, self._events))
 
     # --- errors --------------------------------------------------------------------------------
 

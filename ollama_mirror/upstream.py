@@ -248,13 +248,15 @@ class Upstream:
 class UpstreamError(Exception):
     """The upstream could not give us what we asked: unreachable, timed out, or said no.
 
-    ``status`` is the upstream's HTTP status when it answered, ``None`` when it did not.
+    ``status`` is the upstream's HTTP status when it answered, ``None`` when it did not; ``kind``
+    sorts failures for metrics: ``timeout``, ``connection``, ``status``, ``idle`` or ``protocol``.
     """
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, kind: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+        self.kind = kind or ("status" if status is not None else "connection")
 
     @property
     def transient(self) -> bool:
@@ -264,7 +266,7 @@ class UpstreamError(Exception):
 
 def _network_error(url: str, error: Exception) -> UpstreamError:
     if isinstance(error, CancelledError | TimeoutError):
-        return UpstreamError(f"upstream {_origin(url)} did not answer in time")
+        return UpstreamError(f"upstream {_origin(url)} did not answer in time", kind="timeout")
     if isinstance(error, ResponseFailed):
         reasons = ", ".join(str(r.value) for r in error.reasons) or "connection lost"
         return UpstreamError(f"upstream {_origin(url)} failed: {reasons}")

@@ -6,8 +6,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from ollama_mirror.events import Events
 
 from .fakeregistry import FakeRegistry
 from .harness import Harness
@@ -238,3 +241,48 @@ def test_a_blob_whose_download_fails_at_once_is_a_502_not_a_broken_stream(
     registry.fail_with = 0  # upstream back: the next request starts a new download
     response, body = h.request("GET", f"/v2/library/tiny/blobs/{digest}")
     assert response.code == 200 and body == registry.blobs[digest]
+
+
+class Recorder(Events):
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, ...]] = []
+
+    def fill_started(self, fill: Any) -> None:
+        self.seen.append(("fill_started", fill.digest))
+
+    def fill_ended(self, fill: Any, error: str | None) -> None:
+        self.seen.append(("fill_ended", fill.digest, error))
+
+    def upstream_bytes(self, count: int) -> None:
+        self.seen.append(("upstream_bytes", count))
+
+    def blob_served(self, source: str, count: int, complete: bool) -> None:
+        self.seen.append(("blob_served", source, count, complete))
+
+    def manifest_served(self, source: str) -> None:
+        self.seen.append(("manifest_served", source))
+
+
+class Broken(Events):
+    def upstream_bytes(self, count: int) -> None:
+        raise RuntimeError("listener bug")
+
+
+def test_listeners_hear_what_happens_and_a_broken_one_changes_nothing(
+    tmp_path: Path, registry: FakeRegistry
+) -> None:
+    h = Harness(tmp_path, registry)
+    recorder = Recorder()
+    h.mirror.events.listen(Broken())
+    h.mirror.events.listen(recorder)
+    h.request("GET", "/v2/library/tiny/manifests/latest")
+    digest = blob_digests(registry)[1]
+    _, body = h.request("GET", f"/v2/library/tiny/blobs/{digest}")
+    assert body == registry.blobs[digest]
+    h.request("GET", f"/v2/library/tiny/blobs/{digest}")
+    names = [event[0] for event in recorder.seen]
+    assert names[0] == "manifest_served" and names[1] == "fill_started"
+    assert sum(e[1] for e in recorder.seen if e[0] == "upstream_bytes") == len(body)
+    assert ("fill_ended", digest, None) in recorder.seen
+    served = [e for e in recorder.seen if e[0] == "blob_served"]
+    assert served == [("blob_served", "fill", len(body), True), ("blob_served", "cache", len(body), True)]

@@ -1,0 +1,87 @@
+"""What happens in the mirror, told to whoever listens (metrics, stats, logs).
+
+Parts that do the work (fills, routes, the sweeper) call an :class:`Events`; listeners subclass it
+and override what they care about.  Listeners are called on the reactor thread and must be quick;
+an exception in one is logged and never reaches the caller.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from .fill import Fill
+
+log = Logger()
+
+
+class Events:
+    """The events, as no-op methods; a listener overrides the ones it wants."""
+
+    def fill_started(self, fill: Fill) -> None:
+        """A download began (or resumed: ``fill.resumed_bytes`` were already on disk)."""
+
+    def fill_ended(self, fill: Fill, error: str | None) -> None:
+        """A download ended: published and verified when *error* is ``None``."""
+
+    def upstream_bytes(self, count: int) -> None:
+        """Body bytes received from an upstream for a blob."""
+
+    def upstream_error(self, kind: str) -> None:
+        """An upstream request failed; *kind* is one of ``timeout``, ``connection``, ``status``,
+        ``idle``, ``protocol``."""
+
+    def digest_mismatch(self, fill: Fill) -> None:
+        """A download's bytes did not hash to its digest (it was discarded)."""
+
+    def blob_served(self, source: str, count: int, complete: bool) -> None:
+        """A blob response ended; *source* is ``cache`` or ``fill``, *count* the body bytes sent."""
+
+    def manifest_served(self, source: str) -> None:
+        """A manifest was answered from ``cache``, ``upstream`` or ``stale`` (cache, upstream failing)."""
+
+    def evicted(self, models: int, blobs: int, size: int, reason: str) -> None:
+        """Cache entries were removed (``retention``, ``size``, ``orphan``, ``admin``)."""
+
+
+class EventHub(Events):
+    """Fans every event out to the registered listeners."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Events] = []
+
+    def listen(self, listener: Events) -> None:
+        self._listeners.append(listener)
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for listener in self._listeners:
+            try:
+                getattr(listener, event)(*args)
+            except Exception:  # a listener's bug must not break a download
+                log.failure("event listener {listener} failed on {event}", listener=listener, event=event)
+
+    def fill_started(self, fill: Fill) -> None:
+        self._emit("fill_started", fill)
+
+    def fill_ended(self, fill: Fill, error: str | None) -> None:
+        self._emit("fill_ended", fill, error)
+
+    def upstream_bytes(self, count: int) -> None:
+        self._emit("upstream_bytes", count)
+
+    def upstream_error(self, kind: str) -> None:
+        self._emit("upstream_error", kind)
+
+    def digest_mismatch(self, fill: Fill) -> None:
+        self._emit("digest_mismatch", fill)
+
+    def blob_served(self, source: str, count: int, complete: bool) -> None:
+        self._emit("blob_served", source, count, complete)
+
+    def manifest_served(self, source: str) -> None:
+        self._emit("manifest_served", source)
+
+    def evicted(self, models: int, blobs: int, size: int, reason: str) -> None:
+        self._emit("evicted", models, blobs, size, reason)
