@@ -9,6 +9,7 @@ itself, and nothing is held in memory beyond one read.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -30,7 +31,9 @@ READ_SIZE = 256 * 1024
 
 @implementer(IPushProducer)
 class BlobProducer:
-    """Writes bytes [first, last] of a blob from the open descriptor *fd* to *request*, then finishes it.
+    """Writes bytes [first, last] of a blob from *fd* to *request*, then finishes it.
+
+    *fd* is an open descriptor, or a function that opens one when the first bytes are ready.
 
     With a *fill*, bytes are sent as the download puts them on disk; if the download fails, the
     connection is aborted so that the client never mistakes a short body for a complete one.  With
@@ -42,15 +45,17 @@ class BlobProducer:
     def __init__(
         self,
         request: Request,
-        fd: int,
+        fd: int | Callable[[], int],
         first: int,
         last: int,
         fill: Fill | None = None,
         hold_last: bool = False,
         events: Events | None = None,
+        on_end: Callable[[], None] | None = None,
     ) -> None:
         self._request = request
-        self._fd = fd
+        self._fd = fd if isinstance(fd, int) else -1
+        self._open_fd = None if isinstance(fd, int) else fd  # opened at the first read instead
         self._position = first
         self._last = last
         self._fill = fill
@@ -60,6 +65,7 @@ class BlobProducer:
         self._waiting: Deferred[None] | None = None
         self._events = events or Events()
         self._source = "cache" if fill is None else "fill"
+        self._on_end = on_end
         self.sent = 0
 
     def start(self) -> None:
@@ -89,6 +95,12 @@ class BlobProducer:
                 self._waiting = self._fill.when_done() if holding else self._fill.wait(self._position)
                 self._waiting.addCallbacks(self._more, self._fill_failed)
                 return
+            if self._fd < 0 and self._open_fd is not None:
+                try:
+                    self._fd = self._open_fd()
+                except OSError as e:
+                    self._abort(f"cannot open the blob: {e.strerror}")
+                    return
             data = os.pread(self._fd, min(READ_SIZE, available), self._position)
             if not data:
                 self._abort(f"blob file ended at {self._position}")
@@ -128,6 +140,9 @@ class BlobProducer:
         self.stopProducing()
 
     def _close(self) -> None:
+        if self._on_end is not None:
+            on_end, self._on_end = self._on_end, None
+            on_end()
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
             waiting.cancel()

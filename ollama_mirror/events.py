@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 if TYPE_CHECKING:
     from .fill import Fill
+    from .names import ModelName
 
 log = Logger()
 
@@ -44,6 +45,15 @@ class Events:
 
     def evicted(self, models: int, blobs: int, size: int, reason: str) -> None:
         """Cache entries were removed (``retention``, ``size``, ``orphan``, ``admin``)."""
+
+    def model_used(self, name: ModelName, pulled: bool) -> None:
+        """A model's manifest was served (*pulled*: by a registry GET or ``/api/pull``)."""
+
+    def blob_used(self, hexdigest: str) -> None:
+        """A blob response started."""
+
+    def manifest_revalidated(self, name: ModelName) -> None:
+        """A cached tag was checked against its upstream."""
 
 
 class EventHub(Events):
@@ -85,3 +95,12 @@ class EventHub(Events):
 
     def evicted(self, models: int, blobs: int, size: int, reason: str) -> None:
         self._emit("evicted", models, blobs, size, reason)
+
+    def model_used(self, name: ModelName, pulled: bool) -> None:
+        self._emit("model_used", name, pulled)
+
+    def blob_used(self, hexdigest: str) -> None:
+        self._emit("blob_used", hexdigest)
+
+    def manifest_revalidated(self, name: ModelName) -> None:
+        self._emit("manifest_revalidated", name)

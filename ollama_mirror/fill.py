@@ -13,9 +13,10 @@ up can never cancel the download.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
@@ -49,6 +50,10 @@ class FillFailed(Exception):
 
 class DigestMismatch(FillFailed):
     """The bytes received do not hash to the digest: they were discarded."""
+
+
+class DiskFull(FillFailed):
+    """The cache's disk ran out of space: the partial file is discarded."""
 
 
 class _ChunkWriter(TxProtocol):
@@ -88,7 +93,16 @@ class _ChunkWriter(TxProtocol):
         if len(data) > room:
             data = data[:room]
         if data:
-            os.pwrite(self.fill.fd, data, self.offset)
+            try:
+                os.pwrite(self.fill.fd, data, self.offset)
+            except OSError as e:
+                full = e.errno == errno.ENOSPC
+                self._abort(
+                    DiskFull(f"no space left on the cache's disk for blob {self.fill.digest}")
+                    if full
+                    else FillFailed(f"cannot write blob {self.fill.digest}: {e.strerror}")
+                )
+                return
             start, self.offset = self.offset, self.offset + len(data)
             self.fill.wrote(start, self.offset)
         if self.offset >= self.end:
@@ -134,6 +148,7 @@ class Fill:
         idle_timeout: float,
         gate: DeferredSemaphore | None = None,
         events: Events | None = None,
+        admit: Callable[[Fill], Awaitable[None]] | None = None,
     ) -> None:
         self.hexdigest = hexdigest
         self.digest = "sha256:" + hexdigest
@@ -150,6 +165,7 @@ class Fill:
         self.idle_timeout = idle_timeout
         self.gate = gate
         self.events = events or Events()
+        self.admit = admit  # may refuse the download (no room) before anything is written
         self.nchunks = max(1, -(-size // chunk_size))
         self.done = [False] * self.nchunks
         self.filled = [0] * self.nchunks  # bytes on disk from each chunk's start
@@ -172,6 +188,7 @@ class Fill:
         self._workers = 0
         self._fd_users = 0  # jobs in threads using self.fd; it is closed only when none is left
         self._close_wanted = False
+        self._discard_after_close = False
 
     # --- what readers use ----------------------------------------------------------------------
 
@@ -278,17 +295,36 @@ class Fill:
             self.gate.release()
 
     async def _open(self) -> None:
+        """Resume the partial file recorded on disk, or create one at full size (in a thread)."""
         state = self.store.read_partial_state(self.hexdigest, self.size, self.chunk_size)
-        path = self.store.partial_path(self.hexdigest)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        if state is None:
-            os.ftruncate(self.fd, 0)
-            os.ftruncate(self.fd, self.size)
-            return
-        for index in state.done:
-            if 0 <= index < self.nchunks:
-                self.done[index] = True
-                self.resumed_bytes += min(self.size, (index + 1) * self.chunk_size) - index * self.chunk_size
+        resumed = sorted(i for i in (state.done if state else ()) if 0 <= i < self.nchunks)
+        self.resumed_bytes = sum(
+            min(self.size, (i + 1) * self.chunk_size) - i * self.chunk_size for i in resumed
+        )
+        if self.admit is not None:
+            await self.admit(self)
+        self.fd = await self.runner.run(self._create_partial, state is None)
+        for index in resumed:  # only now: "available" must always mean "readable through self.fd"
+            self.done[index] = True
+        self._wake()
+
+    def _create_partial(self, fresh: bool) -> int:
+        """Open the partial file; a fresh one gets its whole size reserved, so a full disk shows now."""
+        fd = os.open(self.store.partial_path(self.hexdigest), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if fresh:
+                os.ftruncate(fd, 0)
+                try:
+                    if self.size:
+                        os.posix_fallocate(fd, 0, self.size)
+                except OSError as e:
+                    if e.errno == errno.ENOSPC:
+                        raise DiskFull(f"no space left on the cache's disk for blob {self.digest}") from None
+                    os.ftruncate(fd, self.size)  # a filesystem that cannot reserve space: sparse file
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _next_chunk(self) -> int | None:
         """The chunk a reader waits on first, else the lowest one nobody is fetching."""
@@ -490,6 +526,8 @@ class Fill:
         self.failure = failure
         log.error("fill {digest}: {error}", digest=self.digest, error=failure.getErrorMessage())
         self.events.fill_ended(self, failure.getErrorMessage())
+        if failure.check(DiskFull):  # leave the cache as it was: no half-written partial stays behind
+            self._discard_after_close = True
         for writer in list(self.writers):
             writer.stop()
         self._close_fd()
@@ -508,9 +546,15 @@ class Fill:
     def _close_fd(self) -> None:
         if self._fd_users:
             self._close_wanted = True
-        elif self.fd >= 0:
+            return
+        if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self._discard_after_close:
+            self._discard_after_close = False
+            self.runner.run(self.store.discard_partial, self.hexdigest).addErrback(
+                lambda f: log.failure("cannot remove the partial file of {digest}", f, digest=self.digest)
+            )
 
 
 def _hash_range(hasher: Any, fd: int, start: int, end: int) -> None:

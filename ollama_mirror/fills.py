@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -35,6 +36,7 @@ class FillManager(Service):
         self.events = events or Events()
         self.gate = DeferredSemaphore(config.max_concurrent_downloads)
         self.fills: dict[str, Fill] = {}
+        self.admit: Callable[[Fill], Awaitable[None]] | None = None  # room-making, set by the mirror
 
     def active(self, hexdigest: str) -> Fill | None:
         """The running Fill of a blob, if any."""
@@ -61,6 +63,7 @@ class FillManager(Service):
             idle_timeout=self.config.idle_timeout,
             gate=self.gate,
             events=self.events,
+            admit=self.admit,
         )
         self.fills[hexdigest] = fill
         fill.start().addBoth(self._ended, fill)

@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from .events import Events
 from .names import ModelName
 from .runner import Runner
 from .store import Store, manifest_blobs
@@ -41,7 +42,16 @@ class Manifest:
 
 
 class ManifestCache:
-    def __init__(self, store: Store, upstream: Upstream, runner: Runner, clock: Any, ttl: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        upstream: Upstream,
+        runner: Runner,
+        clock: Any,
+        ttl: float,
+        events: Events | None = None,
+    ) -> None:
+        self._events = events or Events()
         self._store = store
         self._upstream = upstream
         self._runner = runner
@@ -82,6 +92,7 @@ class ManifestCache:
             if cached is not None:
                 log.info("tag {name} changed upstream; cached the new manifest", name=str(name))
         self._confirmed[name] = self._clock.seconds()
+        self._events.manifest_revalidated(name)
         self._remember_sizes(fetched.data)
         return Manifest(fetched.data, fetched.media_type, "upstream" if fetched.data != cached else "cache")
 

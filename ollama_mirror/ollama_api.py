@@ -23,6 +23,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from . import __version__
 from .catalog import CachedModel, Catalog
 from .errors import json_body, ollama_error
+from .events import Events
 from .fill import FillFailed
 from .fills import FillManager
 from .manifests import ManifestCache, ManifestUnknown
@@ -115,7 +116,9 @@ class OllamaApi:
         runner: Runner,
         clock: Any,
         proxy: InferenceProxy,
+        events: Events | None = None,
     ) -> None:
+        self._events = events or Events()
         self._store = store
         self._catalog = catalog
         self._manifests = manifests
@@ -176,6 +179,7 @@ class OllamaApi:
             raise PullFailed("pull model manifest: file does not exist") from None
         except UpstreamError as e:
             raise PullFailed(f"pull model manifest: {e.message}") from None
+        self._events.model_used(name, True)
         blobs = manifest_blobs(manifest.data)
         if not blobs:
             raise PullFailed("pull model manifest: the upstream sent an unreadable manifest")

@@ -9,6 +9,8 @@ its parallel ranged GETs, and hangs up on this one at once.
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
@@ -58,6 +60,7 @@ class RegistryApi:
     ) -> None:
         self._clock = clock
         self._events = events or Events()
+        self.reading: Counter[str] = Counter()  # hex digest -> responses streaming it now
         self._store = store
         self._manifests = manifests
         self._fills = fills
@@ -91,6 +94,7 @@ class RegistryApi:
         elif is_tag(reference):
             name = self._name(namespace, model, reference)
             found = await self._manifests.by_tag(name, accept, user_agent)
+            self._events.model_used(name, request.method == b"GET")
         else:
             raise RegistryError(400, "TAG_INVALID", f"invalid tag or digest {reference!r}")
         request.setHeader(*API_VERSION)
@@ -179,11 +183,14 @@ class RegistryApi:
         streaming = request.method != b"HEAD" and last >= first
         if streaming and fill is None and self._store.blob_size(hexdigest) is None:
             fill = self._fills.fill(hexdigest, size, name.repository)
-        fd = -1
+        fd: int | Callable[[], int] = -1
         if streaming:
             if fill is not None:
                 await self._first_bytes(fill, first)  # before any header: a failure is still a clean 502
-            fd = self._open(hexdigest, fill)
+            if fill is None or fill.complete or fill.available(first) > 0:
+                fd = self._open(hexdigest, fill)  # now, so that a vanished file is still a clean error
+            else:  # still queued behind other downloads: open when its first bytes are on disk
+                fd = fill.open_reader
         request.setHeader(*API_VERSION)
         request.setHeader(b"docker-content-digest", digest.encode())
         request.setHeader(b"etag", f'"{digest}"'.encode())
@@ -200,7 +207,16 @@ class RegistryApi:
             return b""
         request.setHeader(b"x-mirror-cache", b"hit" if fill is None else b"fill")
         hold_last = wanted is None and fill is not None  # a whole body only ends once verified
-        return StreamingResource(BlobProducer(request, fd, first, last, fill, hold_last, self._events))
+        self._events.blob_used(hexdigest)
+        self.reading[hexdigest] += 1
+
+        def done_reading() -> None:
+            self.reading[hexdigest] -= 1
+            if self.reading[hexdigest] <= 0:
+                del self.reading[hexdigest]
+
+        producer = BlobProducer(request, fd, first, last, fill, hold_last, self._events, done_reading)
+        return StreamingResource(producer)
 
     # --- errors --------------------------------------------------------------------------------
 

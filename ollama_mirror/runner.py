@@ -28,7 +28,8 @@ class ThreadRunner:
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="ollama-mirror-io")
 
     def start(self) -> None:
-        self.pool.start()
+        if not self.pool.started:
+            self.pool.start()
 
     def stop(self) -> None:
         self.pool.stop()

@@ -299,7 +299,8 @@ def test_blob_vanishing_under_requests_never_breaks_a_response(
                 if response.status == 206 and body == data:
                     continue
                 if response.status >= 400:
-                    registry_error_code(Response(response.status, dict(response.getheaders()), body))
+                    headers = {k.lower(): v for k, v in response.getheaders()}
+                    registry_error_code(Response(response.status, headers, body))
                     continue
                 broken.append(f"{response.status} {body[:80]!r}")
                 return

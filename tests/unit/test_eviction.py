@@ -1,0 +1,272 @@
+"""Cache lifecycle with real files on a fake clock: the index, retention, LRU under a cap, admission."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from ollama_mirror.catalog import Catalog
+from ollama_mirror.config import load_config
+from ollama_mirror.events import Events
+from ollama_mirror.eviction import CacheLifecycle, NoRoom, Sweeper
+from ollama_mirror.index import CacheIndex
+from ollama_mirror.names import ModelName
+from ollama_mirror.runner import InlineRunner
+from ollama_mirror.store import Store
+
+DAY = 86400.0
+SHARED = b"{{ .Prompt }}"  # a template layer every model here shares
+
+
+class Cache:
+    """A cache directory with models written straight to disk, and a Sweeper over it."""
+
+    def __init__(self, tmp_path: Path, **cache_settings: str) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000_000)  # a plausible "now" for file times
+        self.store = Store(str(tmp_path / "cache"))
+        self.store.create()
+        self.config = load_config(None, {}, {f"cache.{k}": v for k, v in cache_settings.items()}).cache
+        self.index = CacheIndex(os.path.join(self.store.work_dir, "index.sqlite3"), self.clock)
+        self.protected: set[str] = set()
+        self.evictions: list[tuple[Any, ...]] = []
+        recorder = self
+
+        class Recorder(Events):
+            def evicted(self, models: int, blobs: int, size: int, reason: str) -> None:
+                recorder.evictions.append((models, blobs, size, reason))
+
+        self.sweeper = Sweeper(
+            self.store,
+            Catalog(self.store),
+            self.index,
+            self.config,
+            InlineRunner(),
+            self.clock,
+            Recorder(),
+            protected=lambda: self.protected,
+        )
+
+    def write_blob(self, data: bytes, age: float = 0.0) -> str:
+        hexdigest = hashlib.sha256(data).hexdigest()
+        path = self.store.blob_path(hexdigest)
+        Path(path).write_bytes(data)
+        when = self.clock.seconds() - age
+        os.utime(path, (when, when))
+        return hexdigest
+
+    def add_model(self, name: str, size: int, age: float = 0.0) -> ModelName:
+        """A model of *size* weight bytes plus the shared template, last touched *age* seconds ago."""
+        model = ModelName.parse(name)
+        weights = self.write_blob(name.encode().ljust(size, b"w"), age)
+        template = self.write_blob(SHARED, age)
+        config = self.write_blob(json.dumps({"model_format": "gguf", "name": name}).encode(), age)
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "config": {"digest": "sha256:" + config, "size": 50},
+                "layers": [
+                    {"digest": "sha256:" + weights, "size": size},
+                    {"digest": "sha256:" + template, "size": len(SHARED)},
+                ],
+            }
+        ).encode()
+        self.store.write_manifest(model, manifest)
+        when = self.clock.seconds() - age
+        os.utime(self.store.manifest_path(model), (when, when))
+        return model
+
+    def weights(self, name: str, size: int) -> str:
+        return hashlib.sha256(name.encode().ljust(size, b"w")).hexdigest()
+
+    def sweep(self, room: int = 0) -> Any:
+        return result(Deferred.fromCoroutine(self.sweeper.sweep(room)))
+
+    def names(self) -> list[str]:
+        return sorted(m.name.display() for m in Catalog(self.store).models())
+
+
+def result(d: Deferred[Any]) -> Any:
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, "did not complete"
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return box[0]
+
+
+def test_models_unused_for_the_retention_period_go_and_shared_blobs_stay(tmp_path: Path) -> None:
+    cache = Cache(tmp_path, retention_days="30")
+    cache.add_model("old", 100, age=31 * DAY)
+    cache.add_model("recent", 100, age=29 * DAY)
+    report = cache.sweep()
+    assert cache.names() == ["recent:latest"]
+    assert report.removed_models == ["registry.ollama.ai/library/old:latest"]
+    assert not os.path.exists(cache.store.blob_path(cache.weights("old", 100)))
+    assert os.path.exists(cache.store.blob_path(hashlib.sha256(SHARED).hexdigest()))  # 'recent' uses it
+    assert ("retention", 1) in [(e[3], e[0]) for e in cache.evictions]
+
+
+def test_use_recorded_in_the_index_keeps_a_model(tmp_path: Path) -> None:
+    cache = Cache(tmp_path, retention_days="30")
+    old = cache.add_model("old", 100, age=40 * DAY)
+    cache.sweeper.index.model_used(old, True)  # pulled just now: the file's age no longer counts
+    cache.sweep()
+    assert cache.names() == ["old:latest"]
+    assert cache.index.model_usage()[str(old)].pull_count == 1
+
+
+def test_least_recently_used_models_go_first_until_under_the_cap(tmp_path: Path) -> None:
+    cache = Cache(tmp_path, max_size_gb="0.000001")  # 1000 bytes
+    for age, name in [(5, "a"), (1, "b"), (9, "c"), (3, "d")]:
+        cache.add_model(name, 300, age=age * 3600)
+    report = cache.sweep()
+    # each model is 300 weight bytes + its config; the template is shared. Oldest first: c, a, ...
+    assert report.removed_models[:2] == [
+        "registry.ollama.ai/library/c:latest",
+        "registry.ollama.ai/library/a:latest",
+    ]
+    assert report.cache_bytes <= 1000
+    assert "b:latest" in cache.names()  # the most recently used stays
+    assert report.cache_bytes == sum(os.path.getsize(p) for p in Path(cache.store.blobs_dir).iterdir())
+
+
+def test_nothing_being_downloaded_or_served_is_removed(tmp_path: Path) -> None:
+    cache = Cache(tmp_path, max_size_gb="0.0000001", retention_days="1")  # 100 bytes: everything must go
+    cache.add_model("busy", 300, age=10 * DAY)
+    cache.add_model("idle", 300, age=10 * DAY)
+    cache.protected = {cache.weights("busy", 300)}  # a client is reading it
+    cache.sweep()
+    assert cache.names() == ["busy:latest"]
+    assert os.path.exists(cache.store.blob_path(cache.weights("busy", 300)))
+
+
+def test_orphaned_blobs_and_abandoned_partials_go_after_a_grace_period(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    cache.add_model("kept", 100)
+    fresh_orphan = cache.write_blob(b"fetched by digest a minute ago", age=60)
+    old_orphan = cache.write_blob(b"fetched by digest two hours ago", age=7200)
+    partial = Path(cache.store.partial_path("a" * 64))
+    partial.write_bytes(b"x")
+    os.utime(partial, (cache.clock.seconds() - 2 * DAY,) * 2)
+    running = Path(cache.store.partial_path("b" * 64))
+    running.write_bytes(b"x")
+    os.utime(running, (cache.clock.seconds() - 2 * DAY,) * 2)
+    cache.protected = {"b" * 64}
+    ollama_own = Path(cache.store.blobs_dir) / ("sha256-" + "c" * 64 + "-partial")
+    ollama_own.write_bytes(b"Ollama's own partial download")
+    report = cache.sweep()
+    assert os.path.exists(cache.store.blob_path(fresh_orphan))
+    assert not os.path.exists(cache.store.blob_path(old_orphan))
+    assert not partial.exists() and running.exists() and ollama_own.exists()
+    assert report.removed_partials == 1
+    assert cache.names() == ["kept:latest"]
+
+
+def test_the_index_is_rebuilt_from_the_files_when_deleted_or_corrupt(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    model = cache.add_model("m", 100, age=DAY)
+    cache.sweep()
+    assert set(cache.index.model_usage()) == {str(model)}
+    cache.index.close()
+    Path(cache.index.path).write_bytes(b"this is not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        Path(cache.index.path + suffix).unlink(missing_ok=True)
+    cache.sweep()
+    usage = cache.index.model_usage()
+    assert set(usage) == {str(model)}
+    assert usage[str(model)].cached_at == pytest.approx(cache.clock.seconds() - DAY)
+    assert list(Path(cache.store.work_dir).glob("index.sqlite3.corrupt-*"))
+    cache.index.close()
+    os.unlink(cache.index.path)
+    cache.sweep()
+    assert set(cache.index.model_usage()) == {str(model)}
+
+
+def test_a_crash_between_writing_a_blob_and_the_index_is_repaired(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    cache.add_model("first", 100)
+    cache.sweep()
+    cache.add_model("second", 100)  # on disk, never told to the index (as after a crash)
+    cache.sweep()
+    assert {u.split("/")[-1] for u in cache.index.model_usage()} == {"first:latest", "second:latest"}
+    with sqlite3.connect(cache.index.path) as db:
+        digests = {row[0] for row in db.execute("SELECT digest FROM blobs")}
+    assert cache.weights("second", 100) in digests
+
+
+def test_admission_refuses_a_blob_larger_than_the_cache_and_makes_room_otherwise(tmp_path: Path) -> None:
+    cache = Cache(tmp_path, max_size_gb="0.000001", min_free_gb="0")
+    cache.add_model("old", 400, age=DAY)
+    cache.add_model("new", 400)
+    cache.sweep()
+
+    class Incoming:
+        digest = "sha256:" + "d" * 64
+        resumed_bytes = 0
+
+        def __init__(self, size: int) -> None:
+            self.size = size
+
+    with pytest.raises(NoRoom, match=r"more than the whole cache may hold \(cache.max_size_gb = 1e-06\)"):
+        result(Deferred.fromCoroutine(cache.sweeper.admit(Incoming(2000))))  # type: ignore[arg-type]
+    result(Deferred.fromCoroutine(cache.sweeper.admit(Incoming(500))))  # type: ignore[arg-type]
+    assert cache.names() == ["new:latest"]  # the least recently used went to make room
+
+
+def test_admission_refuses_when_the_disk_would_be_too_full(tmp_path: Path) -> None:
+    cache = Cache(tmp_path, min_free_gb="1000000")  # a petabyte must stay free
+
+    class Incoming:
+        digest = "sha256:" + "d" * 64
+        size = 10
+        resumed_bytes = 0
+
+    with pytest.raises(NoRoom, match="not enough disk space .* cache.min_free_gb = 1e\\+06"):
+        result(Deferred.fromCoroutine(cache.sweeper.admit(Incoming())))  # type: ignore[arg-type]
+
+
+def test_clear_removes_everything_not_in_use(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    cache.add_model("a", 100)
+    cache.add_model("b", 100)
+    cache.protected = {cache.weights("b", 100)}
+    report = result(Deferred.fromCoroutine(cache.sweeper.clear()))
+    assert sorted(report.removed_models) == [
+        "registry.ollama.ai/library/a:latest",
+        "registry.ollama.ai/library/b:latest",
+    ]
+    assert cache.names() == []
+    assert [p.name for p in Path(cache.store.blobs_dir).iterdir()] == ["sha256-" + cache.weights("b", 100)]
+
+
+def test_sweeps_run_on_schedule_and_a_failing_one_does_not_stop_them(tmp_path: Path) -> None:
+    cache = Cache(tmp_path, cleanup_interval="60")
+    runs: list[float] = []
+    original = cache.sweeper._sweep
+
+    def flaky(*args: Any) -> Any:
+        runs.append(cache.clock.seconds())
+        if len(runs) == 2:
+            raise OSError("disk hiccup")
+        return original(*args)
+
+    cache.sweeper._sweep = flaky  # type: ignore[method-assign]
+    lifecycle = CacheLifecycle(cache.sweeper, cache.clock)
+    lifecycle.startService()
+    assert len(runs) == 1  # at start
+    cache.clock.advance(60)
+    assert len(runs) == 2  # failed, logged
+    cache.clock.advance(60)
+    assert len(runs) == 3  # and the next one still ran
+    assert runs[2] - runs[0] == 120
+    result(lifecycle.stopService())
