@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
-from ollama_mirror.fill import DigestMismatch, Fill, FillFailed
+from ollama_mirror.fill import DigestMismatch, DiskFull, Fill, FillFailed
 from ollama_mirror.runner import InlineRunner
 from ollama_mirror.store import Store
 from ollama_mirror.upstream import UpstreamError
@@ -323,3 +323,30 @@ def test_stop_aborts_transfers_and_keeps_what_is_on_disk(tmp_path: Path, blob: b
     assert fill.failure is not None and "shutting down" in fill.failure.getErrorMessage()
     assert os.path.exists(fill.store.partial_path(fill.hexdigest))
     assert json.loads(Path(fill.store.state_path(fill.hexdigest)).read_text())["done"] == [0]
+
+
+def test_a_full_disk_mid_write_discards_the_partial(
+    tmp_path: Path, blob: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    clock, source = Clock(), FakeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock, connections=1)
+    done = fill.when_done()
+    fill.start()
+    source.respond(source.requests[0])  # chunk 0 is written fine
+
+    def no_space(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", no_space)
+    response = source.respond(source.pending()[0], send=False)
+    response.send(blob[1000:1100])
+    assert response.transport is not None and response.transport.stopped
+    response.lose(ResponseFailed([Failure(ConnectionError("aborted"))]))
+    errors: list[Failure] = []
+    done.addErrback(errors.append)
+    assert errors and errors[0].check(DiskFull)
+    assert not os.path.exists(fill.store.partial_path(fill.hexdigest))
+    assert not os.path.exists(fill.store.state_path(fill.hexdigest))
+    assert not os.path.exists(fill.store.blob_path(fill.hexdigest))
