@@ -51,22 +51,29 @@ class ServerConfig:
         "`unix:/run/m.sock`); when set, `host` and `port` are not used.",
         "list",
     )
+    metrics_listen: tuple[str, ...] = setting(
+        (),
+        "METRICS_LISTEN",
+        "Twisted endpoint strings of a listener of its own that serves only `/metrics` (e.g. "
+        "`tcp:9464:interface=127.0.0.1`); when set, the main listener does not serve `/metrics`.",
+        "list",
+    )
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     directory: str = setting("./cache", "CACHE_DIR", "The cache: an Ollama models directory.", "str")
     retention_days: float = setting(
-        30, "CACHE_RETENTION_DAYS", "Models unused this long are evicted.", "float", planned=True
+        30, "CACHE_RETENTION_DAYS", "Models unused this long are evicted.", "float"
     )
     max_size_gb: float = setting(
-        100, "CACHE_MAX_SIZE_GB", "Cap on the cache size, in GB (10^9 bytes).", "float", planned=True
+        100, "CACHE_MAX_SIZE_GB", "Cap on the cache size, in GB (10^9 bytes).", "float"
     )
     cleanup_interval: float = setting(
-        3600, "CACHE_CLEANUP_INTERVAL", "Seconds between eviction sweeps.", "float", 1, planned=True
+        3600, "CACHE_CLEANUP_INTERVAL", "Seconds between eviction sweeps.", "float", 1
     )
     min_free_gb: float = setting(
-        1, "CACHE_MIN_FREE_GB", "Free disk space a new download must leave, in GB.", "float", planned=True
+        1, "CACHE_MIN_FREE_GB", "Free disk space a new download must leave, in GB.", "float"
     )
     manifest_ttl: float = setting(
         300,
@@ -162,17 +169,19 @@ class SecurityConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    level: str = setting(
-        "INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR or CRITICAL.", "level", planned=True
+    level: str = setting("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR or CRITICAL.", "level")
+    file: str = setting(
+        "",
+        "LOG_FILE",
+        "Log file, rotated by size; empty: where twistd logs (standard output with `-n`, else "
+        "twistd's `--logfile`).",
+        "str",
     )
-    file: str = setting("", "LOG_FILE", "Log file; empty: standard output.", "str", planned=True)
     max_file_size: int = setting(
-        10_000_000, "LOG_MAX_FILE_SIZE", "Rotate the log file at this size.", "size", 1024, planned=True
+        10_000_000, "LOG_MAX_FILE_SIZE", "Rotate the log file at this size.", "size", 1024
     )
-    backup_count: int = setting(5, "LOG_BACKUP_COUNT", "Rotated log files kept.", "int", planned=True)
-    format: str = setting(
-        "text", "LOG_FORMAT", "`text` or `json` (one JSON object per line).", "format", planned=True
-    )
+    backup_count: int = setting(5, "LOG_BACKUP_COUNT", "Rotated log files kept.", "int")
+    format: str = setting("text", "LOG_FORMAT", "`text` or `json` (one JSON object per line).", "format")
 
 
 @dataclass(frozen=True)
@@ -180,9 +189,7 @@ class FeaturesConfig:
     enable_api_proxy: bool = setting(
         True, "ENABLE_API_PROXY", "Forward inference routes to the backend Ollama (`backend.url`).", "bool"
     )
-    enable_metrics: bool = setting(
-        True, "ENABLE_METRICS", "Serve Prometheus metrics at `/metrics`.", "bool", planned=True
-    )
+    enable_metrics: bool = setting(True, "ENABLE_METRICS", "Serve Prometheus metrics at `/metrics`.", "bool")
     enable_web_ui: bool = setting(
         False, "ENABLE_WEB_UI", "Serve the admin web page (not built yet).", "bool", planned=True
     )

@@ -279,7 +279,7 @@ class Fill:
                 self.started_at = self.clock.seconds()
                 await self._open()
                 self.events.fill_started(self)
-                log.info(
+                log.debug(
                     "fill {digest}: {size} bytes, {resumed} already on disk",
                     digest=self.digest,
                     size=self.size,
@@ -503,7 +503,7 @@ class Fill:
             self._state_lock.release()
         self.complete = True
         elapsed = self.clock.seconds() - (self.started_at or self.clock.seconds())
-        log.info(
+        log.debug(
             "fill {digest}: complete and verified, {received} bytes from upstream in {elapsed:.1f} s",
             digest=self.digest,
             received=self.received_bytes,
@@ -524,7 +524,7 @@ class Fill:
         if not failure.check(FillFailed):
             failure = Failure(FillFailed(f"download of {self.digest} failed: {failure.getErrorMessage()}"))
         self.failure = failure
-        log.error("fill {digest}: {error}", digest=self.digest, error=failure.getErrorMessage())
+        log.debug("fill {digest}: {error}", digest=self.digest, error=failure.getErrorMessage())
         self.events.fill_ended(self, failure.getErrorMessage())
         if failure.check(DiskFull):  # leave the cache as it was: no half-written partial stays behind
             self._discard_after_close = True

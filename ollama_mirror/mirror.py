@@ -9,40 +9,30 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.application.service import IService, Service
+from prometheus_client import CollectorRegistry
+from twisted.application.service import IService
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorThreads
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource
 
 from . import __version__
+from .admin import Observability
 from .catalog import Catalog
 from .config import Config
 from .events import EventHub
+from .eviction import CacheLifecycle, Sweeper
 from .fills import FillManager
+from .index import CacheIndex
 from .manifests import ManifestCache
 from .ollama_api import OllamaApi
 from .proxy import InferenceProxy
 from .registry import RegistryApi
-from .runner import Runner, ThreadRunner
+from .runner import InlineRunner, Runner, ThreadRunner
 from .store import Store
 from .upstream import Upstream
 from .web import RootApi
-
-
-class _RunnerService(Service):
-    """Starts and stops the thread pool of a :class:`ThreadRunner` with the daemon."""
-
-    def __init__(self, runner: ThreadRunner) -> None:
-        self.runner = runner
-
-    def startService(self) -> None:
-        super().startService()
-        self.runner.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.runner.stop()
 
 
 class Mirror:
@@ -53,6 +43,7 @@ class Mirror:
         agent: IAgent | None = None,
         runner: Runner | None = None,
         backend_agent: IAgent | None = None,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config
         self.reactor = reactor
@@ -61,8 +52,10 @@ class Mirror:
         if agent is None:
             agent = self._make_agent(reactor, config)
         self._thread_runner: ThreadRunner | None = None
-        if runner is None:
+        if runner is None and IReactorThreads.providedBy(reactor):
             runner = self._thread_runner = ThreadRunner(reactor)
+        elif runner is None:  # a fake reactor (tests) has no threads to hand results back with
+            runner = InlineRunner()
         self.runner = runner
         self.store = Store(config.cache.directory)
         self.store.create()
@@ -76,12 +69,28 @@ class Mirror:
             password=config.upstream.password,
         )
         self.events = EventHub()
-        self.manifests = ManifestCache(self.store, self.upstream, runner, reactor, config.cache.manifest_ttl)
+        self.manifests = ManifestCache(
+            self.store, self.upstream, runner, reactor, config.cache.manifest_ttl, self.events
+        )
         self.fills = FillManager(self.store, self.upstream, reactor, runner, config.upstream, self.events)
         self.registry = RegistryApi(
             self.store, self.manifests, self.fills, self.upstream, reactor, self.events
         )
         self.catalog = Catalog(self.store)
+        self.index = CacheIndex(os.path.join(self.store.work_dir, "index.sqlite3"), reactor)
+        self.events.listen(self.index)
+        self.sweeper = Sweeper(
+            self.store,
+            self.catalog,
+            self.index,
+            config.cache,
+            runner,
+            reactor,
+            self.events,
+            protected=lambda: set(self.fills.fills) | set(self.registry.reading),
+        )
+        self.events.listen(self.sweeper)
+        self.fills.admit = self.sweeper.admit
         if backend_agent is None and config.features.enable_api_proxy:
             self._backend_pool = HTTPConnectionPool(reactor, persistent=True)
             backend_agent = Agent(reactor, pool=self._backend_pool, connectTimeout=10)
@@ -93,7 +102,18 @@ class Mirror:
             reactor,
         )
         self.api = OllamaApi(
-            self.store, self.catalog, self.manifests, self.fills, self.upstream, runner, reactor, self.proxy
+            self.store,
+            self.catalog,
+            self.manifests,
+            self.fills,
+            self.upstream,
+            runner,
+            reactor,
+            self.proxy,
+            self.events,
+        )
+        self.observability = Observability(
+            self, agent=agent, backend_agent=backend_agent, registry=metrics_registry
         )
         self.root = RootApi(
             {
@@ -105,6 +125,8 @@ class Mirror:
             registry=self.registry.resource(),
             api=self.api.resource(),
             openai=self.proxy.resource(),
+            admin=self.observability.admin_resource(),
+            metrics=self.observability.metrics_on_main_site(),
         )
 
     def _make_agent(self, reactor: Any, config: Config) -> IAgent:
@@ -116,17 +138,22 @@ class Mirror:
         return Agent(reactor, pool=self._pool, connectTimeout=min(30.0, config.upstream.timeout))
 
     def resource(self) -> IResource:
-        return self.root.resource()
+        """The whole HTTP tree, every request timed, logged and counted."""
+        return self.observability.observe(self.root.resource())
 
     def services(self) -> list[IService]:
-        """Services to run beside the listening endpoints (the thread pool first, so it stops last)."""
-        services: list[IService] = []
+        """Services to run beside the listening endpoints."""
+        return [self.fills, CacheLifecycle(self.sweeper, self.reactor), *self.observability.services()]
+
+    def start(self) -> None:
+        """Start the worker threads (before any service, which may need them)."""
         if self._thread_runner is not None:
-            services.append(_RunnerService(self._thread_runner))
-        services.append(self.fills)
-        return services
+            self._thread_runner.start()
 
     def close(self) -> Deferred[Any]:
-        """Close pooled connections (after the services have stopped)."""
+        """After every service has stopped: close pooled connections and stop the worker threads."""
         pools = [pool for pool in (self._pool, self._backend_pool) if pool is not None]
-        return DeferredList([pool.closeCachedConnections() for pool in pools])
+        d = DeferredList([pool.closeCachedConnections() for pool in pools])
+        if self._thread_runner is not None:
+            d.addBoth(lambda _: self._thread_runner.stop() if self._thread_runner else None)
+        return d

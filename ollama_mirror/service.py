@@ -15,10 +15,10 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.web.iweb import IAgent
-from twisted.web.server import Site
 
 from . import __version__
 from .config import Config, ConfigError, inactive_settings
+from .logs import MirrorSite
 from .mirror import Mirror
 from .runner import Runner
 
@@ -46,7 +46,12 @@ class MirrorService(MultiService):
         super().__init__()
         self.mirror = mirror
 
+    def startService(self) -> None:
+        self.mirror.start()  # worker threads first: services use them as they start
+        super().startService()
+
     def stopService(self) -> Deferred[Any]:
+        """Stop every service (they stop together), then the worker threads they relied on."""
         d: Deferred[Any] = maybeDeferred(super().stopService)
         d.addBoth(lambda result: self.mirror.close().addCallback(lambda _: result))
         return d
@@ -62,8 +67,7 @@ def build_service(
     """
     mirror = Mirror(config, reactor, agent=agent, runner=runner)
     top = MirrorService(mirror)
-    site = Site(mirror.resource())
-    site.displayTracebacks = False
+    site = MirrorSite(mirror.resource(), reactor=reactor)
     for child in mirror.services():
         child.setServiceParent(top)
     listening = ListeningService()  # added last: it starts last and stops first
@@ -72,6 +76,13 @@ def build_service(
             strports.service(description, site, reactor=reactor).setServiceParent(listening)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"server.listen: cannot use endpoint {description!r}: {e}") from None
+    observability = mirror.observability  # /metrics on a listener of its own, if configured
+    metrics_site = MirrorSite(observability.observe(observability.metrics_resource()), reactor=reactor)
+    for description in observability.metrics_endpoints():
+        try:
+            strports.service(description, metrics_site, reactor=reactor).setServiceParent(listening)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"server.metrics_listen: cannot use endpoint {description!r}: {e}") from None
     listening.setServiceParent(top)
     log.info(
         "ollama-mirror {version} serving {cache} from {upstream} on {endpoints}",

@@ -10,8 +10,10 @@ import os
 import sys
 from typing import NoReturn
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, IServiceCollection, MultiService
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from .config import Config, ConfigError, load_config
 
@@ -72,7 +74,21 @@ def fail(message: str) -> NoReturn:
 
 
 class _Daemon(MultiService):
-    """Under twistd, a failed listen (port taken) ends start-up with one clear line, not a traceback."""
+    """Under twistd, a failed listen (port taken) ends start-up with one clear line, not a traceback.
+
+    It also brings the daemon's log observer (``logging.*``): twistd uses the application's
+    ``ILogObserver`` component instead of building its own, and the application is the parent
+    twistd gives this service.
+    """
+
+    def __init__(self, log_observer: ILogObserver | None = None) -> None:
+        super().__init__()
+        self._log_observer = log_observer
+
+    def setServiceParent(self, parent: IServiceCollection) -> None:
+        super().setServiceParent(parent)
+        if self._log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self._log_observer)
 
     def privilegedStartService(self) -> None:
         from .service import StartupError
@@ -93,6 +109,19 @@ def makeService(options: Options) -> IService:
         mirror = build_service(options.config, reactor)
     except ConfigError as e:
         fail(f"configuration error: {e}")
-    daemon = _Daemon()
+    daemon = _Daemon(_log_observer(options))
     mirror.setServiceParent(daemon)
     return daemon
+
+
+def _log_observer(options: Options) -> ILogObserver | None:
+    """The observer for ``logging.*``, writing where twistd would have (see ``logs.twistd_destination``)."""
+    from .logs import log_observer, twistd_destination
+
+    assert options.config is not None
+    twistd_options = getattr(options, "parent", None)  # twistd's own options (--logfile, -n, --syslog)
+    try:
+        destination = twistd_destination(options.config.logging, twistd_options)
+    except OSError as e:
+        fail(f"configuration error: logging.file: cannot open {options.config.logging.file}: {e.strerror}")
+    return None if destination is None else log_observer(options.config.logging, destination)

@@ -1,6 +1,6 @@
 """The root of the HTTP tree: liveness, version, and the branches for each API.
 
-Each API is a Klein app of its own (registry ``/v2``, later ``/api`` and ``/mirror``); this
+Each API is a Klein app of its own (registry ``/v2``, Ollama ``/api``, operator ``/mirror``); this
 class mounts them and owns the errors nothing else catches, so that every answer is JSON.
 """
 
@@ -26,12 +26,21 @@ class RootApi:
     app = Klein()
 
     def __init__(
-        self, info: dict[str, Any], *, registry: IResource, api: IResource, openai: IResource
+        self,
+        info: dict[str, Any],
+        *,
+        registry: IResource,
+        api: IResource,
+        openai: IResource,
+        admin: IResource | None = None,
+        metrics: IResource | None = None,
     ) -> None:
         self._info = info
         self._registry = registry
         self._api = api
         self._openai = openai
+        self._admin = admin
+        self._metrics = metrics  # None: metrics are off here (disabled, or on a listener of their own)
 
     @app.route("/", methods=["GET", "HEAD"])
     def root(self, request: IRequest) -> bytes:
@@ -49,6 +58,20 @@ class RootApi:
     def openai(self, request: IRequest) -> IResource:
         """OpenAI-compatible routes, all forwarded to the backend Ollama."""
         return self._openai
+
+    @app.route("/mirror/", branch=True)
+    def admin(self, request: IRequest) -> IResource:
+        """The operator's routes: ``/mirror/stats``, ``/mirror/health``."""
+        if self._admin is None:
+            raise NotFound()
+        return self._admin
+
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    def metrics(self, request: IRequest) -> IResource:
+        """Prometheus metrics (``features.enable_metrics``), unless they have a listener of their own."""
+        if self._metrics is None:
+            raise NotFound()
+        return self._metrics
 
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:

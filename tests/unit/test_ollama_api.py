@@ -203,3 +203,20 @@ def test_version_and_unknown_api_routes(tmp_path: Path, registry: FakeRegistry) 
     assert response.code == 404 and json.loads(body) == {"error": "not found"}
     response, body = h.request("GET", "/api/pull")
     assert response.code == 405 and "error" in json.loads(body)
+
+
+def test_delete_mirror_cache_empties_it_and_says_what_went(tmp_path: Path, registry: FakeRegistry) -> None:
+    h = Harness(tmp_path, registry)
+    pull(h, {"model": "tiny", "stream": False})
+    pull(h, {"model": "other", "stream": False})
+    response, body = h.request("DELETE", "/mirror/cache")
+    assert response.code == 200
+    answer = json.loads(body)
+    assert answer["removed_models"] == [
+        "registry.ollama.ai/library/other:latest",
+        "registry.ollama.ai/library/tiny:latest",
+    ]
+    assert answer["removed_blobs"] == len(registry.blobs) and answer["freed_bytes"] > 300_000
+    assert list((tmp_path / "cache" / "blobs").iterdir()) == []
+    _, tags = h.request("GET", "/api/tags")
+    assert json.loads(tags) == {"models": []}
