@@ -16,12 +16,10 @@ from klein import Klein
 from prometheus_client import CollectorRegistry
 from twisted.application.service import IService
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent, IRequest
 from twisted.web.resource import IResource
-from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from .errors import json_body, ollama_error
+from .errors import add_ollama_error_handlers, json_body
 from .eviction import Sweeper
 from .health import HealthCheck, ReachabilityProbe
 from .logs import AccessLog, FillLog, RequestObserver
@@ -75,18 +73,7 @@ class AdminApi:
             },
         )
 
-    @app.handle_errors(NotFound)
-    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
-        return ollama_error(request, 404, "not found")
-
-    @app.handle_errors(MethodNotAllowed)
-    def _method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
-        return ollama_error(request, 405, "method not allowed")
-
-    @app.handle_errors(Exception)
-    def _internal(self, request: IRequest, failure: Failure) -> bytes:
-        log.failure("admin route failed", failure)
-        return ollama_error(request, 500, "internal error")
+    add_ollama_error_handlers(app, "admin")
 
 
 class Observability:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 # Headers a route may have set for the answer it meant to give; an error body must not carry them.
 _ANSWER_HEADERS = (b"content-range", b"location", b"docker-content-digest", b"etag", b"x-mirror-cache")
@@ -44,3 +48,23 @@ class RegistryError(Exception):
         self.status = status
         self.code = code
         self.message = message
+
+
+def add_ollama_error_handlers(app: Klein, what: str) -> None:
+    """Register the catch-all handlers of an Ollama-dialect Klein app: unknown route 404, wrong method
+    405, and any unexpected error a logged 500 without a traceback.  Call it at the end of the class
+    body, so that the app's own, more specific handlers are tried first."""
+    log = Logger(namespace=f"ollama_mirror.{what}")
+
+    @app.handle_errors(NotFound)
+    def _not_found(self: Any, request: IRequest, failure: Failure) -> bytes:
+        return ollama_error(request, 404, "not found")
+
+    @app.handle_errors(MethodNotAllowed)
+    def _method_not_allowed(self: Any, request: IRequest, failure: Failure) -> bytes:
+        return ollama_error(request, 405, "method not allowed")
+
+    @app.handle_errors(Exception)
+    def _internal(self: Any, request: IRequest, failure: Failure) -> bytes:
+        log.failure("{what} route failed", failure, what=what)
+        return ollama_error(request, 500, "internal error")

@@ -18,11 +18,10 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request
-from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from . import __version__
 from .catalog import CachedModel, Catalog
-from .errors import json_body, ollama_error
+from .errors import add_ollama_error_handlers, json_body, ollama_error
 from .events import Events
 from .fill import FillFailed
 from .fills import FillManager
@@ -316,15 +315,4 @@ class OllamaApi:
         e: ApiError = failure.value  # type: ignore[assignment]
         return ollama_error(request, e.code, e.message)
 
-    @app.handle_errors(NotFound)
-    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
-        return ollama_error(request, 404, "not found")
-
-    @app.handle_errors(MethodNotAllowed)
-    def _method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
-        return ollama_error(request, 405, "method not allowed")
-
-    @app.handle_errors(Exception)
-    def _internal(self, request: IRequest, failure: Failure) -> bytes:
-        log.failure("API route failed", failure)
-        return ollama_error(request, 500, "internal error")
+    add_ollama_error_handlers(app, "api")
