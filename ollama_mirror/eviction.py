@@ -30,6 +30,7 @@ from .config import CacheConfig
 from .events import Events
 from .fill import Fill, FillFailed
 from .index import CacheIndex
+from .names import ModelName
 from .runner import Runner
 from .store import Store
 
@@ -254,6 +255,27 @@ class Sweeper(Events):
                     f"not enough disk space for blob {fill.digest}: {fill.size} bytes wanted, {free} free, "
                     f"and cache.min_free_gb = {self.config.min_free_gb:g} must stay free"
                 )
+
+    # --- removing on request -------------------------------------------------------------------
+
+    async def delete_model(self, name: ModelName) -> list[str] | None:
+        """Remove one model (``/api/delete``), keeping blobs other models or running work use.
+
+        The removed blobs' hex digests, or ``None`` when the model is not cached.  Runs under the
+        sweep lock, so it never races an eviction.
+        """
+        await self._lock.acquire()
+        try:
+            removed: list[str] | None = await self.runner.run(
+                self.catalog.delete, name, frozenset(self.protected())
+            )
+            if removed is not None:
+                await self.runner.run(self.index.forget_models, [str(name)])
+        finally:
+            self._lock.release()
+        if removed is not None:
+            self.events.evicted(1, len(removed), 0, "admin")
+        return removed
 
     # --- emptying ------------------------------------------------------------------------------
 

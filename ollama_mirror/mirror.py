@@ -111,6 +111,7 @@ class Mirror:
             reactor,
             self.proxy,
             self.events,
+            delete_model=self.sweeper.delete_model,
         )
         self.observability = Observability(
             self, agent=agent, backend_agent=backend_agent, registry=metrics_registry

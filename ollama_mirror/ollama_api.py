@@ -8,7 +8,7 @@ on the cache; inference routes go to the backend Ollama through :class:`Inferenc
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from klein import Klein
@@ -116,8 +116,10 @@ class OllamaApi:
         clock: Any,
         proxy: InferenceProxy,
         events: Events | None = None,
+        delete_model: Callable[[ModelName], Awaitable[list[str] | None]] | None = None,
     ) -> None:
         self._events = events or Events()
+        self._delete_model = delete_model or self._delete_unguarded
         self._store = store
         self._catalog = catalog
         self._manifests = manifests
@@ -290,13 +292,19 @@ class OllamaApi:
     async def delete(self, request: Request) -> bytes:
         text = _model_field(read_json(request))
         name = self._name(text)
-        in_use = frozenset(self._fills.fills)
-        removed = await self._runner.run(self._catalog.delete, name, in_use)
+        removed = await self._delete_model(name)
         if removed is None:
             raise ApiError(404, f"model '{text}' not found")
         log.info("deleted {name} and {n} blobs no other model uses", name=str(name), n=len(removed))
         request.setResponseCode(200)
         return b""
+
+    async def _delete_unguarded(self, name: ModelName) -> list[str] | None:
+        """Without a sweeper (an embedder's minimal wiring): keep only what is being downloaded."""
+        removed: list[str] | None = await self._runner.run(
+            self._catalog.delete, name, frozenset(self._fills.fills)
+        )
+        return removed
 
     # --- inference, forwarded ------------------------------------------------------------------
 

@@ -270,3 +270,22 @@ def test_sweeps_run_on_schedule_and_a_failing_one_does_not_stop_them(tmp_path: P
     assert len(runs) == 3  # and the next one still ran
     assert runs[2] - runs[0] == 120
     result(lifecycle.stopService())
+
+
+def test_revalidation_and_deletes_are_recorded_in_the_index(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    kept = cache.add_model("kept", 100)
+    gone = cache.add_model("gone", 100)
+    cache.sweep()
+    cache.index.manifest_revalidated(kept)
+    cache.sweep()  # flushes what was gathered
+    with sqlite3.connect(cache.index.path) as db:
+        revalidated = dict(db.execute("SELECT name, revalidated_at FROM models").fetchall())
+    assert revalidated[str(kept)] == cache.clock.seconds() and revalidated[str(gone)] is None
+    cache.protected = {cache.weights("gone", 100)}  # a download of it is running: its weights stay
+    removed = result(Deferred.fromCoroutine(cache.sweeper.delete_model(gone)))
+    assert removed is not None and cache.weights("gone", 100) not in removed
+    assert os.path.exists(cache.store.blob_path(cache.weights("gone", 100)))
+    assert set(cache.index.model_usage()) == {str(kept)}
+    assert cache.names() == ["kept:latest"]
+    assert result(Deferred.fromCoroutine(cache.sweeper.delete_model(gone))) is None
