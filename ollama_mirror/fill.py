@@ -193,6 +193,11 @@ class Fill:
     # --- what readers use ----------------------------------------------------------------------
 
     @property
+    def stopping(self) -> bool:
+        """Stopped by the daemon shutting down (what is on disk is kept for the next start)."""
+        return self._stopping
+
+    @property
     def ended(self) -> bool:
         return self.complete or self.failure is not None
 

@@ -302,6 +302,12 @@ class FillLog(Events):
                 "verified and published",
                 **fields,
             )
+        elif fill.stopping:
+            fields["result"] = "stopped"
+            fill_log.info(
+                "fill {short} stopped for shutdown after {received_text}; it resumes at the next start",
+                **fields,
+            )
         else:
             fill_log.warn(
                 "fill {short} failed after {elapsed:.1f} s, {received_text} received "

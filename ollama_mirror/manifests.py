@@ -8,10 +8,13 @@ bytes are served anyway and the event is logged: that is what keeps an air-gappe
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .events import Events
 from .names import ModelName
@@ -58,6 +61,7 @@ class ManifestCache:
         self._clock = clock
         self._ttl = ttl
         self._confirmed: dict[ModelName, float] = {}  # when a cached tag last matched upstream
+        self._revalidating: dict[ModelName, _Shared] = {}
         self.blob_sizes: dict[str, int] = {}  # hex digest -> size, from every manifest seen
 
     def _remember_sizes(self, data: bytes) -> None:
@@ -73,6 +77,15 @@ class ManifestCache:
         if cached is not None and confirmed is not None and self._clock.seconds() - confirmed < self._ttl:
             self._remember_sizes(cached)
             return Manifest(cached, media_type_of(cached, ""), "cache")
+        shared = self._revalidating.get(name)
+        if shared is None:  # the first asker fetches; everyone asking meanwhile shares its answer
+            shared = self._revalidating[name] = _Shared(self._revalidate(name, cached, accept, user_agent))
+            shared.done.addBoth(lambda _: self._revalidating.pop(name, None))
+        return await shared.wait()
+
+    async def _revalidate(
+        self, name: ModelName, cached: bytes | None, accept: list[str] | None, user_agent: str | None
+    ) -> Manifest:
         try:
             fetched = await self._upstream.manifest(name.repository, name.tag, accept, user_agent)
         except UpstreamError as e:
@@ -123,3 +136,34 @@ class ManifestCache:
         await self._runner.run(self._store.write_digest_manifest, hexdigest, fetched.data)
         self._remember_sizes(fetched.data)
         return Manifest(fetched.data, fetched.media_type, "upstream")
+
+
+class _Shared:
+    """One running fetch whose outcome many requests wait for, each on a Deferred of its own, so that
+    a client hanging up (Klein cancels its handler) never cancels the fetch for the others."""
+
+    def __init__(self, work: Coroutine[Any, Any, Manifest]) -> None:
+        self._waiters: list[Deferred[Manifest]] = []
+        self._outcome: Manifest | Failure | None = None
+        self.done: Deferred[None] = Deferred.fromCoroutine(work).addBoth(self._finished)
+
+    def _finished(self, outcome: Manifest | Failure) -> None:
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if isinstance(outcome, Failure):
+                waiter.errback(outcome)
+            else:
+                waiter.callback(outcome)
+
+    def wait(self) -> Deferred[Manifest]:
+        waiter: Deferred[Manifest] = Deferred(
+            lambda d: self._waiters.remove(d) if d in self._waiters else None
+        )
+        if isinstance(self._outcome, Failure):
+            waiter.errback(self._outcome)
+        elif self._outcome is not None:
+            waiter.callback(self._outcome)
+        else:
+            self._waiters.append(waiter)
+        return waiter

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 
@@ -39,6 +39,8 @@ class FakeRegistry(Resource):
     redirect_to: str = ""  # e.g. "http://storage.example": blob GETs answer 307 there
     ignore_range: bool = False
     fail_with: int = 0  # answer every registry request with this status
+    hold_manifests: bool = False  # answer manifest requests only at release(), to make them overlap
+    held: list[tuple[Request, bytes]] = field(default_factory=list)
     seen: list[Seen] = field(default_factory=list)
     tokens_issued: int = 0
 
@@ -146,7 +148,16 @@ class FakeRegistry(Resource):
             return b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}'
         request.setHeader(b"content-type", MANIFEST_V2.encode())
         request.setHeader(b"docker-content-digest", ("sha256:" + hashlib.sha256(data).hexdigest()).encode())
+        if self.hold_manifests:
+            self.held.append((request, data))
+            return NOT_DONE_YET  # type: ignore[no-any-return]
         return data
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for request, data in held:
+            request.write(data)
+            request.finish()
 
     def _blob(self, request: Request, digest: str) -> bytes:
         data = self.blobs.get(digest)

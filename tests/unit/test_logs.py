@@ -139,6 +139,7 @@ class _FakeFill:
         self.started_at: float | None = clock.seconds()
         self.clock = clock
         self.ended = False
+        self.stopping = False
 
     def completed_bytes(self) -> int:
         return self.resumed_bytes + self.received_bytes
@@ -182,6 +183,15 @@ def test_a_failed_fill_is_a_warning_with_its_reason(events: list[dict[str, Any]]
     [end] = lines_of(events, "ollama_mirror.fill")
     assert end["log_level"].name == "warn" and end["result"] == "failed"
     assert end["error"] == "upstream answered 503"
+
+
+def test_a_fill_stopped_for_shutdown_is_not_reported_as_a_failure(events: list[dict[str, Any]]) -> None:
+    clock = Clock()
+    fill = _FakeFill(clock)
+    fill.stopping = True
+    FillLog(clock, lambda: []).fill_ended(fill, "download stopped (shutting down)")  # type: ignore[arg-type]
+    [end] = lines_of(events, "ollama_mirror.fill")
+    assert end["log_level"].name == "info" and end["result"] == "stopped"
 
 
 def test_progress_reports_never_raise() -> None:

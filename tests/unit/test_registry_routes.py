@@ -286,3 +286,27 @@ def test_listeners_hear_what_happens_and_a_broken_one_changes_nothing(
     assert ("fill_ended", digest, None) in recorder.seen
     served = [e for e in recorder.seen if e[0] == "blob_served"]
     assert served == [("blob_served", "fill", len(body), True), ("blob_served", "cache", len(body), True)]
+
+
+def test_concurrent_requests_for_a_tag_share_one_upstream_request(
+    tmp_path: Path, registry: FakeRegistry
+) -> None:
+    from twisted.internet.defer import Deferred, gatherResults
+
+    from ollama_mirror.names import ModelName
+
+    h = Harness(tmp_path, registry, **{"cache.manifest_ttl": "0"})
+    registry.hold_manifests = True
+    name = ModelName.parse("tiny")
+    impatient = Deferred.fromCoroutine(h.mirror.manifests.by_tag(name))  # hangs up before the answer
+    others = [Deferred.fromCoroutine(h.mirror.manifests.by_tag(name)) for _ in range(4)]
+    impatient.cancel()
+    impatient.addErrback(lambda _: None)
+    assert len(registry.held) == 1  # one upstream request for the five asks
+    registry.release()
+    found = h.settle(gatherResults(others))
+    assert {m.data for m in found} == {registry.manifests[("library/tiny", "latest")]}
+    assert len([s for s in registry.seen if "/manifests/" in s.path]) == 1
+    registry.hold_manifests = False
+    h.settle(Deferred.fromCoroutine(h.mirror.manifests.by_tag(name)))  # done: the next ask goes upstream
+    assert len([s for s in registry.seen if "/manifests/" in s.path]) == 2
