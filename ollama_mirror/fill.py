@@ -94,7 +94,7 @@ class _ChunkWriter(TxProtocol):
             data = data[:room]
         if data:
             try:
-                os.pwrite(self.fill.fd, data, self.offset)
+                self.fill.write_unfinished(data, self.offset)
             except OSError as e:
                 full = e.errno == errno.ENOSPC
                 self._abort(
@@ -188,7 +188,6 @@ class Fill:
         self._workers = 0
         self._fd_users = 0  # jobs in threads using self.fd; it is closed only when none is left
         self._close_wanted = False
-        self._discard_after_close = False
 
     # --- what readers use ----------------------------------------------------------------------
 
@@ -311,6 +310,8 @@ class Fill:
         self.fd = await self.runner.run(self._create_partial, state is None)
         for index in resumed:  # only now: "available" must always mean "readable through self.fd"
             self.done[index] = True
+        if self.size == 0:
+            self.done[0] = True  # nothing to fetch: hash the empty string and publish
         self._wake()
 
     def _create_partial(self, fresh: bool) -> int:
@@ -423,6 +424,17 @@ class Fill:
         finally:
             self.writers.discard(writer)
 
+    def write_unfinished(self, data: bytes, offset: int) -> None:
+        """Write *data* at *offset*, skipping chunks already finished: their bytes may have been hashed
+        (a retry that streams the whole body again must not change them)."""
+        position, end = offset, offset + len(data)
+        while position < end:
+            index = position // self.chunk_size
+            piece_end = min(end, (index + 1) * self.chunk_size)
+            if not self.done[index]:
+                os.pwrite(self.fd, data[position - offset : piece_end - offset], position)
+            position = piece_end
+
     def wrote(self, start: int, end: int) -> None:
         """Bytes [start, end) are on disk: advance chunk marks, wake readers, finish chunks."""
         self.received_bytes += end - start
@@ -449,7 +461,11 @@ class Fill:
         state = PartialState(
             self.size, self.chunk_size, frozenset(i for i in range(self.nchunks) if self.done[i])
         )
-        return self._on_fd(self.store.write_partial_state, self.hexdigest, self.fd, state)
+        return self._on_fd(self._write_state, state)
+
+    def _write_state(self, state: PartialState) -> None:
+        if not self.ended:  # (thread) a failed Fill's partial may already be gone or someone else's
+            self.store.write_partial_state(self.hexdigest, self.fd, state)
 
     def _on_fd(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """Run a job that uses ``self.fd`` in a thread, keeping the fd open until it returns."""
@@ -494,6 +510,8 @@ class Fill:
         actual = self._hasher.hexdigest()
         await self._state_lock.acquire()  # no state record may be written after this
         try:
+            if self.ended:  # stopped or failed while waiting for the lock
+                return
             if actual != self.hexdigest:
                 self.events.digest_mismatch(self)
                 await self.runner.run(self.store.discard_partial, self.hexdigest)
@@ -506,6 +524,8 @@ class Fill:
             await self._on_fd(self.store.publish_blob, self.hexdigest, self.fd)
         finally:
             self._state_lock.release()
+        if self.ended:  # failed (shutdown) during the publish: the published blob is verified and stays
+            return
         self.complete = True
         elapsed = self.clock.seconds() - (self.started_at or self.clock.seconds())
         log.debug(
@@ -531,8 +551,8 @@ class Fill:
         self.failure = failure
         log.debug("fill {digest}: {error}", digest=self.digest, error=failure.getErrorMessage())
         self.events.fill_ended(self, failure.getErrorMessage())
-        if failure.check(DiskFull):  # leave the cache as it was: no half-written partial stays behind
-            self._discard_after_close = True
+        if failure.check(DiskFull):  # leave the cache as it was, now, before another Fill can start
+            self.store.discard_partial(self.hexdigest)
         for writer in list(self.writers):
             writer.stop()
         self._close_fd()
@@ -555,11 +575,6 @@ class Fill:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if self._discard_after_close:
-            self._discard_after_close = False
-            self.runner.run(self.store.discard_partial, self.hexdigest).addErrback(
-                lambda f: log.failure("cannot remove the partial file of {digest}", f, digest=self.digest)
-            )
 
 
 def _hash_range(hasher: Any, fd: int, start: int, end: int) -> None:

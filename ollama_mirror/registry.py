@@ -206,7 +206,9 @@ class RegistryApi:
         if not streaming:
             return b""
         request.setHeader(b"x-mirror-cache", b"hit" if fill is None else b"fill")
-        hold_last = wanted is None and fill is not None  # a whole body only ends once verified
+        # A response carrying the whole blob ends only once it is verified (parts of it, as the Go
+        # client's parallel ranges, are not held: the client checks the sha256 itself at the end).
+        hold_last = fill is not None and first == 0 and last == size - 1
         self._events.blob_used(hexdigest)
         self.reading[hexdigest] += 1
 

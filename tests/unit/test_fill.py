@@ -350,3 +350,27 @@ def test_a_full_disk_mid_write_discards_the_partial(
     assert not os.path.exists(fill.store.partial_path(fill.hexdigest))
     assert not os.path.exists(fill.store.state_path(fill.hexdigest))
     assert not os.path.exists(fill.store.blob_path(fill.hexdigest))
+
+
+def test_a_whole_body_retry_never_rewrites_chunks_already_finished(tmp_path: Path, blob: bytes) -> None:
+    clock, source = Clock(), FakeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock, connections=1)
+    fill.start()
+    first = source.respond(source.requests[0], code=200, send=False)  # the upstream ignores Range
+    first.send(blob[:2500])  # chunks 0 and 1 finished (and hashed), then the connection breaks
+    first.lose(ResponseFailed([Failure(ConnectionError("reset"))]))
+    clock.advance(1.0)
+    tampered = b"X" * 2000 + blob[2000:]  # the retry's first 2000 bytes differ from the first attempt's
+    source.respond(source.pending()[0], code=200, body=tampered)
+    assert fill.complete
+    assert published(fill) == blob  # what was hashed is what was published
+
+
+def test_a_zero_byte_blob_is_published_without_asking_upstream(tmp_path: Path) -> None:
+    clock, source = Clock(), FakeSource(b"")
+    fill = make_fill(tmp_path, b"", source, clock)
+    done = fill.when_done()
+    fill.start()
+    assert done.called and fill.complete
+    assert source.requests == []
+    assert published(fill) == b""
