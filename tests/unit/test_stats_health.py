@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from ollama_mirror.runner import InlineRunner
 from ollama_mirror.service import build_service
 from ollama_mirror.stats import SharedRun
 from ollama_mirror.store import Store
+from tests.support.filesystems import read_only
 
 from .fakeregistry import FakeRegistry
 from .harness import Harness
@@ -96,35 +95,6 @@ def probe_now(h: Harness) -> None:
     h.settle(observability.upstream_probe.check())
     if observability.backend_probe is not None:
         h.settle(observability.backend_probe.check())
-
-
-@contextlib.contextmanager
-def read_only(path: Path) -> Iterator[None]:
-    """Make *path* read-only for this process: its mode bits for a normal user; for root (whom mode bits
-    do not stop), a read-only bind mount of the directory over itself, as a read-only remount would be."""
-    if os.geteuid() != 0:
-        directories = [path, *(p for p in path.rglob("*") if p.is_dir())]
-        modes = {d: d.stat().st_mode for d in directories}
-        for d in directories:
-            d.chmod(modes[d] & ~0o222)
-        try:
-            yield
-        finally:
-            for d in directories:
-                d.chmod(modes[d])
-        return
-    mount = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, check=False)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot bind-mount as root here: {mount.stderr.decode().strip()}")
-    try:
-        remount = subprocess.run(
-            ["mount", "-o", "remount,bind,ro", str(path)], capture_output=True, check=False
-        )
-        if remount.returncode != 0:
-            pytest.skip(f"cannot remount read-only here: {remount.stderr.decode().strip()}")
-        yield
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 # --- stats ---------------------------------------------------------------------------------------------------
