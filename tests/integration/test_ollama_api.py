@@ -19,7 +19,7 @@ import http.client
 import json
 import statistics
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -27,6 +27,7 @@ from typing import Any, cast
 import ollama
 import pytest
 
+from tests.integration.helpers import wait_until
 from tests.support.backend import DEFAULT_TOKENS, OllamaBackend
 from tests.support.daemon import MirrorDaemon, MirrorFactory
 from tests.support.faultproxy import FaultProxy
@@ -55,14 +56,6 @@ BAD_BODIES: tuple[tuple[bytes, str], ...] = ((b"{not json", "malformed JSON"), (
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def client_for(mirror: MirrorDaemon) -> ollama.Client:

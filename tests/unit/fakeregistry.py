@@ -153,6 +153,11 @@ class FakeRegistry(Resource):
             return NOT_DONE_YET  # type: ignore[no-any-return]
         return data
 
+    def digests(self, repository: str = "library/tiny", tag: str = "latest") -> list[str]:
+        """The config's digest, then each layer's, as the model's manifest lists them."""
+        manifest = json.loads(self.manifests[(repository, tag)])
+        return [manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]]
+
     def release(self) -> None:
         held, self.held = self.held, []
         for request, data in held:

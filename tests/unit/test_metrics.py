@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -27,18 +26,6 @@ from .harness import Harness
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-@pytest.fixture
-def registry() -> FakeRegistry:
-    registry = FakeRegistry()
-    registry.add_model("library/tiny", "latest", [os.urandom(200_000), b"{{ .Prompt }}"])
-    return registry
-
-
-def digests(registry: FakeRegistry) -> list[str]:
-    manifest = json.loads(registry.manifests[("library/tiny", "latest")])
-    return [manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]]
-
-
 def scrape(h: Harness, accept: str | None = None) -> tuple[Any, Samples]:
     """GET /metrics, parsed with prometheus_client's own parser into {(name, labels): value}."""
     headers = {"accept": [accept]} if accept else None
@@ -58,7 +45,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 def pull(h: Harness, registry: FakeRegistry) -> None:
     response, _ = h.request("GET", "/v2/library/tiny/manifests/latest")
     assert response.code == 200
-    for digest in digests(registry):
+    for digest in registry.digests():
         response, body = h.request("GET", f"/v2/library/tiny/blobs/{digest}")
         assert response.code == 200 and body == registry.blobs[digest]
 
@@ -67,7 +54,7 @@ def test_the_text_parses_and_counters_move_with_a_cold_then_a_warm_pull(
     tmp_path: Path, registry: FakeRegistry
 ) -> None:
     h = Harness(tmp_path, registry)
-    blob_bytes = sum(len(registry.blobs[d]) for d in digests(registry))
+    blob_bytes = sum(len(registry.blobs[d]) for d in registry.digests())
     manifest_bytes = len(registry.manifests[("library/tiny", "latest")])
     response, before = scrape(h)
     assert response.headers.getRawHeaders("content-type")[0].startswith("text/plain")
@@ -107,7 +94,7 @@ def test_cache_gauges_follow_the_cache_survey(tmp_path: Path, registry: FakeRegi
     h.settle(ensureDeferred(h.mirror.observability.survey.refresh_logging_errors()))  # what the timer does
     _, after = scrape(h)
     assert value(after, "ollama_mirror_cache_size_bytes") == sum(
-        len(registry.blobs[d]) for d in digests(registry)
+        len(registry.blobs[d]) for d in registry.digests()
     )
     assert value(after, "ollama_mirror_cached_models") == 1
     assert value(after, "ollama_mirror_disk_free_bytes") > 0
@@ -117,7 +104,7 @@ def test_upstream_errors_by_kind_and_a_failed_fill(tmp_path: Path, registry: Fak
     h = Harness(tmp_path, registry, **{"upstream.retry_attempts": "2"})
     h.request("GET", "/v2/library/tiny/manifests/latest")
     registry.fail_with = 503
-    response, _ = h.request("GET", f"/v2/library/tiny/blobs/{digests(registry)[1]}")
+    response, _ = h.request("GET", f"/v2/library/tiny/blobs/{registry.digests()[1]}")
     assert response.code == 502
     _, samples = scrape(h)
     assert value(samples, "ollama_mirror_upstream_errors_total", kind="status") == 3  # first try + 2 retries
@@ -127,7 +114,7 @@ def test_upstream_errors_by_kind_and_a_failed_fill(tmp_path: Path, registry: Fak
 
 def test_a_digest_mismatch_is_counted(tmp_path: Path, registry: FakeRegistry) -> None:
     h = Harness(tmp_path, registry)
-    digest = digests(registry)[1]
+    digest = registry.digests()[1]
     registry.blobs[digest] = b"X" * len(registry.blobs[digest])  # the upstream sends the wrong bytes
     h.request("GET", "/v2/library/tiny/manifests/latest")
     response, _ = h.request("GET", f"/v2/library/tiny/blobs/{digest}")

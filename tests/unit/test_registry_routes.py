@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +13,6 @@ from ollama_mirror.events import Events
 
 from .fakeregistry import FakeRegistry
 from .harness import Harness
-
-
-@pytest.fixture
-def registry() -> FakeRegistry:
-    registry = FakeRegistry()
-    registry.add_model("library/tiny", "latest", [os.urandom(200_000), b"{{ .Prompt }}"])
-    return registry
-
-
-def blob_digests(registry: FakeRegistry) -> list[str]:
-    manifest = json.loads(registry.manifests[("library/tiny", "latest")])
-    return [manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]]
 
 
 def test_manifest_is_served_verbatim_and_stored_in_the_ollama_layout(
@@ -110,7 +97,7 @@ def test_bad_and_unknown_requests_get_registry_errors(
 def test_a_cold_blob_is_streamed_with_a_location_and_cached(tmp_path: Path, registry: FakeRegistry) -> None:
     h = Harness(tmp_path, registry)
     h.request("GET", "/v2/library/tiny/manifests/latest")
-    digest = blob_digests(registry)[1]
+    digest = registry.digests()[1]
     response, body = h.request("GET", f"/v2/library/tiny/blobs/{digest}")
     assert response.code == 200
     assert body == registry.blobs[digest]
@@ -135,7 +122,7 @@ def test_ranges_cold_and_warm(
     tmp_path: Path, registry: FakeRegistry, header: str, first: int, last: int
 ) -> None:
     h = Harness(tmp_path, registry)
-    digest = blob_digests(registry)[1]
+    digest = registry.digests()[1]
     data = registry.blobs[digest]
     for _ in ("cold", "warm"):
         response, body = h.request("GET", f"/v2/library/tiny/blobs/{digest}", headers={"Range": header})
@@ -146,7 +133,7 @@ def test_ranges_cold_and_warm(
 
 def test_unsatisfiable_and_malformed_ranges(tmp_path: Path, registry: FakeRegistry) -> None:
     h = Harness(tmp_path, registry)
-    digest = blob_digests(registry)[1]
+    digest = registry.digests()[1]
     response, _ = h.request("GET", f"/v2/library/tiny/blobs/{digest}", headers={"Range": "bytes=200000-"})
     assert response.code == 416
     assert response.headers.getRawHeaders("content-range") == ["bytes */200000"]
@@ -158,7 +145,7 @@ def test_unsatisfiable_and_malformed_ranges(tmp_path: Path, registry: FakeRegist
 
 def test_head_gives_the_exact_size_cached_or_not(tmp_path: Path, registry: FakeRegistry) -> None:
     h = Harness(tmp_path, registry)
-    digest = blob_digests(registry)[1]
+    digest = registry.digests()[1]
     response, body = h.request("HEAD", f"/v2/library/tiny/blobs/{digest}")  # never seen, not in any manifest
     assert response.code == 200 and body == b""
     assert response.headers.getRawHeaders("content-length") == ["200000"]
@@ -172,7 +159,7 @@ def test_blobs_behind_a_redirect_are_fetched_without_our_credentials(
     registry.auth = "basic"
     registry.redirect_to = "http://storage.example"
     h = Harness(tmp_path, registry, **{"upstream.username": "user", "upstream.password": "secret"})
-    digest = blob_digests(registry)[1]
+    digest = registry.digests()[1]
     _, body = h.request("GET", f"/v2/library/tiny/blobs/{digest}")
     assert body == registry.blobs[digest]
     storage = [s for s in registry.seen if s.host == "storage.example"]
@@ -192,7 +179,7 @@ def test_bearer_token_flow(tmp_path: Path, registry: FakeRegistry) -> None:
     assert len(token_requests) == 1
     assert "scope=repository%3Alibrary%2Ftiny%3Apull" in token_requests[0].path
     assert "service=registry.example" in token_requests[0].path
-    digest = blob_digests(registry)[1]
+    digest = registry.digests()[1]
     _, data = h.request("GET", f"/v2/library/tiny/blobs/{digest}")
     assert data == registry.blobs[digest]
     assert registry.tokens_issued == 1  # the token is reused
@@ -211,7 +198,7 @@ def test_an_upstream_ignoring_range_still_gives_clients_their_range(
 ) -> None:
     registry.ignore_range = True
     h = Harness(tmp_path, registry)
-    digest = blob_digests(registry)[1]
+    digest = registry.digests()[1]
     response, body = h.request(
         "GET", f"/v2/library/tiny/blobs/{digest}", headers={"Range": "bytes=1000-1999"}
     )
@@ -231,7 +218,7 @@ def test_a_blob_whose_download_fails_at_once_is_a_502_not_a_broken_stream(
     h = Harness(tmp_path, registry)
     h.request("GET", "/v2/library/tiny/manifests/latest")  # the mirror now knows the blob sizes
     registry.fail_with = 503
-    digest = blob_digests(registry)[1]
+    digest = registry.digests()[1]
     response, body = h.request("GET", f"/v2/library/tiny/blobs/{digest}")
     assert response.code == 502
     assert "503" in json.loads(body)["errors"][0]["message"]
@@ -276,7 +263,7 @@ def test_listeners_hear_what_happens_and_a_broken_one_changes_nothing(
     h.mirror.events.listen(Broken())
     h.mirror.events.listen(recorder)
     h.request("GET", "/v2/library/tiny/manifests/latest")
-    digest = blob_digests(registry)[1]
+    digest = registry.digests()[1]
     _, body = h.request("GET", f"/v2/library/tiny/blobs/{digest}")
     assert body == registry.blobs[digest]
     h.request("GET", f"/v2/library/tiny/blobs/{digest}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,21 +33,9 @@ from .fakeregistry import FakeRegistry
 from .harness import Harness
 
 
-@pytest.fixture
-def registry() -> FakeRegistry:
-    registry = FakeRegistry()
-    registry.add_model("library/tiny", "latest", [os.urandom(200_000), b"{{ .Prompt }}"])
-    return registry
-
-
-def digests(registry: FakeRegistry) -> list[str]:
-    manifest = json.loads(registry.manifests[("library/tiny", "latest")])
-    return [manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]]
-
-
 def pull(h: Harness, registry: FakeRegistry) -> None:
     h.request("GET", "/v2/library/tiny/manifests/latest")
-    for digest in digests(registry):
+    for digest in registry.digests():
         response, _ = h.request("GET", f"/v2/library/tiny/blobs/{digest}")
         assert response.code == 200
 
@@ -102,7 +89,7 @@ def probe_now(h: Harness) -> None:
 
 def test_stats_has_the_seed_fields_and_what_the_mirror_saves(tmp_path: Path, registry: FakeRegistry) -> None:
     h = Harness(tmp_path, registry)
-    blob_bytes = sum(len(registry.blobs[d]) for d in digests(registry))
+    blob_bytes = sum(len(registry.blobs[d]) for d in registry.digests())
     code, empty = get_json(h, "/mirror/stats")
     assert code == 200
     assert empty["cached_models"] == 0 and empty["models"] == [] and empty["total_cache_size"] == 0
