@@ -58,6 +58,27 @@ class ServerConfig:
         "`tcp:9464:interface=127.0.0.1`); when set, the main listener does not serve `/metrics`.",
         "list",
     )
+    tls_certificate: str = setting(
+        "",
+        "TLS_CERTIFICATE",
+        "PEM certificate (leaf first; a chain may follow) for `ssl:` listeners in `server.listen` that "
+        "name no `privateKey`; reloaded on SIGHUP.",
+        "str",
+    )
+    tls_key: str = setting("", "TLS_KEY", "PEM private key of `server.tls_certificate`.", "str")
+    tls_chain: str = setting(
+        "",
+        "TLS_CHAIN",
+        "PEM intermediate certificates sent after `server.tls_certificate` (optional).",
+        "str",
+    )
+    virtual_hosts: tuple[tuple[str, str], ...] = setting(
+        (),
+        "VIRTUAL_HOSTS",
+        'JSON object mapping a request `Host` to a model host, e.g. `{"hf.mirror.example": "hf.co"}`: '
+        "`/v2` requests for that name go to that upstream (the environment variable holds the JSON text).",
+        "hostmap",
+    )
 
 
 @dataclass(frozen=True)
@@ -81,6 +102,33 @@ class CacheConfig:
         "Seconds a cached tag is served before it is revalidated upstream.",
         "float",
     )
+
+
+@dataclass(frozen=True)
+class UpstreamHost:
+    """One upstream registry and how to reach it (the default one comes from the ``upstream.*`` keys)."""
+
+    host: str  # the model host it serves: `hf.co` in `hf.co/user/repo:tag`
+    url: str
+    username: str = ""
+    password: str = ""
+    token: str = ""
+    ca_bundle: str = ""
+    insecure: bool = False
+    address: str = ""  # "host:port" to connect to instead of the URL's host
+    timeout: float | None = None  # None: `upstream.timeout`
+
+
+_UPSTREAM_HOST_FIELDS = {
+    "url": "url",
+    "username": "str",
+    "password": "str",
+    "token": "str",
+    "ca_bundle": "str",
+    "insecure": "bool",
+    "address": "address",
+    "timeout": "float",
+}
 
 
 @dataclass(frozen=True)
@@ -124,6 +172,36 @@ class UpstreamConfig:
     )
     username: str = setting("", "UPSTREAM_USERNAME", "User name for upstream Basic auth (optional).", "str")
     password: str = setting("", "UPSTREAM_PASSWORD", "Password for upstream Basic auth (optional).", "str")
+    token: str = setting(
+        "", "UPSTREAM_TOKEN", "Bearer token sent to the upstream on every request (optional).", "str"
+    )
+    ca_bundle: str = setting(
+        "",
+        "UPSTREAM_CA_BUNDLE",
+        "PEM file of the CAs trusted for this upstream's TLS (instead of the system's); empty: system CAs.",
+        "str",
+    )
+    insecure: bool = setting(
+        False,
+        "UPSTREAM_INSECURE",
+        "Skip TLS verification of this upstream (logged as a warning at start); never in production.",
+        "bool",
+    )
+    address: str = setting(
+        "",
+        "UPSTREAM_ADDRESS",
+        "`host:port` to connect to instead of resolving the URL's host; the TLS name and `Host` stay "
+        "the URL's (transparent mode, where that name resolves to the mirror itself).",
+        "address",
+    )
+    hosts: tuple[UpstreamHost, ...] = setting(
+        (),
+        "UPSTREAM_HOSTS",
+        "More upstreams: a JSON object mapping a model host to `{url, username, password, token, "
+        "ca_bundle, insecure, address, timeout}` (only `url` is required), e.g. "
+        '`{"hf.co": {"url": "https://hf.co"}}`; the environment variable holds the JSON text.',
+        "upstreams",
+    )
 
 
 @dataclass(frozen=True)
@@ -211,6 +289,14 @@ class Config:
             return list(self.server.listen)
         interface = self.server.host.replace(":", r"\:")
         return [f"tcp:{self.server.port}:interface={interface}"]
+
+    def upstreams(self) -> list[UpstreamHost]:
+        """Every upstream, the default (``upstream.*``) first."""
+        u = self.upstream
+        default = UpstreamHost(
+            u.host, u.url, u.username, u.password, u.token, u.ca_bundle, u.insecure, u.address, u.timeout
+        )
+        return [default, *u.hosts]
 
 
 SECTIONS: dict[str, type[Any]] = {
@@ -306,6 +392,8 @@ def _parse(key: Key, value: Any, from_text: bool) -> Any:
         if isinstance(value, str):
             return parse_size(value)
         raise ValueError("expected a size such as 512, 10MB or 16MiB")
+    if kind in ("upstreams", "hostmap"):
+        return _parse_mapping(kind, value)
     if kind == "list":
         if from_text or isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
@@ -325,9 +413,82 @@ def _parse(key: Key, value: Any, from_text: bool) -> Any:
         return value.upper()
     if kind == "host" and not is_host(value):
         raise ValueError("expected a host name such as registry.ollama.ai")
+    if kind == "address" and value:
+        parse_address(value)
     if kind == "format" and value not in ("text", "json"):
         raise ValueError("expected text or json")
     return value
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port); raises ValueError."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([A-Za-z0-9_.-]+):(\d+)", text)
+    if not match:
+        raise ValueError("expected host:port, e.g. 104.21.0.1:443 or [2606:4700::1]:443")
+    host, port = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+    if not 0 < int(port) <= 65535:
+        raise ValueError("expected a port number from 1 to 65535")
+    return host, int(port)
+
+
+def _parse_mapping(kind: str, value: Any) -> Any:
+    """A JSON object, given as JSON (file) or as JSON text (environment, command line)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError:
+            raise ValueError("expected a JSON object") from None
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return _parse_upstreams(value) if kind == "upstreams" else _parse_hostmap(value)
+
+
+def _parse_hostmap(value: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for name, target in value.items():
+        if not is_host(name) or not isinstance(target, str) or not is_host(target):
+            raise ValueError(f"entry {name!r}: expected a request host mapped to a model host")
+        pairs.append((name.lower(), target))
+    return tuple(pairs)
+
+
+def _parse_upstreams(value: dict[str, Any]) -> tuple[UpstreamHost, ...]:
+    hosts = []
+    for host, spec in value.items():
+        if not is_host(host):
+            raise ValueError(f"{host!r} is not a model host such as hf.co")
+        if not isinstance(spec, dict) or "url" not in spec:
+            raise ValueError(f"{host}: expected an object with at least a url")
+        fields: dict[str, Any] = {}
+        for name, raw in spec.items():
+            kind = _UPSTREAM_HOST_FIELDS.get(name)
+            if kind is None:
+                raise ValueError(f"{host}: unknown key {name!r} (known: {', '.join(_UPSTREAM_HOST_FIELDS)})")
+            try:
+                fields[name] = _parse(Key("upstream", name, "", kind, None, "", None, False), raw, False)
+                if name == "timeout" and fields[name] <= 0:
+                    raise ValueError("must be positive")
+            except ValueError as e:
+                raise ValueError(f"{host}.{name}: {e}") from None
+        hosts.append(UpstreamHost(host, **fields))
+    return tuple(hosts)
+
+
+def _check_consistency(config: Config) -> None:
+    """Rules between keys: one upstream per model host, virtual hosts name a configured upstream."""
+    known = [u.host for u in config.upstreams()]
+    if len(set(known)) != len(known):
+        raise ConfigError(
+            f"upstream.hosts: {config.upstream.host} is already the default upstream (upstream.*)"
+        )
+    for request_host, model_host in config.server.virtual_hosts:
+        if model_host not in known:
+            raise ConfigError(
+                f"server.virtual_hosts: {request_host} maps to {model_host}, which no upstream serves "
+                f"(configured: {', '.join(known)})"
+            )
+    if bool(config.server.tls_certificate) != bool(config.server.tls_key):
+        raise ConfigError("server.tls_certificate and server.tls_key must be set together")
 
 
 def _check_minimum(key: Key, value: Any) -> None:
@@ -414,7 +575,9 @@ def load_config(
         except ValueError as e:
             raise ConfigError(f"{dotted} = {_describe(raw)} (from {source}): {e}") from None
         values[key.section][key.name] = value
-    return Config(**{section: cls(**values[section]) for section, cls in SECTIONS.items()})
+    config = Config(**{section: cls(**values[section]) for section, cls in SECTIONS.items()})
+    _check_consistency(config)
+    return config
 
 
 def replace(config: Config, **sections: Mapping[str, Any]) -> Config:
@@ -437,6 +600,8 @@ def _default_text(key: Key) -> str:
     value = key.default
     if isinstance(value, bool):
         return "true" if value else "false"
+    if key.kind in ("upstreams", "hostmap"):
+        return "{}"
     if isinstance(value, tuple):
         return "(none)" if not value else ",".join(value)
     if isinstance(value, float) and value.is_integer():
@@ -462,6 +627,8 @@ def sample_document() -> dict[str, dict[str, Any]]:
     document: dict[str, dict[str, Any]] = {}
     for key in keys():
         value = list(key.default) if isinstance(key.default, tuple) else key.default
+        if key.kind in ("upstreams", "hostmap"):
+            value = {}
         document.setdefault(key.section, {})[key.name] = value
     return document
 

@@ -43,8 +43,9 @@ class FillManager(Service):
         fill = self.fills.get(hexdigest)
         return fill if fill is not None and not fill.ended else None
 
-    def fill(self, hexdigest: str, size: int, repository: str) -> Fill:
-        """The blob's running Fill, or a new one (resuming any partial data on disk)."""
+    def fill(self, hexdigest: str, size: int, repository: str, source: BlobSource | None = None) -> Fill:
+        """The blob's running Fill, or a new one (resuming any partial data on disk) from *source*
+        (the upstream of the model asking; the default source when not given)."""
         fill = self.active(hexdigest)
         if fill is not None:
             return fill
@@ -52,7 +53,7 @@ class FillManager(Service):
             hexdigest=hexdigest,
             size=size,
             repository=repository,
-            source=self.source,
+            source=source or self.source,
             store=self.store,
             clock=self.clock,
             runner=self.runner,

@@ -21,6 +21,7 @@ from .names import ModelName
 from .runner import Runner
 from .store import Store, manifest_blobs
 from .upstream import Upstream, UpstreamError, media_type_of
+from .upstreams import Upstreams
 
 log = Logger()
 
@@ -48,7 +49,7 @@ class ManifestCache:
     def __init__(
         self,
         store: Store,
-        upstream: Upstream,
+        upstreams: Upstreams,
         runner: Runner,
         clock: Any,
         ttl: float,
@@ -56,13 +57,20 @@ class ManifestCache:
     ) -> None:
         self._events = events or Events()
         self._store = store
-        self._upstream = upstream
+        self._upstreams = upstreams
         self._runner = runner
         self._clock = clock
         self._ttl = ttl
         self._confirmed: dict[ModelName, float] = {}  # when a cached tag last matched upstream
         self._revalidating: dict[ModelName, _Shared] = {}
         self.blob_sizes: dict[str, int] = {}  # hex digest -> size, from every manifest seen
+
+    def _upstream(self, name: ModelName) -> Upstream:
+        """The upstream of the name's host (the cache keeps each host's manifests apart)."""
+        upstream = self._upstreams.for_model_host(name.host)
+        if upstream is None:
+            raise UpstreamError(f"no upstream is configured for {name.host}", kind="config")
+        return upstream
 
     def _remember_sizes(self, data: bytes) -> None:
         for digest, size in manifest_blobs(data):
@@ -87,7 +95,7 @@ class ManifestCache:
         self, name: ModelName, cached: bytes | None, accept: list[str] | None, user_agent: str | None
     ) -> Manifest:
         try:
-            fetched = await self._upstream.manifest(name.repository, name.tag, accept, user_agent)
+            fetched = await self._upstream(name).manifest(name.repository, name.tag, accept, user_agent)
         except UpstreamError as e:
             if e.status == 404:
                 raise ManifestUnknown(f"manifest unknown: {name}") from None
@@ -122,7 +130,7 @@ class ManifestCache:
             self._remember_sizes(cached)
             return Manifest(cached, media_type_of(cached, ""), "cache")
         try:
-            fetched = await self._upstream.manifest(
+            fetched = await self._upstream(name).manifest(
                 name.repository, "sha256:" + hexdigest, accept, user_agent
             )
         except UpstreamError as e:

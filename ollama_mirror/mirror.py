@@ -31,7 +31,7 @@ from .proxy import InferenceProxy
 from .registry import RegistryApi
 from .runner import InlineRunner, Runner, ThreadRunner
 from .store import Store
-from .upstream import Upstream
+from .upstreams import LoopGuard, build_upstreams, new_marker
 from .web import RootApi
 
 
@@ -47,10 +47,8 @@ class Mirror:
     ) -> None:
         self.config = config
         self.reactor = reactor
-        self._pool: HTTPConnectionPool | None = None
+        self._pools: list[HTTPConnectionPool] = []
         self._backend_pool: HTTPConnectionPool | None = None
-        if agent is None:
-            agent = self._make_agent(reactor, config)
         self._thread_runner: ThreadRunner | None = None
         if runner is None and IReactorThreads.providedBy(reactor):
             runner = self._thread_runner = ThreadRunner(reactor)
@@ -59,22 +57,16 @@ class Mirror:
         self.runner = runner
         self.store = Store(config.cache.directory)
         self.store.create()
-        self.upstream = Upstream(
-            config.upstream.url,
-            config.upstream.host,
-            agent,
-            reactor,
-            timeout=config.upstream.timeout,
-            username=config.upstream.username,
-            password=config.upstream.password,
-        )
+        self.marker = new_marker()  # the Via value of our upstream requests: one coming back is a loop
+        self.upstreams, self._pools = build_upstreams(config, reactor, self.marker, agent)
+        self.upstream = self.upstreams.default
         self.events = EventHub()
         self.manifests = ManifestCache(
-            self.store, self.upstream, runner, reactor, config.cache.manifest_ttl, self.events
+            self.store, self.upstreams, runner, reactor, config.cache.manifest_ttl, self.events
         )
         self.fills = FillManager(self.store, self.upstream, reactor, runner, config.upstream, self.events)
         self.registry = RegistryApi(
-            self.store, self.manifests, self.fills, self.upstream, reactor, self.events
+            self.store, self.manifests, self.fills, self.upstreams, reactor, self.events
         )
         self.catalog = Catalog(self.store)
         self.index = CacheIndex(os.path.join(self.store.work_dir, "index.sqlite3"), reactor)
@@ -106,7 +98,7 @@ class Mirror:
             self.catalog,
             self.manifests,
             self.fills,
-            self.upstream,
+            self.upstreams,
             runner,
             reactor,
             self.proxy,
@@ -114,7 +106,7 @@ class Mirror:
             delete_model=self.sweeper.delete_model,
         )
         self.observability = Observability(
-            self, agent=agent, backend_agent=backend_agent, registry=metrics_registry
+            self, agent=agent or self.upstream.agent, backend_agent=backend_agent, registry=metrics_registry
         )
         self.root = RootApi(
             {
@@ -130,17 +122,9 @@ class Mirror:
             metrics=self.observability.metrics_on_main_site(),
         )
 
-    def _make_agent(self, reactor: Any, config: Config) -> IAgent:
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._pool.maxPersistentPerHost = (
-            config.upstream.connections_per_blob * config.upstream.max_concurrent_downloads
-        )
-        self._pool.retryAutomatically = False
-        return Agent(reactor, pool=self._pool, connectTimeout=min(30.0, config.upstream.timeout))
-
     def resource(self) -> IResource:
         """The whole HTTP tree, every request timed, logged and counted."""
-        return self.observability.observe(self.root.resource())
+        return self.observability.observe(LoopGuard(self.root.resource(), self.marker))
 
     def services(self) -> list[IService]:
         """Services to run beside the listening endpoints."""
@@ -153,7 +137,7 @@ class Mirror:
 
     def close(self) -> Deferred[Any]:
         """After every service has stopped: close pooled connections and stop the worker threads."""
-        pools = [pool for pool in (self._pool, self._backend_pool) if pool is not None]
+        pools = [pool for pool in (*self._pools, self._backend_pool) if pool is not None]
         d = DeferredList([pool.closeCachedConnections() for pool in pools])
         if self._thread_runner is not None:
             d.addBoth(lambda _: self._thread_runner.stop() if self._thread_runner else None)

@@ -32,6 +32,7 @@ from .proxy import InferenceProxy
 from .runner import Runner
 from .store import Store, manifest_blobs
 from .upstream import Upstream, UpstreamError
+from .upstreams import Upstreams
 
 log = Logger()
 
@@ -111,7 +112,7 @@ class OllamaApi:
         catalog: Catalog,
         manifests: ManifestCache,
         fills: FillManager,
-        upstream: Upstream,
+        upstreams: Upstreams,
         runner: Runner,
         clock: Any,
         proxy: InferenceProxy,
@@ -124,7 +125,7 @@ class OllamaApi:
         self._catalog = catalog
         self._manifests = manifests
         self._fills = fills
-        self._upstream = upstream
+        self._upstreams = upstreams
         self._runner = runner
         self._clock = clock
         self._proxy = proxy
@@ -148,13 +149,13 @@ class OllamaApi:
     async def pull(self, request: Request) -> bytes | None:
         body = read_json(request)
         name = self._name(_model_field(body))
-        if name.host != self._upstream.host:
-            raise ApiError(
-                400, f"no upstream is configured for {name.host} (this mirror serves {self._upstream.host})"
-            )
+        upstream = self._upstreams.for_model_host(name.host)
+        if upstream is None:
+            served = ", ".join(u.host for u in self._upstreams)
+            raise ApiError(400, f"no upstream is configured for {name.host} (this mirror serves {served})")
         if body.get("stream", True) is False:
             try:
-                await self._pull(name, lambda _: None)
+                await self._pull(name, upstream, lambda _: None)
             except PullFailed as e:
                 return ollama_error(request, 500, str(e))
             return json_body(request, 200, {"status": "success"})
@@ -165,12 +166,14 @@ class OllamaApi:
             request.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
 
         try:
-            await self._pull(name, emit)
+            await self._pull(name, upstream, emit)
         except PullFailed as e:
             emit({"error": str(e)})
         return None
 
-    async def _pull(self, name: ModelName, emit: Callable[[dict[str, Any]], None]) -> None:
+    async def _pull(
+        self, name: ModelName, upstream: Upstream, emit: Callable[[dict[str, Any]], None]
+    ) -> None:
         """Cache *name* on the mirror, reporting as Ollama does.  A client hanging up cancels only
         this report: the downloads it started go on."""
         emit({"status": "pulling manifest"})
@@ -188,15 +191,20 @@ class OllamaApi:
         for digest, size in ordered:  # start every download now; the fill gate spaces them out
             hexdigest = digest.removeprefix("sha256:")
             if self._store.blob_size(hexdigest) is None:
-                self._fills.fill(hexdigest, size, name.repository)
+                self._fills.fill(hexdigest, size, name.repository, upstream)
         for digest, size in ordered:
-            await self._report_blob(name, digest, size, emit)
+            await self._report_blob(name, upstream, digest, size, emit)
         emit({"status": "verifying sha256 digest"})
         emit({"status": "writing manifest"})
         emit({"status": "success"})
 
     async def _report_blob(
-        self, name: ModelName, digest: str, size: int, emit: Callable[[dict[str, Any]], None]
+        self,
+        name: ModelName,
+        upstream: Upstream,
+        digest: str,
+        size: int,
+        emit: Callable[[dict[str, Any]], None],
     ) -> None:
         hexdigest = digest.removeprefix("sha256:")
         status = f"pulling {hexdigest[:12]}"
@@ -212,7 +220,7 @@ class OllamaApi:
         if self._store.blob_size(hexdigest) is not None:
             emit(line(size))
             return
-        fill = self._fills.active(hexdigest) or self._fills.fill(hexdigest, size, name.repository)
+        fill = self._fills.active(hexdigest) or self._fills.fill(hexdigest, size, name.repository, upstream)
         last, last_time = -1, self._clock.seconds()
         while not fill.ended:
             completed = fill.completed_bytes()

@@ -32,6 +32,7 @@ from .names import InvalidName, ModelName, is_digest, is_model, is_namespace, is
 from .ranges import InvalidRange, UnsatisfiableRange, parse_range
 from .store import Store
 from .upstream import Upstream, UpstreamError
+from .upstreams import Upstreams
 
 log = Logger()
 
@@ -54,7 +55,7 @@ class RegistryApi:
         store: Store,
         manifests: ManifestCache,
         fills: FillManager,
-        upstream: Upstream,
+        upstreams: Upstreams,
         clock: Any,
         events: Events | None = None,
     ) -> None:
@@ -64,15 +65,19 @@ class RegistryApi:
         self._store = store
         self._manifests = manifests
         self._fills = fills
-        self._upstream = upstream
+        self._upstreams = upstreams
 
     def resource(self) -> IResource:
         return self.app.resource()  # type: ignore[no-any-return]
 
-    def _name(self, namespace: str, model: str, tag: str = "latest") -> ModelName:
+    def _upstream(self, request: IRequest) -> Upstream:
+        """The upstream this request means, by its ``Host`` (virtual hosts, transparent mode)."""
+        return self._upstreams.for_request_host(_header(request, b"host"))
+
+    def _name(self, request: IRequest, namespace: str, model: str, tag: str = "latest") -> ModelName:
         if not is_namespace(namespace) or not is_model(model):
             raise RegistryError(400, "NAME_INVALID", f"invalid repository name {namespace}/{model}")
-        return ModelName(self._upstream.host, namespace, model, tag)
+        return ModelName(self._upstream(request).host, namespace, model, tag)
 
     @app.route("/", methods=["GET", "HEAD"])
     def version_check(self, request: IRequest) -> bytes:
@@ -86,13 +91,13 @@ class RegistryApi:
         accept = [t.strip() for t in (_header(request, b"accept") or "").split(",") if t.strip()]
         user_agent = _header(request, b"user-agent")
         if user_agent and user_agent.startswith("ollama/"):
-            self._upstream.user_agent = user_agent  # registry.ollama.ai may refuse other agents
+            self._upstream(request).user_agent = user_agent  # registry.ollama.ai may refuse other agents
         found: Manifest
         if is_digest(reference):
-            name = self._name(namespace, model)
+            name = self._name(request, namespace, model)
             found = await self._manifests.by_digest(name, parse_digest(reference), accept, user_agent)
         elif is_tag(reference):
-            name = self._name(namespace, model, reference)
+            name = self._name(request, namespace, model, reference)
             found = await self._manifests.by_tag(name, accept, user_agent)
             self._events.model_used(name, request.method == b"GET")
         else:
@@ -108,7 +113,7 @@ class RegistryApi:
 
     # --- blobs ---------------------------------------------------------------------------------
 
-    async def _locate(self, name: ModelName, hexdigest: str) -> tuple[int, Fill | None]:
+    async def _locate(self, upstream: Upstream, name: ModelName, hexdigest: str) -> tuple[int, Fill | None]:
         """The blob's size, and its running Fill if it is being downloaded."""
         size = self._store.blob_size(hexdigest)
         if size is not None:
@@ -120,7 +125,7 @@ class RegistryApi:
         if known is not None:
             return known, None
         try:
-            return await self._upstream.blob_size(name.repository, "sha256:" + hexdigest), None
+            return await upstream.blob_size(name.repository, "sha256:" + hexdigest), None
         except UpstreamError as e:
             if e.status in (404, 400):
                 raise RegistryError(404, "BLOB_UNKNOWN", f"blob unknown: sha256:{hexdigest}") from None
@@ -163,12 +168,13 @@ class RegistryApi:
 
     @app.route("/<namespace>/<model>/blobs/<digest>", methods=["GET", "HEAD"])
     async def blob(self, request: Request, namespace: str, model: str, digest: str) -> Any:
-        name = self._name(namespace, model)
+        upstream = self._upstream(request)
+        name = self._name(request, namespace, model)
         try:
             hexdigest = parse_digest(digest)
         except InvalidName:
             raise RegistryError(400, "DIGEST_INVALID", f"invalid digest {digest!r}") from None
-        size, fill = await self._locate(name, hexdigest)
+        size, fill = await self._locate(upstream, name, hexdigest)
         try:
             wanted = parse_range(_header(request, b"range"), size)
         except InvalidRange as e:
@@ -182,7 +188,7 @@ class RegistryApi:
         first, last = (0, size - 1) if wanted is None else wanted
         streaming = request.method != b"HEAD" and last >= first
         if streaming and fill is None and self._store.blob_size(hexdigest) is None:
-            fill = self._fills.fill(hexdigest, size, name.repository)
+            fill = self._fills.fill(hexdigest, size, name.repository, upstream)
         fd: int | Callable[[], int] = -1
         if streaming:
             if fill is not None:

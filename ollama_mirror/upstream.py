@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
+from OpenSSL.SSL import Error as SSLError
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.logger import Logger
@@ -38,6 +39,7 @@ MAX_REDIRECTS = 5
 _RESOLVED_URL_LIFETIME = 10 * 60.0  # R2 presigned URLs last ~20 minutes; re-resolve well before
 _EXPIRED_STATUSES = frozenset({401, 403, 404, 410})
 NETWORK_ERRORS = (ConnectError, DNSLookupError, TimeoutError, ResponseFailed, CancelledError)
+LOOP_STATUS = 508  # Loop Detected: what the mirror answers a request that it sent itself
 
 
 @dataclass(frozen=True)
@@ -66,15 +68,20 @@ class Upstream:
         timeout: float,
         username: str = "",
         password: str = "",
+        token: str = "",
+        via: str = "",
     ) -> None:
         self.url = url.rstrip("/")
         self.host = host
-        self._agent = agent
+        self.agent = agent
         self._clock = clock
         self._timeout = timeout
         self._basic = (
             b"Basic " + base64.b64encode(f"{username}:{password}".encode()) if username or password else None
         )
+        if token:  # a fixed token stands in for Basic credentials (and for a token service's answer)
+            self._basic = b"Bearer " + token.encode("latin-1")
+        self._via = via.encode("latin-1")  # marks our requests, so that one coming back is seen as a loop
         self._tokens: dict[str, bytes] = {}  # scope -> "Bearer ..." header value
         self._resolved: dict[str, tuple[str, float]] = {}  # digest -> (blob URL elsewhere, when resolved)
         self.user_agent = f"ollama-mirror/{__version__}"
@@ -89,12 +96,23 @@ class Upstream:
         """
         headers.setdefault(b"user-agent", [self.user_agent.encode()])
         headers.setdefault(b"accept-encoding", [b"identity"])
-        d = self._agent.request(method.encode("ascii"), url.encode("ascii"), Headers(headers), None)
+        if self._via:
+            headers[b"via"] = [self._via]
+        d = self.agent.request(method.encode("ascii"), url.encode("ascii"), Headers(headers), None)
         d.addTimeout(self._timeout, self._clock)
         try:
             response: IResponse = await d
         except NETWORK_ERRORS as e:
             raise _network_error(url, e) from None
+        if response.code == LOOP_STATUS:
+            await discard(response)
+            raise UpstreamError(
+                f"request loop: upstream {self.host} ({_origin(url)}) leads back to this mirror; give it an "
+                "address override that reaches the real registry (upstream.address, or address in "
+                "upstream.hosts)",
+                LOOP_STATUS,
+                kind="loop",
+            )
         return response
 
     async def _authorized(
@@ -158,7 +176,9 @@ class Upstream:
         if user_agent:
             headers[b"user-agent"] = [user_agent.encode("latin-1", "replace")]
         url = f"{self.url}/v2/{repository}/manifests/{reference}"
-        response = await self._authorized("GET", url, f"repository:{repository}:pull", headers)
+        scope = f"repository:{repository}:pull"
+        response = await self._authorized("GET", url, scope, dict(headers))
+        response, url = await self._follow(response, url, scope, headers)
         if response.code != 200:
             await discard(response)
             raise UpstreamError(
@@ -215,28 +235,38 @@ class Upstream:
             )
         self._resolved.pop(digest, None)
         url = self._blob_url(repository, digest)
-        response = await self._authorized(
-            "GET", url, f"repository:{repository}:pull", {b"range": [range_header]}
-        )
+        scope = f"repository:{repository}:pull"
+        headers = {b"range": [range_header]}
+        response = await self._authorized("GET", url, scope, dict(headers))
+        response, final = await self._follow(response, url, scope, headers)
+        if _origin(final) != _origin(url):  # storage elsewhere (presigned): remember while it works
+            self._resolved[digest] = (final, self._clock.seconds())
+        return await self._expect_body(response, final)
+
+    async def _follow(
+        self, response: IResponse, url: str, scope: str, headers: dict[bytes, list[bytes]]
+    ) -> tuple[IResponse, str]:
+        """Follow redirects (registry.ollama.ai's 307s, hf.co's 302s) to the answer and its URL.
+
+        Credentials go only to the registry's own origin, never to the storage a blob lives on.
+        """
         registry_origin = _origin(url)
         for _ in range(MAX_REDIRECTS):
             if response.code not in (301, 302, 303, 307, 308):
-                return await self._expect_body(response, url)
+                return response, url
             location = (response.headers.getRawHeaders(b"location") or [b""])[0].decode("latin-1")
             await discard(response)
             if not location:
                 raise UpstreamError(f"upstream {url} redirected without a Location", response.code)
             url = urljoin(url, location)
-            headers: dict[bytes, list[bytes]] = {b"range": [range_header]}
+            sent = dict(headers)
             if _origin(url) == registry_origin:
-                auth = self._tokens.get(f"repository:{repository}:pull") or self._basic
+                auth = self._tokens.get(scope) or self._basic
                 if auth:
-                    headers[b"authorization"] = [auth]
-            else:
-                self._resolved[digest] = (url, self._clock.seconds())
-            response = await self._send("GET", url, headers)
+                    sent[b"authorization"] = [auth]
+            response = await self._send("GET", url, sent)
         await discard(response)
-        raise UpstreamError(f"upstream {self.url} redirected too many times for blob {digest}")
+        raise UpstreamError(f"upstream {self.url} redirected more than {MAX_REDIRECTS} times")
 
     async def _expect_body(self, response: IResponse, url: str) -> IResponse:
         if response.code in (200, 206):
@@ -260,7 +290,9 @@ class UpstreamError(Exception):
 
     @property
     def transient(self) -> bool:
-        """Worth retrying: no answer, a 5xx, 408 or 429."""
+        """Worth retrying: no answer, a 5xx, 408 or 429 (a request loop never heals by itself)."""
+        if self.kind == "loop":
+            return False
         return self.status is None or self.status >= 500 or self.status in (408, 429)
 
 
@@ -268,9 +300,21 @@ def _network_error(url: str, error: Exception) -> UpstreamError:
     if isinstance(error, CancelledError | TimeoutError):
         return UpstreamError(f"upstream {_origin(url)} did not answer in time", kind="timeout")
     if isinstance(error, ResponseFailed):
-        reasons = ", ".join(str(r.value) for r in error.reasons) or "connection lost"
+        reasons = (
+            ", ".join(
+                f"TLS failed: {_tls_reason(r.value)}" if isinstance(r.value, SSLError) else str(r.value)
+                for r in error.reasons
+            )
+            or "connection lost"
+        )
         return UpstreamError(f"upstream {_origin(url)} failed: {reasons}")
     return UpstreamError(f"upstream {_origin(url)} is unreachable: {error}")
+
+
+def _tls_reason(error: SSLError) -> str:
+    """The readable part of an OpenSSL error list (e.g. ``certificate verify failed``)."""
+    reasons = [str(part[2]) for part in (error.args[0] if error.args else []) if isinstance(part, tuple)]
+    return ", ".join(reasons) or str(error)
 
 
 def _origin(url: str) -> str:

@@ -75,4 +75,4 @@ def test_embedders_can_inject_the_http_client_and_runner(tmp_path: Path) -> None
     agent = RequestTraversalAgent(Resource())
     service = build_service(config_for(tmp_path), MemoryReactorClock(), agent=agent, runner=runner)
     assert service.mirror.runner is runner
-    assert service.mirror.upstream._agent is agent
+    assert service.mirror.upstream.agent is agent
