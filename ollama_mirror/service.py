@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
@@ -21,6 +20,7 @@ from .config import Config, ConfigError, inactive_settings
 from .logs import MirrorSite
 from .mirror import Mirror
 from .runner import Runner
+from .tls import ServerTLS, is_managed_tls, listener
 
 log = Logger()
 
@@ -42,9 +42,17 @@ class ListeningService(MultiService):
 class MirrorService(MultiService):
     """The top of the tree; holds the :class:`Mirror` so embedders can reach its parts."""
 
-    def __init__(self, mirror: Mirror) -> None:
+    def __init__(self, mirror: Mirror, tls: ServerTLS | None = None) -> None:
         super().__init__()
         self.mirror = mirror
+        self.tls = tls  # the certificate of the `ssl:` listeners, if any
+
+    def reload_certificates(self) -> bool:
+        """Read ``server.tls_*`` again (the daemon does it on SIGHUP); False if it could not be."""
+        if self.tls is None:
+            log.info("reload asked, but no TLS certificate is configured")
+            return False
+        return self.tls.reload()
 
     def startService(self) -> None:
         self.mirror.start()  # worker threads first: services use them as they start
@@ -65,22 +73,23 @@ def build_service(
     *agent* (an ``IAgent``) and *runner* replace the upstream HTTP client and the thread pool,
     for tests and for applications that bring their own.
     """
+    tls = _server_tls(config)
     mirror = Mirror(config, reactor, agent=agent, runner=runner)
-    top = MirrorService(mirror)
+    top = MirrorService(mirror, tls)
     site = MirrorSite(mirror.resource(), reactor=reactor)
     for child in mirror.services():
         child.setServiceParent(top)
     listening = ListeningService()  # added last: it starts last and stops first
     for description in config.listen_endpoints():
         try:
-            strports.service(description, site, reactor=reactor).setServiceParent(listening)
+            listener(description, site, reactor, tls).setServiceParent(listening)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"server.listen: cannot use endpoint {description!r}: {e}") from None
     observability = mirror.observability  # /metrics on a listener of its own, if configured
     metrics_site = MirrorSite(observability.observe(observability.metrics_resource()), reactor=reactor)
     for description in observability.metrics_endpoints():
         try:
-            strports.service(description, metrics_site, reactor=reactor).setServiceParent(listening)
+            listener(description, metrics_site, reactor, tls).setServiceParent(listening)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"server.metrics_listen: cannot use endpoint {description!r}: {e}") from None
     listening.setServiceParent(top)
@@ -91,6 +100,21 @@ def build_service(
         upstream=config.upstream.url,
         endpoints=", ".join(config.listen_endpoints()),
     )
+    if tls is not None:
+        log.info(
+            "serving TLS as {subject} (valid until {not_after})", subject=tls.subject, not_after=tls.not_after
+        )
     for key in inactive_settings(config):
         log.warn("{key} is set, but this version of ollama-mirror does not act on it yet", key=key)
     return top
+
+
+def _server_tls(config: Config) -> ServerTLS | None:
+    """The certificate for ``ssl:`` listeners; a file that cannot be used is a configuration error."""
+    server = config.server
+    endpoints = [*config.listen_endpoints(), *config.server.metrics_listen]
+    if not server.tls_certificate:
+        return None
+    if not any(is_managed_tls(e) for e in endpoints):
+        log.warn("server.tls_certificate is set, but no ssl: listener in server.listen serves it")
+    return ServerTLS(server.tls_certificate, server.tls_key, server.tls_chain)

@@ -7,8 +7,9 @@ imports the global reactor, and only inside :func:`makeService`, after twistd in
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from twisted.application.service import IService, IServiceCollection, MultiService
 from twisted.logger import ILogObserver
@@ -81,9 +82,11 @@ class _Daemon(MultiService):
     twistd gives this service.
     """
 
-    def __init__(self, log_observer: ILogObserver | None = None) -> None:
+    def __init__(self, log_observer: ILogObserver | None = None, reactor: Any = None) -> None:
         super().__init__()
+        self._reactor = reactor
         self._log_observer = log_observer
+        self._previous_hup: Any = None
 
     def setServiceParent(self, parent: IServiceCollection) -> None:
         super().setServiceParent(parent)
@@ -98,6 +101,28 @@ class _Daemon(MultiService):
         except StartupError as e:
             fail(str(e))
 
+    def startService(self) -> None:
+        """SIGHUP reloads the TLS certificate (the daemon's own; embedders keep their handlers)."""
+        super().startService()
+        self._previous_hup = signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_hup(self, signum: int, frame: Any) -> None:
+        if self._reactor is not None:
+            self._reactor.callFromThread(self.reload_certificates)
+
+    def reload_certificates(self) -> None:
+        """What SIGHUP does: every child that serves a certificate reads it again."""
+        for child in self:
+            reload = getattr(child, "reload_certificates", None)
+            if reload is not None:
+                reload()
+
+    def stopService(self) -> Any:
+        if self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
+            self._previous_hup = None
+        return super().stopService()
+
 
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor  # twistd has installed the chosen reactor by now
@@ -109,7 +134,7 @@ def makeService(options: Options) -> IService:
         mirror = build_service(options.config, reactor)
     except ConfigError as e:
         fail(f"configuration error: {e}")
-    daemon = _Daemon(_log_observer(options))
+    daemon = _Daemon(_log_observer(options), reactor)
     mirror.setServiceParent(daemon)
     return daemon
 

@@ -160,10 +160,10 @@ class ServerTLS:
         if chain:
             certificates += read_certificates(chain, "server.tls_chain")
         private_key = read_private_key(key, "server.tls_key")
-        options = CertificateOptions(
-            privateKey=private_key, certificate=certificates[0], extraCertChain=certificates[1:]
-        )
         try:
+            options = CertificateOptions(
+                privateKey=private_key, certificate=certificates[0], extraCertChain=certificates[1:]
+            )
             context = options.getContext()
         except SSL.Error:
             raise ConfigError(

@@ -60,7 +60,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,16 +209,52 @@ class _Log:
 # HTTP plumbing
 
 
-def _connection(url: str, timeout: float, ssl_context: ssl.SSLContext | None) -> http.client.HTTPConnection:
+ConnectTo = Mapping[str, tuple[str, int]]
+
+
+class _RedirectedHTTPConnection(http.client.HTTPConnection):
+    """Connects to another address than the URL's host (like ``curl --connect-to``)."""
+
+    def __init__(self, host: str, port: int | None, address: tuple[str, int], timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection(self._address, self.timeout)
+
+
+class _RedirectedHTTPSConnection(http.client.HTTPSConnection):
+    """TLS to another address; the name sent (SNI) and verified stays the URL's host."""
+
+    def __init__(
+        self, host: str, port: int | None, address: tuple[str, int], timeout: float, context: ssl.SSLContext
+    ) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._address = address
+        self._tls = context
+
+    def connect(self) -> None:
+        sock = socket.create_connection(self._address, self.timeout)
+        self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+
+
+def _connection(
+    url: str, timeout: float, ssl_context: ssl.SSLContext | None, connect_to: ConnectTo | None = None
+) -> http.client.HTTPConnection:
     parts = urlsplit(url)
     if parts.hostname is None:
         raise PullError(f"bad URL {url!r}")
+    default_port = 443 if parts.scheme == "https" else 80
+    address = (connect_to or {}).get(f"{parts.hostname}:{parts.port or default_port}")
     if parts.scheme == "https":
-        return http.client.HTTPSConnection(
-            parts.hostname, parts.port, timeout=timeout, context=ssl_context or ssl.create_default_context()
-        )
+        context = ssl_context or ssl.create_default_context()
+        if address is not None:
+            return _RedirectedHTTPSConnection(parts.hostname, parts.port, address, timeout, context)
+        return http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=context)
     if parts.scheme != "http":
         raise PullError(f"unsupported scheme in {url!r}")
+    if address is not None:
+        return _RedirectedHTTPConnection(parts.hostname, parts.port, address, timeout)
     return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
 
 
@@ -273,8 +309,9 @@ def _send(
     timeout: float,
     ssl_context: ssl.SSLContext | None,
     on_socket: Callable[[socket.socket], None] | None = None,
+    connect_to: ConnectTo | None = None,
 ) -> _Exchange:
-    conn = _connection(url, timeout, ssl_context)
+    conn = _connection(url, timeout, ssl_context, connect_to)
     sock: socket.socket | None = None
     try:
         conn.connect()
@@ -304,6 +341,7 @@ def _request(
     follow: Callable[[str], bool] | None,
     part: int | None = None,
     on_socket: Callable[[socket.socket], None] | None = None,
+    connect_to: ConnectTo | None = None,
 ) -> tuple[_Exchange, float]:
     """Send a request, following redirects like Go's ``http.Client`` while ``follow(new_url)`` is true.
 
@@ -315,7 +353,15 @@ def _request(
         started = time.monotonic()
         range_value = dict(headers).get("Range")
         try:
-            ex = _send(method, url, headers, timeout=timeout, ssl_context=ssl_context, on_socket=on_socket)
+            ex = _send(
+                method,
+                url,
+                headers,
+                timeout=timeout,
+                ssl_context=ssl_context,
+                on_socket=on_socket,
+                connect_to=connect_to,
+            )
         except (OSError, http.client.HTTPException) as exc:
             log.add(
                 RequestLog(
@@ -493,6 +539,7 @@ class _RangedConfig:
     retry_backoff: float
     ssl_context: ssl.SSLContext | None
     headers: list[tuple[str, str]]
+    connect_to: ConnectTo | None = None
 
 
 def _fetch_part_once(
@@ -516,6 +563,7 @@ def _fetch_part_once(
             [*cfg.headers, ("Range", range_value)],
             timeout=cfg.stall_timeout + 5.0,
             ssl_context=cfg.ssl_context,
+            connect_to=cfg.connect_to,
             log=log,
             follow=lambda _u: True,
             part=part.index,
@@ -731,6 +779,7 @@ def _discover(
     ssl_context: ssl.SSLContext | None,
     discovery_timeout: float,
     newer_discovery: bool,
+    connect_to: ConnectTo | None = None,
 ) -> str:
     """Step 3: the GET without Range that yields the URL the ranged GETs go to."""
     deadline = time.monotonic() + discovery_timeout
@@ -746,6 +795,7 @@ def _discover(
                 [*headers, ("Accept-Encoding", "gzip")],
                 timeout=max(0.1, remaining),
                 ssl_context=ssl_context,
+                connect_to=connect_to,
                 log=log,
                 follow=lambda u: urlsplit(u).hostname == blob_host,
             )
@@ -795,9 +845,17 @@ def _head_size(
     log: _Log,
     ssl_context: ssl.SSLContext | None,
     timeout: float,
+    connect_to: ConnectTo | None = None,
 ) -> int:
     ex, started = _request(
-        "HEAD", blob_url, headers, timeout=timeout, ssl_context=ssl_context, log=log, follow=lambda _u: True
+        "HEAD",
+        blob_url,
+        headers,
+        timeout=timeout,
+        ssl_context=ssl_context,
+        connect_to=connect_to,
+        log=log,
+        follow=lambda _u: True,
     )
     resp = ex.resp
     try:
@@ -846,11 +904,14 @@ def pull(
     timeout: float | None = None,
     newer_discovery: bool = False,
     ssl_context: ssl.SSLContext | None = None,
+    connect_to: ConnectTo | None = None,
 ) -> PullResult:
     """Pull ``repo:tag`` from ``base_url`` (``http://127.0.0.1:8080``) into ``dest_dir`` as Go Ollama does.
 
     Raises ``PullError`` with Go's message where Go has one. ``request_timeout`` bounds each manifest/HEAD
-    socket operation; ``timeout`` (per blob download) bounds the ranged phase.
+    socket operation; ``timeout`` (per blob download) bounds the ranged phase. ``connect_to`` maps
+    ``host:port`` of a URL to the address to connect to instead (``curl --connect-to``): ``Host``, SNI and
+    certificate checks keep the URL's name, as for a client whose DNS points that name at a mirror.
     """
     started_all = time.monotonic()
     base = base_url.rstrip("/")
@@ -867,6 +928,7 @@ def pull(
         [*registry_headers, ("Accept", MANIFEST_ACCEPT), ("Accept-Encoding", "gzip")],
         timeout=request_timeout,
         ssl_context=ssl_context,
+        connect_to=connect_to,
         log=log,
         follow=lambda _u: True,
     )
@@ -924,7 +986,13 @@ def pull(
     results: list[BlobResult] = []
     fetched: dict[str, Path] = {}
     cfg = _RangedConfig(
-        stall_timeout, max_retries, max_stalls, retry_backoff, ssl_context, [("User-Agent", GO_USER_AGENT)]
+        stall_timeout,
+        max_retries,
+        max_stalls,
+        retry_backoff,
+        ssl_context,
+        [("User-Agent", GO_USER_AGENT)],
+        connect_to,
     )
     try:
         for digest, size in wanted:
@@ -936,7 +1004,12 @@ def pull(
             blob_url = f"{base}/v2/{repo}/blobs/{digest}"
             # 2. HEAD for the size.
             head_size = _head_size(
-                blob_url, registry_headers, log=log, ssl_context=ssl_context, timeout=request_timeout
+                blob_url,
+                registry_headers,
+                log=log,
+                ssl_context=ssl_context,
+                timeout=request_timeout,
+                connect_to=connect_to,
             )
             if head_size != size:
                 raise PullError(
@@ -948,6 +1021,7 @@ def pull(
                 registry_headers,
                 log=log,
                 ssl_context=ssl_context,
+                connect_to=connect_to,
                 discovery_timeout=discovery_timeout,
                 newer_discovery=newer_discovery,
             )

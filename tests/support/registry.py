@@ -22,6 +22,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -89,7 +90,9 @@ class RegistryProcess:
     service)`` turns on the ``silly`` provider, which answers ``401`` with a ``Bearer`` challenge to any
     request without an ``Authorization`` header and accepts any header value. ``access_log`` keeps the
     per-request log lines (useful to see which requests the mirror sent upstream). Storage lives in
-    ``workdir/storage``; the process's stdout and stderr go to ``workdir/registry.log``.
+    ``workdir/storage`` unless ``storage_dir`` names another (a second process may serve the storage of the
+    first, read-only in practice); the process's stdout and stderr go to ``workdir/registry.log``.
+    ``tls=(certificate, key)`` (PEM files) serves HTTPS instead of HTTP (``url`` is then ``https://``).
     """
 
     def __init__(
@@ -101,14 +104,17 @@ class RegistryProcess:
         access_log: bool = True,
         binary: str = REGISTRY_BINARY,
         start_timeout: float = START_TIMEOUT,
+        tls: tuple[Path | str, Path | str] | None = None,
+        storage_dir: Path | str | None = None,
     ) -> None:
         if basic_auth is not None and silly_auth is not None:
             raise ValueError("choose one of basic_auth and silly_auth")
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="registry-")) if workdir is None else Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.storage_dir = self.workdir / "storage"
+        self.storage_dir = self.workdir / "storage" if storage_dir is None else Path(storage_dir)
         self.storage_dir.mkdir(exist_ok=True)
+        self.tls = tls
         self.config_path = self.workdir / "config.yml"
         self.log_path = self.workdir / "registry.log"
         self.basic_auth = basic_auth
@@ -130,8 +136,8 @@ class RegistryProcess:
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:PORT`` (no trailing slash)."""
-        return f"http://{self.host_port}"
+        """``http://127.0.0.1:PORT`` (``https://`` with ``tls``; no trailing slash)."""
+        return f"{'https' if self.tls else 'http'}://{self.host_port}"
 
     @property
     def pid(self) -> int | None:
@@ -168,6 +174,8 @@ class RegistryProcess:
                 "headers": {"X-Content-Type-Options": ["nosniff"]},
             },
         }
+        if self.tls is not None:
+            config["http"]["tls"] = {"certificate": str(self.tls[0]), "key": str(self.tls[1])}
         if self.basic_auth is not None:
             user, password = self.basic_auth
             htpasswd = self.workdir / "htpasswd"
@@ -230,8 +238,13 @@ class RegistryProcess:
 
     def _answers_v2(self) -> bool:
         request = urllib.request.Request(self.url + "/v2/", headers=self.auth_headers())
+        context = None
+        if self.tls is not None:  # readiness only: whether the certificate is trusted is the tests' business
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
         try:
-            with urllib.request.urlopen(request, timeout=2) as response:
+            with urllib.request.urlopen(request, timeout=2, context=context) as response:
                 return bool(response.status == 200)
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
