@@ -18,6 +18,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL
 from OpenSSL.crypto import X509, PKey
 from twisted.application import strports
@@ -52,23 +53,22 @@ def _read(path: str, what: str) -> bytes:
         raise ConfigError(f"{what}: cannot read {path}: {e.strerror}") from None
 
 
-def read_certificates(path: str, what: str) -> list[X509]:
+def read_certificates(path: str, what: str) -> list[x509.Certificate]:
     """Every certificate in a PEM file, in order; a file with none is an error."""
     try:
-        certificates = x509.load_pem_x509_certificates(_read(path, what))
+        return x509.load_pem_x509_certificates(_read(path, what))
     except ValueError as e:
         raise ConfigError(f"{what}: {path} holds no readable PEM certificate ({e})") from None
-    return [X509.from_cryptography(c) for c in certificates]
 
 
-def read_private_key(path: str, what: str) -> PKey:
+def read_private_key(path: str, what: str) -> PrivateKeyTypes:
     try:
         key = serialization.load_pem_private_key(_read(path, what), password=None)
     except TypeError:
         raise ConfigError(f"{what}: {path} is encrypted; give the key without a passphrase") from None
     except (ValueError, x509.UnsupportedGeneralNameType) as e:
         raise ConfigError(f"{what}: {path} holds no readable PEM private key ({e})") from None
-    return PKey.from_cryptography_key(key)  # type: ignore[arg-type]
+    return key
 
 
 # --- towards upstreams ---------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def client_policy(ca_bundle: str, insecure: bool, what: str) -> IPolicyForHTTPS:
     if insecure:
         return InsecurePolicy()
     if ca_bundle:
-        roots = [Certificate(c) for c in read_certificates(ca_bundle, what)]
+        roots = [Certificate(X509.from_cryptography(c)) for c in read_certificates(ca_bundle, what)]
         return BrowserLikePolicyForHTTPS(trustRoot=trustRootFromCertificates(roots))
     return BrowserLikePolicyForHTTPS()
 
@@ -160,17 +160,19 @@ class ServerTLS:
         if chain:
             certificates += read_certificates(chain, "server.tls_chain")
         private_key = read_private_key(key, "server.tls_key")
-        try:
+        try:  # X509 and PKey, as Twisted's CertificateOptions declares them
             options = CertificateOptions(
-                privateKey=private_key, certificate=certificates[0], extraCertChain=certificates[1:]
+                privateKey=PKey.from_cryptography_key(private_key),  # type: ignore[arg-type]
+                certificate=X509.from_cryptography(certificates[0]),
+                extraCertChain=[X509.from_cryptography(c) for c in certificates[1:]],
             )
             context = options.getContext()
         except SSL.Error:
             raise ConfigError(
                 f"server.tls_key: {key} is not the key of the certificate in {certificate}"
             ) from None
-        leaf = certificates[0].to_cryptography()
-        return context, leaf.subject.rfc4514_string(), leaf.not_valid_after_utc.isoformat()
+        leaf = certificates[0]
+        return context, _describe(leaf), leaf.not_valid_after_utc.isoformat()
 
     def reload(self) -> bool:
         """Read the files again; new connections get the new certificate.  A file that cannot be
@@ -193,6 +195,17 @@ class ServerTLS:
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         return SSL.Connection(self._context, None)  # the context of now: a reload swaps it
+
+
+def _describe(certificate: x509.Certificate) -> str:
+    """The subject and the names a certificate is for, as an operator checks them in the log."""
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        addresses = [str(a) for a in names.get_values_for_type(x509.IPAddress)]
+        listed = [*names.get_values_for_type(x509.DNSName), *addresses]
+    except x509.ExtensionNotFound:
+        listed = []
+    return f"{certificate.subject.rfc4514_string()} for {', '.join(listed) or '(no names)'}"
 
 
 def is_managed_tls(description: str) -> bool:

@@ -26,6 +26,7 @@ class Seen:
     path: str
     authorization: str | None
     range: str | None
+    via: str | None = None
 
 
 @dataclass
@@ -37,6 +38,7 @@ class FakeRegistry(Resource):
     auth: str = ""  # "", "basic" or "bearer"
     credentials: tuple[str, str] = ("user", "secret")
     redirect_to: str = ""  # e.g. "http://storage.example": blob GETs answer 307 there
+    redirect_status: int = 307  # hf.co answers 302
     ignore_range: bool = False
     fail_with: int = 0  # answer every registry request with this status
     hold_manifests: bool = False  # answer manifest requests only at release(), to make them overlap
@@ -104,6 +106,7 @@ class FakeRegistry(Resource):
                 path + (("?" + request.uri.decode().split("?", 1)[1]) if b"?" in request.uri else ""),
                 (request.getHeader(b"authorization") or b"").decode() or None,
                 (request.getHeader(b"range") or b"").decode() or None,
+                (request.getHeader(b"via") or b"").decode() or None,
             )
         )
         if host == "auth.example":
@@ -123,7 +126,7 @@ class FakeRegistry(Resource):
         if kind == "manifests":
             return self._manifest(request, repository, reference)
         if self.redirect_to:
-            request.setResponseCode(307)
+            request.setResponseCode(self.redirect_status)
             request.setHeader(b"location", f"{self.redirect_to}/presigned/{reference}?X-Sig=abc".encode())
             return b""
         return self._blob(request, reference)
