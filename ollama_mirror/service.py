@@ -97,7 +97,9 @@ def build_service(
         "ollama-mirror {version} serving {cache} from {upstream} on {endpoints}",
         version=__version__,
         cache=os.path.abspath(config.cache.directory),
-        upstream=config.upstream.url,
+        upstream=", ".join(
+            u.url if u.host == config.upstream.host else f"{u.host}={u.url}" for u in config.upstreams()
+        ),
         endpoints=", ".join(config.listen_endpoints()),
     )
     if tls is not None:

@@ -17,6 +17,7 @@ import ipaddress
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL
@@ -62,11 +63,12 @@ def read_certificates(path: str, what: str) -> list[x509.Certificate]:
 
 
 def read_private_key(path: str, what: str) -> PrivateKeyTypes:
+    """The key of a PEM file; an encrypted one is refused (a daemon cannot ask for its passphrase)."""
     try:
         key = serialization.load_pem_private_key(_read(path, what), password=None)
     except TypeError:
         raise ConfigError(f"{what}: {path} is encrypted; give the key without a passphrase") from None
-    except (ValueError, x509.UnsupportedGeneralNameType) as e:
+    except (ValueError, UnsupportedAlgorithm) as e:
         raise ConfigError(f"{what}: {path} holds no readable PEM private key ({e})") from None
     return key
 

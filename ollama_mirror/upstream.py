@@ -39,7 +39,8 @@ MAX_REDIRECTS = 5
 _RESOLVED_URL_LIFETIME = 10 * 60.0  # R2 presigned URLs last ~20 minutes; re-resolve well before
 _EXPIRED_STATUSES = frozenset({401, 403, 404, 410})
 NETWORK_ERRORS = (ConnectError, DNSLookupError, TimeoutError, ResponseFailed, CancelledError)
-LOOP_STATUS = 508  # Loop Detected: what the mirror answers a request that it sent itself
+LOOP_STATUS = 508  # Loop Detected: what the mirror answers a request that it sent itself ...
+LOOP_HEADER = b"x-ollama-mirror-loop"  # ... with this header, so that no other 508 is taken for one
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class Upstream:
             response: IResponse = await d
         except NETWORK_ERRORS as e:
             raise _network_error(url, e) from None
-        if response.code == LOOP_STATUS:
+        if response.code == LOOP_STATUS and response.headers.hasHeader(LOOP_HEADER):
             await discard(response)
             raise UpstreamError(
                 f"request loop: upstream {self.host} ({_origin(url)}) leads back to this mirror; give it an "

@@ -26,7 +26,7 @@ from twisted.web.server import Request
 from .config import Config, UpstreamHost
 from .errors import ollama_error, registry_error
 from .tls import UpstreamEndpoints, client_policy
-from .upstream import LOOP_STATUS, Upstream
+from .upstream import LOOP_HEADER, LOOP_STATUS, Upstream
 
 log = Logger()
 
@@ -165,6 +165,7 @@ class LoopGuard(Resource):
             path=request.path.decode("latin-1"),
             message=message,
         )
+        request.setHeader(LOOP_HEADER, b"refused")
         if request.path.startswith(b"/v2"):
             return registry_error(request, LOOP_STATUS, "UNAVAILABLE", message)
         return ollama_error(request, LOOP_STATUS, message)

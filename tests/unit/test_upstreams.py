@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import pytest
 import trustme
+from treq.testing import RequestTraversalAgent
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -130,18 +131,26 @@ def test_a_request_carrying_our_own_marker_is_refused_as_a_loop(
     assert response.code == 200
 
 
-def test_a_loop_answer_from_upstream_is_a_clear_error_never_retried(
+def test_a_mirror_whose_upstream_is_itself_refuses_the_loop_once(
     tmp_path: Path, registry: FakeRegistry
 ) -> None:
-    registry.fail_with = 508
     h = Harness(tmp_path, registry)
+    h.upstream = RequestTraversalAgent(h.mirror.resource())  # the upstream leads back to the mirror
+    h.mirror.upstream.agent = h.upstream
     response, body = h.request("GET", MANIFEST)
     assert response.code == 502
     message = json.loads(body)["errors"][0]["message"]
     assert message.startswith(
         "request loop: upstream registry.ollama.ai (http://registry.example) leads back"
     )
-    assert len(registry.seen) == 1
+    assert registry.seen == []
+
+
+def test_another_508_is_an_ordinary_upstream_error(tmp_path: Path, registry: FakeRegistry) -> None:
+    registry.fail_with = 508
+    response, body = Harness(tmp_path, registry).request("GET", MANIFEST)
+    assert response.code == 502
+    assert "answered 508" in json.loads(body)["errors"][0]["message"]
 
 
 def test_request_host_matching() -> None:
