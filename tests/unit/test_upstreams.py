@@ -320,3 +320,33 @@ def test_ssl_listeners_serve_the_configured_certificate_and_reload(tmp_path: Pat
     without = {**settings, "server.tls_certificate": "", "server.tls_key": ""}
     with pytest.raises(ConfigError, match="needs server.tls_certificate and server.tls_key"):
         build_service(load_config(None, {}, without), MemoryReactorClock())
+
+
+def test_the_daemon_reloads_certificates_on_sighup_and_restores_the_handler() -> None:
+    import signal
+
+    from twisted.application.service import Service
+
+    from ollama_mirror.tap import _Daemon
+
+    class Child(Service):
+        reloads = 0
+
+        def reload_certificates(self) -> bool:
+            self.reloads += 1
+            return True
+
+    calls: list[Any] = []
+    reactor = SimpleNamespace(callFromThread=lambda f, *a: calls.append(f) or f(*a))
+    daemon, child = _Daemon(None, reactor), Child()
+    child.setServiceParent(daemon)
+    before = signal.getsignal(signal.SIGHUP)
+    daemon.startService()
+    try:
+        handler = signal.getsignal(signal.SIGHUP)
+        assert callable(handler) and handler is not before
+        handler(signal.SIGHUP, None)
+        assert child.reloads == 1 and len(calls) == 1  # through the reactor, not inside the signal handler
+    finally:
+        daemon.stopService()
+    assert signal.getsignal(signal.SIGHUP) == before
