@@ -32,8 +32,10 @@ Where this tool deliberately differs from Go, so that a test can never hang:
 - Go takes the blob size from ``HEAD`` alone; here a ``Content-Length`` differing from the manifest's size
   is an error as well ("corrupt"), and so is a missing one (Go would fetch 0 bytes and fail the digest
   check).
-- No registry auth: a 401 is an error. http only, unless an ``ssl_context`` is given (Go would use HTTP/2
-  there).
+- No registry auth: a 401 is an error. ``https://`` URLs use HTTP/1.1 with the system's CAs or the given
+  ``ssl_context`` (Go would use HTTP/2 there). ``connect_to`` sends a URL's ``host:port`` to another address
+  while ``Host``, SNI and the certificate check keep the URL's name, as when a client's DNS points
+  ``registry.ollama.ai`` at a mirror (transparent mode).
 - Newer Ollama builds accept a ``200`` without ``Location`` (they reuse the blob URL) and a ``302``; pass
   ``newer_discovery=True`` to emulate them.
 
