@@ -291,6 +291,13 @@ def test_two_upstreams_by_host_without_cross_talk(
     assert theirs in second_registry.log_text() and own not in second_registry.log_text()
     assert own in registry.log_text() and theirs not in registry.log_text()
 
+    # Deleting one host's model leaves the other's, though the names differ only by host.
+    client.delete("second.example/library/tiny")
+    assert {m.model for m in client.list().models} == {"tiny:latest"}
+    assert (manifests / UPSTREAM_HOST / "library/tiny/latest").read_bytes() == small_model.manifest
+    for blob in small_model.blobs:
+        assert (mirror.cache_dir / "blobs" / blob.cache_name).exists()
+
 
 def test_unknown_model_host_is_refused(mirror: MirrorDaemon) -> None:
     client = ollama.Client(host=mirror.url, timeout=CLIENT_TIMEOUT)
