@@ -9,6 +9,7 @@ the JSON file, the environment, then command-line overrides.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -78,6 +79,32 @@ class ServerConfig:
         'JSON object mapping a request `Host` to a model host, e.g. `{"hf.mirror.example": "hf.co"}`: '
         "`/v2` requests for that name go to that upstream (the environment variable holds the JSON text).",
         "hostmap",
+    )
+    max_body_size: int = setting(
+        64 * 2**20,
+        "MAX_BODY_SIZE",
+        "Largest request body accepted (413 beyond it); uploads forwarded to the backend count too.",
+        "size",
+        1024,
+    )
+    max_header_size: int = setting(
+        16384, "MAX_HEADER_SIZE", "Largest request line plus headers accepted (431 beyond it).", "size", 1024
+    )
+    max_headers: int = setting(100, "MAX_HEADERS", "Most request headers accepted (431 beyond it).", "int", 1)
+    idle_timeout: float = setting(
+        75,
+        "IDLE_TIMEOUT",
+        "Seconds a connection may be silent between requests, or while sending one, before it is closed.",
+        "float",
+        0.001,
+    )
+    request_timeout: float = setting(
+        60,
+        "REQUEST_TIMEOUT",
+        "Seconds a client has to send a whole request (line, headers and body) once it has started "
+        "(408 beyond it: slow clients cannot hold connections).",
+        "float",
+        0.001,
     )
 
 
@@ -221,27 +248,82 @@ class BackendConfig:
 @dataclass(frozen=True)
 class SecurityConfig:
     api_key: str = setting(
-        "", "API_KEY", "Bearer key required on `/api` and `/mirror` routes; empty: none.", "str", planned=True
+        "",
+        "API_KEY",
+        "Key required as `Authorization: Bearer <key>` on `/api`, `/v1` and `/mirror` routes (not "
+        "`/mirror/health`); empty: none.",
+        "str",
+    )
+    api_keys: tuple[str, ...] = setting(
+        (), "API_KEYS", "More accepted keys, one per client or team (same rules as `api_key`).", "list"
+    )
+    protect_metrics: bool = setting(False, "PROTECT_METRICS", "Require an API key on `/metrics` too.", "bool")
+    registry_access: str = setting(
+        "open",
+        "REGISTRY_ACCESS",
+        "Who may use the `/v2` registry: `open` (anyone), `networks` (clients in `registry_networks`) "
+        "or `keys` (Ollama servers whose key is in `registry_authorized_keys`, and clients in "
+        "`registry_networks`).",
+        "access",
+    )
+    registry_networks: tuple[str, ...] = setting(
+        (),
+        "REGISTRY_NETWORKS",
+        "Client networks (CIDRs such as `10.0.0.0/8`, or addresses) allowed on `/v2` without a key.",
+        "networks",
+    )
+    registry_authorized_keys: str = setting(
+        "",
+        "REGISTRY_AUTHORIZED_KEYS",
+        "File of Ollama public keys (`ssh-ed25519 AAAA... comment` lines, as in a client's "
+        "`~/.ollama/id_ed25519.pub`) allowed on `/v2` with `registry_access` = `keys`; re-read when it "
+        "changes.",
+        "str",
+    )
+    registry_token_lifetime: float = setting(
+        300, "REGISTRY_TOKEN_LIFETIME", "Seconds a registry token issued at `/v2/token` is valid.", "float", 1
+    )
+    registry_url_lifetime: float = setting(
+        3600,
+        "REGISTRY_URL_LIFETIME",
+        "Seconds a signed blob `Location` (what a puller's ranged GETs use) stays valid.",
+        "float",
+        1,
+    )
+    signing_secret: str = setting(
+        "",
+        "SIGNING_SECRET",
+        "Secret for registry tokens and signed blob URLs; empty: a random one kept in the cache "
+        "directory (shared by every process on that cache).",
+        "str",
     )
     allowed_models: tuple[str, ...] = setting(
         (),
         "ALLOWED_MODELS",
-        "Only these models may be served (names or globs); empty: all.",
+        "Only these models may be pulled or shown (names or globs, with or without tag); empty: all.",
         "list",
-        planned=True,
     )
     blocked_models: tuple[str, ...] = setting(
-        (), "BLOCKED_MODELS", "These models are never served (names or globs).", "list", planned=True
+        (),
+        "BLOCKED_MODELS",
+        "These models are never pulled or shown (names or globs, with or without tag).",
+        "list",
     )
     rate_limit_requests: int = setting(
         100,
         "RATE_LIMIT_REQUESTS",
-        "Requests one client may make per window; 0: no limit.",
+        "Requests one client address may make per window (a blob's ranged part GETs count 1/16 each); "
+        "0: no limit.",
         "int",
-        planned=True,
     )
     rate_limit_window: float = setting(
-        60, "RATE_LIMIT_WINDOW", "The rate-limit window, in seconds.", "float", 1, planned=True
+        60, "RATE_LIMIT_WINDOW", "The rate-limit window, in seconds.", "float", 1
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        (),
+        "TRUSTED_PROXIES",
+        "Reverse proxies (CIDRs or addresses) whose `X-Forwarded-For` names the real client.",
+        "networks",
     )
 
 
@@ -357,6 +439,15 @@ def parse_size(text: str) -> int:
     return int(float(number) * base**power)
 
 
+def _parse_networks(value: tuple[str, ...]) -> tuple[str, ...]:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an address or network (CIDR)") from None
+    return value
+
+
 def _parse(key: Key, value: Any, from_text: bool) -> Any:
     """Turn a JSON value (typed) or an environment/CLI value (text) into the key's type."""
     kind = key.kind
@@ -394,6 +485,8 @@ def _parse(key: Key, value: Any, from_text: bool) -> Any:
         raise ValueError("expected a size such as 512, 10MB or 16MiB")
     if kind in ("upstreams", "hostmap"):
         return _parse_mapping(kind, value)
+    if kind == "networks":
+        return _parse_networks(_parse(dataclasses.replace(key, kind="list"), value, from_text))
     if kind == "list":
         if from_text or isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
@@ -417,6 +510,8 @@ def _parse(key: Key, value: Any, from_text: bool) -> Any:
         parse_address(value)
     if kind == "format" and value not in ("text", "json"):
         raise ValueError("expected text or json")
+    if kind == "access" and value not in ("open", "networks", "keys"):
+        raise ValueError("expected open, networks or keys")
     return value
 
 

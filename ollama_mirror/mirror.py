@@ -18,6 +18,7 @@ from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource
 
 from . import __version__
+from .access import AccessControl
 from .admin import Observability
 from .catalog import Catalog
 from .config import Config
@@ -65,9 +66,11 @@ class Mirror:
             self.store, self.upstreams, runner, reactor, config.cache.manifest_ttl, self.events
         )
         self.fills = FillManager(self.store, self.upstream, reactor, runner, config.upstream, self.events)
+        self.access = AccessControl(config.security, reactor, self.store.work_dir, config.upstream.host)
         self.registry = RegistryApi(
             self.store, self.manifests, self.fills, self.upstreams, reactor, self.events
         )
+        self.registry.blob_location = self.access.blob_location
         self.catalog = Catalog(self.store)
         self.index = CacheIndex(os.path.join(self.store.work_dir, "index.sqlite3"), reactor)
         self.events.listen(self.index)
@@ -123,8 +126,8 @@ class Mirror:
         )
 
     def resource(self) -> IResource:
-        """The whole HTTP tree, every request timed, logged and counted."""
-        return self.observability.observe(LoopGuard(self.root.resource(), self.marker))
+        """The whole HTTP tree, every request timed, logged, counted and judged by ``security.*``."""
+        return self.observability.observe(LoopGuard(self.access.wrap(self.root.resource()), self.marker))
 
     def services(self) -> list[IService]:
         """Services to run beside the listening endpoints."""

@@ -66,6 +66,8 @@ class RegistryApi:
         self._manifests = manifests
         self._fills = fills
         self._upstreams = upstreams
+        # The Location of a blob's discovery answer (the access control signs it when needed).
+        self.blob_location: Callable[[str], str] = lambda path: path
 
     def resource(self) -> IResource:
         return self.app.resource()  # type: ignore[no-any-return]
@@ -205,7 +207,8 @@ class RegistryApi:
         request.setHeader(b"content-type", b"application/octet-stream")
         request.setHeader(b"content-length", str(last - first + 1).encode())
         if wanted is None:
-            request.setHeader(b"location", f"/v2/{name.repository}/blobs/{digest}".encode())
+            location = self.blob_location(f"/v2/{name.repository}/blobs/{digest}")
+            request.setHeader(b"location", location.encode())
         else:
             request.setResponseCode(206)
             request.setHeader(b"content-range", f"bytes {first}-{last}/{size}".encode())

@@ -17,6 +17,7 @@ from twisted.web.iweb import IAgent
 
 from . import __version__
 from .config import Config, ConfigError, inactive_settings
+from .hardening import harden
 from .logs import MirrorSite
 from .mirror import Mirror
 from .runner import Runner
@@ -76,7 +77,7 @@ def build_service(
     tls = _server_tls(config)
     mirror = Mirror(config, reactor, agent=agent, runner=runner)
     top = MirrorService(mirror, tls)
-    site = MirrorSite(mirror.resource(), reactor=reactor)
+    site = harden(MirrorSite(mirror.resource(), reactor=reactor), config.server)
     for child in mirror.services():
         child.setServiceParent(top)
     listening = ListeningService()  # added last: it starts last and stops first
@@ -86,7 +87,10 @@ def build_service(
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"server.listen: cannot use endpoint {description!r}: {e}") from None
     observability = mirror.observability  # /metrics on a listener of its own, if configured
-    metrics_site = MirrorSite(observability.observe(observability.metrics_resource()), reactor=reactor)
+    metrics = observability.metrics_resource()
+    if config.security.protect_metrics:
+        metrics = mirror.access.wrap(metrics)
+    metrics_site = harden(MirrorSite(observability.observe(metrics), reactor=reactor), config.server)
     for description in observability.metrics_endpoints():
         try:
             listener(description, metrics_site, reactor, tls).setServiceParent(listening)

@@ -199,8 +199,8 @@ def test_listen_endpoints_override_host_and_port_and_ipv6_is_escaped() -> None:
 
 def test_settings_not_yet_in_effect_are_reported() -> None:
     assert inactive_settings(load_config()) == []
-    config = load_config(None, {"OLLAMA_MIRROR_API_KEY": "secret", "OLLAMA_MIRROR_PORT": "1"})
-    assert inactive_settings(config) == ["security.api_key"]
+    config = load_config(None, {"OLLAMA_MIRROR_WORKERS": "2", "OLLAMA_MIRROR_API_KEY": "secret"})
+    assert inactive_settings(config) == ["server.workers"]
 
 
 def test_sample_config_in_etc_has_every_key_and_loads() -> None:

@@ -1,0 +1,258 @@
+"""Per-client keys for the ``/v2`` registry, in the protocol unmodified Ollama servers speak.
+
+The Go server, answered 401 with ``WWW-Authenticate: Bearer realm=...,service=...,scope=...``,
+GETs ``<realm>?nonce=..&scope=..&service=..&ts=..`` with ``Authorization: <base64 ssh public
+key>:<base64 ed25519 signature>``, the signature covering ``GET,<that URL>,<base64(hex(sha256("")))>``
+made with its ``~/.ollama/id_ed25519``.  :class:`TokenIssuer` checks the key against an
+authorized-keys file, the signature, the timestamp and the nonce, and returns a short-lived
+token that the client sends as ``Authorization: Bearer`` on its next requests.
+
+The Go server's ranged blob GETs carry no credentials at all, so the blob ``Location`` the mirror
+hands out carries its own short-lived HMAC signature (:meth:`Signer.sign_path`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from twisted.logger import Logger
+
+log = Logger()
+
+EMPTY_BODY_HASH = base64.b64encode(hashlib.sha256(b"").hexdigest().encode()).decode()
+CLOCK_SKEW = 300.0  # seconds a signed token request's ``ts`` may differ from our clock
+MAX_NONCES = 100_000
+
+
+class AuthFailed(Exception):
+    """A token request or credential that is refused; the message says why (logged, and sent)."""
+
+
+def load_secret(configured: str, work_dir: str) -> bytes:
+    """The HMAC secret: the configured one, else one kept in the cache's work directory, created
+    on first use (so every process serving the same cache signs alike, and restarts keep tokens)."""
+    if configured:
+        return configured.encode()
+    path = os.path.join(work_dir, "signing.key")
+    os.makedirs(work_dir, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+        if len(secret) >= 32:
+            return secret
+        raise ValueError(f"{path} holds no usable secret; delete it to make a new one") from None
+    secret = secrets.token_hex(32).encode()
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+        f.flush()
+        os.fsync(f.fileno())
+    return secret
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class Signer:
+    """HMAC-signed tokens and URLs with an expiry, on the injected clock."""
+
+    def __init__(self, secret: bytes, clock: Any) -> None:
+        self._secret = secret
+        self._clock = clock
+
+    def _mac(self, purpose: str, text: str) -> str:
+        return hmac.new(self._secret, f"{purpose}\n{text}".encode(), hashlib.sha256).hexdigest()
+
+    def issue_token(self, subject: str, repositories: list[str], lifetime: float) -> str:
+        claims = {"sub": subject, "repos": repositories, "exp": int(self._clock.seconds() + lifetime)}
+        body = _b64url(json.dumps(claims, separators=(",", ":")).encode())
+        return f"{body}.{self._mac('token', body)}"
+
+    def check_token(self, token: str, repository: str | None) -> str:
+        """The token's subject if it is genuine, unexpired and covers *repository* (``None``: a
+        request naming no repository, such as ``GET /v2/``); else :class:`AuthFailed`."""
+        body, _, mac = token.partition(".")
+        if not mac or not hmac.compare_digest(mac.encode(), self._mac("token", body).encode()):
+            raise AuthFailed("invalid token")
+        try:
+            claims = json.loads(_unb64url(body))
+            subject, repos, expires = str(claims["sub"]), list(claims["repos"]), float(claims["exp"])
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise AuthFailed("invalid token") from None
+        if expires < self._clock.seconds():
+            raise AuthFailed("token expired")
+        if repository is not None and repos and repository not in repos:
+            raise AuthFailed(f"token does not cover {repository}")
+        return subject
+
+    def sign_path(self, path: str, lifetime: float) -> str:
+        """``path?expires=..&signature=..``: usable without credentials until it expires."""
+        expires = int(self._clock.seconds() + lifetime)
+        return f"{path}?{urlencode({'expires': expires, 'signature': self._mac('url', f'{path}|{expires}')})}"
+
+    def check_path(self, path: str, query: str) -> bool:
+        values = dict(parse_qsl(query, keep_blank_values=True))
+        expires, signature = values.get("expires", ""), values.get("signature", "")
+        if not expires.isdigit() or not signature:
+            return False
+        expected = self._mac("url", f"{path}|{expires}")
+        return (
+            hmac.compare_digest(signature.encode(), expected.encode())
+            and int(expires) >= self._clock.seconds()
+        )
+
+
+@dataclass(frozen=True)
+class AuthorizedKey:
+    blob: bytes  # the SSH wire-format public key
+    key: Ed25519PublicKey
+    comment: str
+
+
+def _parse_ssh_ed25519(blob: bytes) -> bytes:
+    """The 32 raw key bytes of an SSH ``ssh-ed25519`` public key blob."""
+    fields = []
+    rest = blob
+    for _ in range(2):
+        if len(rest) < 4:
+            raise ValueError("truncated key")
+        n = int.from_bytes(rest[:4], "big")
+        fields.append(rest[4 : 4 + n])
+        rest = rest[4 + n :]
+        if len(fields[-1]) != n:
+            raise ValueError("truncated key")
+    if fields[0] != b"ssh-ed25519" or len(fields[1]) != 32 or rest:
+        raise ValueError("not an ssh-ed25519 key")
+    return fields[1]
+
+
+class AuthorizedKeys:
+    """The authorized-keys file, re-read whenever it changes (operators add clients live)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stamp: tuple[float, int] | None = None
+        self._keys: dict[bytes, AuthorizedKey] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        try:
+            stat = os.stat(self.path)
+        except OSError as e:
+            if self._stamp is None:
+                raise ValueError(f"cannot read {self.path}: {e.strerror}") from None
+            log.warn("cannot read {path}: {error}; keeping the keys read before", path=self.path, error=e)
+            return
+        stamp = (stat.st_mtime, stat.st_size)
+        if stamp == self._stamp:
+            return
+        keys: dict[bytes, AuthorizedKey] = {}
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                fields = line.split(None, 2)
+                if not fields or fields[0].startswith("#"):
+                    continue
+                try:
+                    if fields[0] != "ssh-ed25519" or len(fields) < 2:
+                        raise ValueError("expected 'ssh-ed25519 <base64 key> [comment]'")
+                    blob = base64.b64decode(fields[1], validate=True)
+                    raw = _parse_ssh_ed25519(blob)
+                except (ValueError, binascii.Error) as e:
+                    log.warn("{path}:{n}: skipped: {error}", path=self.path, n=number, error=str(e))
+                    continue
+                comment = fields[2].strip() if len(fields) > 2 else fields[1][:16]
+                keys[blob] = AuthorizedKey(blob, Ed25519PublicKey.from_public_bytes(raw), comment)
+        self._keys, self._stamp = keys, stamp
+        log.info("{n} registry keys authorized by {path}", n=len(keys), path=self.path)
+
+    def find(self, blob: bytes) -> AuthorizedKey | None:
+        self.reload()
+        return self._keys.get(blob)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class TokenIssuer:
+    """``GET /v2/token``: Ollama's signed token request in, a short-lived token out."""
+
+    def __init__(self, keys: AuthorizedKeys, signer: Signer, clock: Any, lifetime: float) -> None:
+        self._keys = keys
+        self._signer = signer
+        self._clock = clock
+        self._lifetime = lifetime
+        self._nonces: dict[str, float] = {}  # nonce -> when it may be forgotten
+
+    def issue(self, authorization: str, urls: list[str], query: str) -> tuple[str, str]:
+        """Check the request and return ``(token, key comment)``; *urls* are the URLs the client
+        may have signed (``http``/``https`` variants of the one it requested)."""
+        key_text, sep, signature_text = authorization.strip().rpartition(":")
+        if not sep:
+            raise AuthFailed("expected Authorization: <public key>:<signature>")
+        try:
+            blob = base64.b64decode(key_text, validate=True)
+            signature = base64.b64decode(signature_text, validate=True)
+        except (ValueError, binascii.Error):
+            raise AuthFailed("malformed Authorization header") from None
+        key = self._keys.find(blob)
+        if key is None:
+            raise AuthFailed("this key is not authorized on the mirror")
+        for url in urls:
+            try:
+                key.key.verify(signature, f"GET,{url},{EMPTY_BODY_HASH}".encode())
+                break
+            except InvalidSignature:
+                continue
+        else:
+            raise AuthFailed("bad signature")
+        values = parse_qsl(query, keep_blank_values=True)
+        params: dict[str, list[str]] = {}
+        for name, value in values:
+            params.setdefault(name, []).append(value)
+        now = self._clock.seconds()
+        ts = params.get("ts", [""])[0]
+        if not ts.lstrip("-").isdigit() or abs(int(ts) - now) > CLOCK_SKEW:
+            raise AuthFailed("the request's ts is missing or too far from the mirror's clock")
+        nonce = params.get("nonce", [""])[0]
+        if not nonce:
+            raise AuthFailed("the request has no nonce")
+        self._forget_nonces(now)
+        if nonce in self._nonces:
+            raise AuthFailed("this token request was already used")
+        if len(self._nonces) >= MAX_NONCES:
+            raise AuthFailed("too many token requests; retry later")
+        self._nonces[nonce] = now + 2 * CLOCK_SKEW
+        repositories = []
+        for scope in params.get("scope", []):
+            for item in scope.split():
+                kind, _, rest = item.partition(":")
+                repository, _, _actions = rest.rpartition(":")
+                if kind == "repository" and repository:
+                    repositories.append(repository)
+        return self._signer.issue_token(key.comment, sorted(set(repositories)), self._lifetime), key.comment
+
+    def _forget_nonces(self, now: float) -> None:
+        if len(self._nonces) > 1000 or len(self._nonces) % 64 == 0:
+            for nonce in [n for n, t in self._nonces.items() if t < now]:
+                del self._nonces[nonce]
+
+    @property
+    def lifetime(self) -> float:
+        return self._lifetime
