@@ -53,6 +53,9 @@ class HardenedChannel(HTTPChannel):
             return
         super().lineReceived(line)
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse(431, f"request line and headers are larger than {self.totalHeadersSize} bytes")
+
     def headerReceived(self, line: bytes) -> bool:
         if self._receivedHeaderCount >= self.maxHeaders:
             self._refuse(431, f"more than {self.maxHeaders} request headers")
@@ -130,6 +133,7 @@ def harden(site: Site, config: ServerConfig) -> Site:
         channel = HardenedChannel()
         channel.maxHeaders = config.max_headers
         channel.totalHeadersSize = config.max_header_size
+        channel.MAX_LENGTH = config.max_header_size  # one line can never be longer than the whole
         channel.max_body_size = config.max_body_size
         channel.request_timeout = config.request_timeout
         return _GenericHTTPChannelProtocol(channel)

@@ -60,7 +60,6 @@ class RateLimiter:
         self.requests = requests
         self.window = window
         self._interval = window / requests if requests else 0.0
-        self._tolerance = window - self._interval
         self._next: dict[str, float] = {}  # key -> theoretical arrival time
         self._calls = 0
 
@@ -72,10 +71,10 @@ class RateLimiter:
         self._calls += 1
         if self._calls % self.PRUNE_EVERY == 0:
             self._prune(now)
-        arrival = max(self._next.get(key, now), now)
-        if arrival - now > self._tolerance + 1e-9:
-            return arrival - now - self._tolerance
-        self._next[key] = arrival + self._interval * cost
+        after = max(self._next.get(key, now), now) + self._interval * cost
+        if after - now > self.window + 1e-9:
+            return after - now - self.window
+        self._next[key] = after
         return None
 
     def _prune(self, now: float) -> None:

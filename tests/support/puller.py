@@ -32,10 +32,13 @@ Where this tool deliberately differs from Go, so that a test can never hang:
 - Go takes the blob size from ``HEAD`` alone; here a ``Content-Length`` differing from the manifest's size
   is an error as well ("corrupt"), and so is a missing one (Go would fetch 0 bytes and fail the digest
   check).
-- No registry auth: a 401 is an error. ``https://`` URLs use HTTP/1.1 with the system's CAs or the given
-  ``ssl_context`` (Go would use HTTP/2 there). ``connect_to`` sends a URL's ``host:port`` to another address
-  while ``Host``, SNI and the certificate check keep the URL's name, as when a client's DNS points
-  ``registry.ollama.ai`` at a mirror (transparent mode).
+- Registry auth only with a ``key`` (:class:`tests.support.ollamakey.OllamaKey`): then a 401 is answered as
+  Go's ``makeRequestWithRetry`` does (the realm's host:port must be the one asked, a signed token request,
+  one retry with ``Authorization: Bearer <token>``, the token kept for the rest of the pull); without one a
+  401 is an error. ``https://`` URLs use HTTP/1.1 with the system's CAs or the given ``ssl_context`` (Go
+  would use HTTP/2 there). ``connect_to`` sends a URL's ``host:port`` to another address while ``Host``, SNI
+  and the certificate check keep the URL's name, as when a client's DNS points ``registry.ollama.ai`` at a
+  mirror (transparent mode).
 - Newer Ollama builds accept a ``200`` without ``Location`` (they reuse the blob URL) and a ``302``; pass
   ``newer_discovery=True`` to emulate them.
 
@@ -68,6 +71,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
+
+from tests.support.ollamakey import OllamaKey, parse_challenge, token_url
 
 __all__ = [
     "DEFAULT_USER_AGENT",
@@ -401,6 +406,31 @@ def _request(
         url = new_url
 
 
+def _registry_request(
+    method: str,
+    url: str,
+    headers: list[tuple[str, str]],
+    auth: _RegistryAuth | None,
+    **kwargs: Any,
+) -> tuple[_Exchange, float]:
+    """A registry request as ``makeRequestWithRetry`` sends it: with the pull's token, and on a 401 (when
+    the pull has a key) once more with a fresh token."""
+    if auth is None:
+        return _request(method, url, headers, **kwargs)
+    ex, started = _request(method, url, [*headers, *auth.headers()], **kwargs)
+    if ex.resp.status != 401:
+        return ex, started
+    challenge = ex.resp.getheader("WWW-Authenticate") or ""
+    ex.close()
+    kwargs["log"].add(
+        RequestLog(
+            method, ex.url, None, 401, 0, time.monotonic() - started, "401", None, _header_dict(ex.resp)
+        )
+    )
+    auth.fetch_token(challenge, ex.url, dict(headers).get("User-Agent", DEFAULT_USER_AGENT))
+    return _request(method, url, [*headers, *auth.headers()], **kwargs)
+
+
 def _header_dict(resp: http.client.HTTPResponse) -> dict[str, str]:
     return {k.lower(): v for k, v in resp.getheaders()}
 
@@ -428,7 +458,7 @@ def _registry_error(resp: http.client.HTTPResponse) -> str:
     if resp.status == 404:
         return "file does not exist"
     if resp.status == 401:
-        return "unauthorized: access denied (this test puller does not do registry auth)"
+        return "unauthorized: access denied"
     if resp.status >= 400:
         try:
             body = resp.read(MAX_ERROR_BODY).decode("utf-8", "replace")
@@ -436,6 +466,63 @@ def _registry_error(resp: http.client.HTTPResponse) -> str:
             body = str(exc)
         return f"{resp.status}: {body}"
     return ""
+
+
+class _RegistryAuth:
+    """The token the Go server keeps in its ``registryOptions`` for one pull, and how it gets one."""
+
+    def __init__(
+        self,
+        key: OllamaKey,
+        ssl_context: ssl.SSLContext | None,
+        log: _Log,
+        timeout: float,
+        connect_to: ConnectTo | None = None,
+    ) -> None:
+        self.key = key
+        self.connect_to = connect_to
+        self.ssl_context = ssl_context
+        self.log = log
+        self.timeout = timeout
+        self.token: str | None = None
+        self.token_requests = 0
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [("Authorization", f"Bearer {self.token}")] if self.token else []
+
+    def fetch_token(self, challenge_header: str, request_url: str, user_agent: str) -> None:
+        challenge = parse_challenge(challenge_header)
+        if "realm" not in challenge:
+            raise PullError("unauthorized: no realm in the challenge")
+        url = token_url(challenge)
+        if urlsplit(url).netloc != urlsplit(request_url).netloc:  # Ollama >= 0.14.3
+            raise PullError(
+                f"realm host {urlsplit(url).netloc} does not match {urlsplit(request_url).netloc}"
+            )
+        self.token_requests += 1
+        started = time.monotonic()
+        headers = [("Authorization", self.key.token_request_authorization(url)), ("User-Agent", user_agent)]
+        ex = _send(
+            "GET",
+            url,
+            headers,
+            timeout=self.timeout,
+            ssl_context=self.ssl_context,
+            connect_to=self.connect_to,
+        )
+        try:
+            body = _read_all(ex.resp, MAX_ERROR_BODY)
+        finally:
+            ex.close()
+        self.log.add(
+            RequestLog("GET", url, None, ex.resp.status, len(body), time.monotonic() - started, None, None)
+        )
+        if ex.resp.status != 200:
+            raise PullError(f"unauthorized: token request answered {ex.resp.status}: {body[:200]!r}")
+        token = json.loads(body).get("token")
+        if not isinstance(token, str) or not token:
+            raise PullError("unauthorized: no token in the token response")
+        self.token = token
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -782,6 +869,7 @@ def _discover(
     discovery_timeout: float,
     newer_discovery: bool,
     connect_to: ConnectTo | None = None,
+    auth: _RegistryAuth | None = None,
 ) -> str:
     """Step 3: the GET without Range that yields the URL the ranged GETs go to."""
     deadline = time.monotonic() + discovery_timeout
@@ -791,10 +879,11 @@ def _discover(
         remaining = deadline - time.monotonic()
         failure: str
         try:
-            ex, started = _request(
+            ex, started = _registry_request(
                 "GET",
                 blob_url,
                 [*headers, ("Accept-Encoding", "gzip")],
+                auth,
                 timeout=max(0.1, remaining),
                 ssl_context=ssl_context,
                 connect_to=connect_to,
@@ -848,11 +937,13 @@ def _head_size(
     ssl_context: ssl.SSLContext | None,
     timeout: float,
     connect_to: ConnectTo | None = None,
+    auth: _RegistryAuth | None = None,
 ) -> int:
-    ex, started = _request(
+    ex, started = _registry_request(
         "HEAD",
         blob_url,
         headers,
+        auth,
         timeout=timeout,
         ssl_context=ssl_context,
         connect_to=connect_to,
@@ -907,6 +998,7 @@ def pull(
     newer_discovery: bool = False,
     ssl_context: ssl.SSLContext | None = None,
     connect_to: ConnectTo | None = None,
+    key: OllamaKey | None = None,
 ) -> PullResult:
     """Pull ``repo:tag`` from ``base_url`` (``http://127.0.0.1:8080``) into ``dest_dir`` as Go Ollama does.
 
@@ -921,13 +1013,15 @@ def pull(
     dest = Path(dest_dir)
     log = _Log()
     registry_headers = [("User-Agent", user_agent)]
+    auth = _RegistryAuth(key, ssl_context, log, request_timeout, connect_to) if key is not None else None
 
     # 1. The manifest.
     manifest_url = f"{base}/v2/{repo}/manifests/{tag}"
-    ex, started = _request(
+    ex, started = _registry_request(
         "GET",
         manifest_url,
         [*registry_headers, ("Accept", MANIFEST_ACCEPT), ("Accept-Encoding", "gzip")],
+        auth,
         timeout=request_timeout,
         ssl_context=ssl_context,
         connect_to=connect_to,
@@ -1012,6 +1106,7 @@ def pull(
                 ssl_context=ssl_context,
                 timeout=request_timeout,
                 connect_to=connect_to,
+                auth=auth,
             )
             if head_size != size:
                 raise PullError(
@@ -1026,6 +1121,7 @@ def pull(
                 connect_to=connect_to,
                 discovery_timeout=discovery_timeout,
                 newer_discovery=newer_discovery,
+                auth=auth,
             )
             # 4. Parallel ranges.
             partial = partial_dir / f"sha256-{hexdigest}-partial"
