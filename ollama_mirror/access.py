@@ -53,6 +53,11 @@ class Refusal:
 
 def _routed_path(request: Request) -> str:
     """The path as the routers match it: each segment unquoted, then joined with ``/``."""
+    segments = [s.decode("utf-8") for s in (request.prepath or []) + (request.postpath or [])]
+    return "/" + "/".join(segments)
+
+
+def _routed_path_lenient(request: Request) -> str:
     segments = [s.decode("utf-8", "replace") for s in (request.prepath or []) + (request.postpath or [])]
     return "/" + "/".join(segments)
 
@@ -78,7 +83,7 @@ def _peek_json(request: Request) -> dict[str, Any] | None:
         content.seek(0)
     try:
         document = json.loads(data or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return document if isinstance(document, dict) else None
 
@@ -301,8 +306,16 @@ class _GuardedResource(Resource):
         self._access = access
 
     def render(self, request: Request) -> Any:
-        path = _routed_path(request)
-        refusal = self._access.check(request, path)
+        try:
+            path = _routed_path(request)
+        except UnicodeDecodeError:  # the routers would answer a plain-text 400
+            path = _routed_path_lenient(request)
+            return _refuse(request, path, Refusal(400, "the URL is not valid UTF-8", "NAME_INVALID"))
+        try:
+            refusal = self._access.check(request, path)
+        except Exception:  # a bug here must still answer JSON, without a traceback
+            log.failure("access check failed on {path}", path=quote(path)[:300])
+            return ollama_error(request, 500, "internal error")
         if refusal is not None:
             if refusal.status != 429:
                 log.info(

@@ -77,6 +77,8 @@ def read_json(request: Request) -> dict[str, Any]:
         document = json.loads(data or b"{}")
     except ValueError as e:
         raise ApiError(400, f"invalid JSON in request body: {e}") from None
+    except RecursionError:  # a body nested thousands of levels deep
+        raise ApiError(400, "invalid JSON in request body: nested too deeply") from None
     if not isinstance(document, dict):
         raise ApiError(400, "request body must be a JSON object")
     return document

@@ -94,7 +94,7 @@ class Signer:
         try:
             claims = json.loads(_unb64url(body))
             subject, repos, expires = str(claims["sub"]), list(claims["repos"]), float(claims["exp"])
-        except (ValueError, KeyError, TypeError, binascii.Error):
+        except (ValueError, KeyError, TypeError, RecursionError, binascii.Error):
             raise AuthFailed("invalid token") from None
         if expires < self._clock.seconds():
             raise AuthFailed("token expired")
