@@ -62,10 +62,14 @@ def request(method: str, target: str, headers: dict[str, str] | None = None, bod
     return "\r\n".join(lines).encode("utf-8") + b"\r\n\r\n" + body
 
 
-def check(answer: Answer, what: str, method: str = "GET") -> None:
-    """No 5xx, JSON errors, nothing that looks like a traceback or a file from outside the cache."""
+def check(answer: Answer, what: str, method: str = "GET", proxied: bool = False) -> None:
+    """No 5xx, JSON errors, nothing that looks like a traceback or a file from outside the cache.
+
+    *proxied*: an inference route forwarded to the backend Ollama, which these tests do not run; its
+    answer is the gateway's 502 ("the backend ... is unreachable"), a true statement, not a failure."""
     assert answer.status is not None, f"{what}: no answer"
-    assert answer.status < 500, f"{what}: {answer.status} {answer.body[:300]!r}"
+    allowed = (502,) if proxied else ()
+    assert answer.status < 500 or answer.status in allowed, f"{what}: {answer.status} {answer.body[:300]!r}"
     text = answer.body.decode("utf-8", "replace")
     assert "Traceback" not in text and "<html" not in text.lower(), f"{what}: {text[:300]}"
     assert SECRET not in text and "root:x:0:0" not in text, f"{what}: served a file from outside the cache"
