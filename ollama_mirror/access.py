@@ -131,8 +131,10 @@ class AccessControl:
             self.signer = Signer(secret, clock)
             self.issuer = TokenIssuer(keys, self.signer, clock, config.registry_token_lifetime)
 
-    def wrap(self, resource: IResource) -> IResource:
-        return _GuardedResource(resource, self)
+    def wrap(self, resource: IResource, as_path: str | None = None) -> IResource:
+        """*resource* behind these rules; *as_path*: judge every request as if it were for that path
+        (the metrics-only listener serves ``/metrics`` on any path)."""
+        return _GuardedResource(resource, self, as_path)
 
     # --- what the registry routes call ---------------------------------------------------------
 
@@ -300,14 +302,15 @@ class _GuardedResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, wrapped: IResource, access: AccessControl) -> None:
+    def __init__(self, wrapped: IResource, access: AccessControl, as_path: str | None = None) -> None:
         super().__init__()
         self._wrapped = wrapped
         self._access = access
+        self._as_path = as_path
 
     def render(self, request: Request) -> Any:
         try:
-            path = _routed_path(request)
+            path = self._as_path or _routed_path(request)
         except UnicodeDecodeError:  # the routers would answer a plain-text 400
             path = _routed_path_lenient(request)
             return _refuse(request, path, Refusal(400, "the URL is not valid UTF-8", "NAME_INVALID"))

@@ -89,7 +89,7 @@ def build_service(
     observability = mirror.observability  # /metrics on a listener of its own, if configured
     metrics = observability.metrics_resource()
     if config.security.protect_metrics:
-        metrics = mirror.access.wrap(metrics)
+        metrics = mirror.access.wrap(metrics, as_path="/metrics")
     metrics_site = harden(MirrorSite(observability.observe(metrics), reactor=reactor), config.server)
     for description in observability.metrics_endpoints():
         try:

@@ -14,9 +14,10 @@ import pytest
 
 from tests.integration.helpers import go_pull
 from tests.support.daemon import MirrorDaemon, MirrorFactory
-from tests.support.models import PushedModel
+from tests.support.models import PushedModel, http_request
 from tests.support.ollamakey import OllamaKey
 from tests.support.puller import PullError, pull
+from tests.support.registry import free_port
 
 KEY = "s3cret-key"
 CLIENT_TIMEOUT = 30.0
@@ -74,6 +75,21 @@ def test_protected_metrics(mirror_factory: MirrorFactory) -> None:
     mirror = mirror_factory(config={"security": {"api_key": KEY, "protect_metrics": True}})
     assert http(mirror, "/metrics")[0] == 401
     assert http(mirror, "/metrics", headers={"Authorization": f"Bearer {KEY}"})[0] == 200
+    port = free_port()  # on a listener of their own, every path of which serves the metrics
+    mirror = mirror_factory(
+        config={
+            "security": {"api_key": KEY, "protect_metrics": True},
+            "server": {"metrics_listen": [f"tcp:{port}:interface=127.0.0.1"]},
+        }
+    )
+    for path in ("/metrics", "/anything"):
+        assert http_request("GET", f"http://127.0.0.1:{port}{path}").status == 401
+    assert (
+        http_request(
+            "GET", f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {KEY}"}
+        ).status
+        == 200
+    )
 
 
 def test_model_rules_with_the_official_client_and_the_registry(
