@@ -4,7 +4,8 @@ A rule is a model name or a glob (``fnmatch``: ``*``, ``?``, ``[...]``), written
 write model names and expanded the way Ollama expands them: ``llama3.2`` means
 ``registry.ollama.ai/library/llama3.2`` and, without a tag, every tag of it;
 ``llama3.2:1b`` only that tag; ``myteam/*`` every model of a namespace; ``*`` every library model;
-``*/*/*`` everything.  Block rules win over allow rules.
+``*/*/*`` everything.  Block rules win over allow rules.  Matching ignores case, as Ollama's
+names do (``Llama3.2:70B`` is ``llama3.2:70b``).
 
 Blobs carry no model name.  A blob request is judged by the repository in its URL
 (``/v2/<namespace>/<model>/blobs/...``): allowed when some allow rule names that repository for
@@ -39,11 +40,11 @@ class Rule:
             parts = [default_host, DEFAULT_NAMESPACE, *parts]
         elif len(parts) == 2:
             parts = [default_host, *parts]
-        return cls(text, "/".join(parts).lower(), tag)
+        return cls(text, "/".join(parts).lower(), tag.lower())
 
     def matches(self, name: ModelName) -> bool:
         repository = f"{name.host}/{name.namespace}/{name.model}".lower()
-        return fnmatchcase(repository, self.repository) and fnmatchcase(name.tag, self.tag)
+        return fnmatchcase(repository, self.repository) and fnmatchcase(name.tag.lower(), self.tag)
 
     def matches_repository(self, repository: str) -> bool:
         return fnmatchcase(repository.lower(), self.repository)

@@ -73,6 +73,7 @@ def test_forwarded_for_counts_only_from_a_trusted_proxy() -> None:
         (["llama3.2"], ["llama3.2:70b"], "llama3.2:70b", False),  # blocking wins
         ([], ["*/*/*"], "anything/goes:here", False),
         (["Llama3.2"], [], "llama3.2", True),  # names are case-insensitive in Ollama
+        ([], ["llama3.2:70b"], "LLAMA3.2:70B", False),
     ],
 )
 def test_model_rules(allowed: list[str], blocked: list[str], name: str, verdict: bool) -> None:
