@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 # Headers a route may have set for the answer it meant to give; an error body must not carry them.
 _ANSWER_HEADERS = (b"content-range", b"location", b"docker-content-digest", b"etag", b"x-mirror-cache")
@@ -50,6 +51,20 @@ class RegistryError(Exception):
         self.message = message
 
 
+def routing_answer(
+    request: IRequest, failure: Failure, answer: Callable[[IRequest, int, str], bytes]
+) -> bytes:
+    """A routing answer werkzeug raises (the redirect of ``a//b`` to ``a/b``, say) as a JSON body."""
+    e: HTTPException = failure.value  # type: ignore[assignment]
+    location = e.get_response().headers.get("Location")
+    if location:
+        request.setHeader(b"location", location.encode("latin-1"))
+    body = answer(request, e.code or 400, e.description or e.name)
+    if location:
+        request.setHeader(b"location", location.encode("latin-1"))  # (error bodies drop it by default)
+    return body
+
+
 def add_ollama_error_handlers(app: Klein, what: str) -> None:
     """Register the catch-all handlers of an Ollama-dialect Klein app: unknown route 404, wrong method
     405, and any unexpected error a logged 500 without a traceback.  Call it at the end of the class
@@ -63,6 +78,10 @@ def add_ollama_error_handlers(app: Klein, what: str) -> None:
     @app.handle_errors(MethodNotAllowed)
     def _method_not_allowed(self: Any, request: IRequest, failure: Failure) -> bytes:
         return ollama_error(request, 405, "method not allowed")
+
+    @app.handle_errors(HTTPException)
+    def _routing(self: Any, request: IRequest, failure: Failure) -> bytes:
+        return routing_answer(request, failure, ollama_error)
 
     @app.handle_errors(Exception)
     def _internal(self: Any, request: IRequest, failure: Failure) -> bytes:

@@ -20,10 +20,10 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from .blobstream import BlobProducer, StreamingResource
-from .errors import RegistryError, json_body, registry_error
+from .errors import RegistryError, json_body, registry_error, routing_answer
 from .events import Events
 from .fill import Fill, FillFailed
 from .fills import FillManager
@@ -263,6 +263,12 @@ class RegistryApi:
     @app.handle_errors(MethodNotAllowed)
     def _method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
         return registry_error(request, 405, "UNSUPPORTED", "this mirror is read-only")
+
+    @app.handle_errors(HTTPException)
+    def _routing(self, request: IRequest, failure: Failure) -> bytes:
+        return routing_answer(
+            request, failure, lambda r, code, text: registry_error(r, code, "UNSUPPORTED", text)
+        )
 
     @app.handle_errors(Exception)
     def _internal(self, request: IRequest, failure: Failure) -> bytes:

@@ -31,7 +31,7 @@ FUZZ = settings(
 )
 
 _FRAGMENTS = [
-    "library", "tiny", "latest", "..", ".", "%2e%2e", "%2f", "%2F", "%00", "%ff", "%", "%zz", "manifests",
+    "", "library", "tiny", "latest", "..", ".", "%2e%2e", "%2f", "%2F", "%00", "%ff", "%", "%zz", "manifests",
     "blobs", "sha256:", "sha256:" + "0" * 64, "registry.ollama.ai", "a" * 90, ":", "@", "~", "%5c", "..%2f..",
 ]  # fmt: skip
 _FREE_TEXT = st.text(

@@ -89,6 +89,10 @@ TRAVERSALS = [
     "/v2/library/tiny/manifests/%ff%fe",
     "/v2/%c0%ae%c0%ae/%c0%ae%c0%ae/manifests/latest",
     "/v2/library/" + "a" * 5000 + "/manifests/latest",
+    "/v2/library//tiny/manifests/latest",  # empty segments: werkzeug's redirect, answered as JSON
+    "/v2/library/tiny//manifests/latest",
+    "/api//tags",
+    "/mirror//stats",
 ]
 DIGESTS = [
     "sha256:xyz",
