@@ -249,7 +249,8 @@ class TokenIssuer:
         return self._signer.issue_token(key.comment, sorted(set(repositories)), self._lifetime), key.comment
 
     def _forget_nonces(self, now: float) -> None:
-        if len(self._nonces) > 1000 or len(self._nonces) % 64 == 0:
+        """Drop nonces whose ``ts`` could no longer pass the clock check (so they cannot be replayed)."""
+        if len(self._nonces) >= 1024:
             for nonce in [n for n, t in self._nonces.items() if t < now]:
                 del self._nonces[nonce]
 

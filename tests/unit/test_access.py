@@ -19,7 +19,7 @@ from ollama_mirror.registryauth import AuthFailed, AuthorizedKeys, Signer, Token
 from tests.support.ollamakey import OllamaKey, parse_challenge, token_url
 
 from .fakeregistry import FakeRegistry
-from .harness import BASE, Harness
+from .harness import Harness
 
 MANIFEST = "/v2/library/tiny/manifests/latest"
 ACCEPT = {"Accept": ["application/vnd.docker.distribution.manifest.v2+json"]}
@@ -253,9 +253,10 @@ def keys_harness(tmp_path: Path, registry: FakeRegistry, key: OllamaKey, **setti
 
 def get_token(h: Harness, key: OllamaKey, challenge_header: str) -> Any:
     url = token_url(parse_challenge(challenge_header), now=h.clock.seconds())
+    parts = urlsplit(url)
     return h.request(
         "GET",
-        url.removeprefix(BASE),
+        f"{parts.path}?{parts.query}",
         headers={"Authorization": [key.token_request_authorization(url)]},
     )
 
@@ -326,3 +327,17 @@ def test_the_signing_secret_is_kept_in_the_cache(tmp_path: Path, registry: FakeR
         second.request("GET", MANIFEST, headers={**ACCEPT, "Authorization": [f"Bearer {token}"]})[0].code
         == 200
     )
+
+
+def test_keys_mode_lets_listed_networks_in_and_follows_a_trusted_proxy(
+    tmp_path: Path, registry: FakeRegistry
+) -> None:
+    key = OllamaKey()
+    h = keys_harness(tmp_path, registry, key, **{"security.registry_networks": "127.0.0.0/8"})
+    assert h.request("GET", MANIFEST, headers=ACCEPT)[0].code == 200  # a listed network needs no key
+    h = keys_harness(tmp_path, registry, key, **{"security.trusted_proxies": "127.0.0.1"})
+    response, _ = h.request("GET", MANIFEST, headers={**ACCEPT, "X-Forwarded-Proto": ["https"]})
+    [challenge] = response.headers.getRawHeaders("www-authenticate")
+    assert parse_challenge(challenge)["realm"] == "https://mirror.test/v2/token"  # TLS ended at the proxy
+    response, _ = get_token(h, key, challenge)  # signed for https://..., received as http://...
+    assert response.code == 200
