@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -106,14 +107,18 @@ def _registry_path(path: str) -> _RegistryPath | None:
 class AccessControl:
     """The ``security.*`` settings, in force."""
 
-    def __init__(self, config: SecurityConfig, clock: Any, work_dir: str, default_host: str) -> None:
+    def __init__(
+        self, config: SecurityConfig, clock: Any, work_dir: str, registry_host: Callable[[str | None], str]
+    ) -> None:
+        """*registry_host* gives the model host a ``/v2`` request means, from its ``Host`` header (the
+        mirror may serve several upstreams, by virtual host)."""
         self.config = config
         self._clock = clock
-        self._default_host = default_host
+        self._registry_host = registry_host
         self._api_keys = [k.encode() for k in (config.api_key, *config.api_keys) if k]
         self._trusted = parse_networks(config.trusted_proxies)
         self._networks = parse_networks(config.registry_networks)
-        self.rules = ModelRules(config.allowed_models, config.blocked_models, default_host)
+        self.rules = ModelRules(config.allowed_models, config.blocked_models)
         self.limiter = RateLimiter(clock, config.rate_limit_requests, config.rate_limit_window)
         self.mode = config.registry_access
         self.signer: Signer | None = None
@@ -215,7 +220,7 @@ class AccessControl:
             return refusal
         if not (is_namespace(target.namespace) and is_model(target.model)):
             return None  # the route answers NAME_INVALID
-        host = self._default_host
+        host = self._registry_host(_header(request, b"host") or None)
         if target.kind == "manifests" and is_tag(target.reference) and not is_digest(target.reference):
             reason = self.rules.check(ModelName(host, target.namespace, target.model, target.reference))
         else:

@@ -448,6 +448,12 @@ def _parse_networks(value: tuple[str, ...]) -> tuple[str, ...]:
     return value
 
 
+def _parse_structured(key: Key, value: Any, from_text: bool) -> Any:
+    if key.kind == "networks":
+        return _parse_networks(_parse(dataclasses.replace(key, kind="list"), value, from_text))
+    return _parse_mapping(key.kind, value)
+
+
 def _parse(key: Key, value: Any, from_text: bool) -> Any:
     """Turn a JSON value (typed) or an environment/CLI value (text) into the key's type."""
     kind = key.kind
@@ -483,10 +489,8 @@ def _parse(key: Key, value: Any, from_text: bool) -> Any:
         if isinstance(value, str):
             return parse_size(value)
         raise ValueError("expected a size such as 512, 10MB or 16MiB")
-    if kind in ("upstreams", "hostmap"):
-        return _parse_mapping(kind, value)
-    if kind == "networks":
-        return _parse_networks(_parse(dataclasses.replace(key, kind="list"), value, from_text))
+    if kind in ("upstreams", "hostmap", "networks"):
+        return _parse_structured(key, value, from_text)
     if kind == "list":
         if from_text or isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())

@@ -66,7 +66,12 @@ class Mirror:
             self.store, self.upstreams, runner, reactor, config.cache.manifest_ttl, self.events
         )
         self.fills = FillManager(self.store, self.upstream, reactor, runner, config.upstream, self.events)
-        self.access = AccessControl(config.security, reactor, self.store.work_dir, config.upstream.host)
+        self.access = AccessControl(
+            config.security,
+            reactor,
+            self.store.work_dir,
+            registry_host=lambda host_header: self.upstreams.for_request_host(host_header).host,
+        )
         self.registry = RegistryApi(
             self.store, self.manifests, self.fills, self.upstreams, reactor, self.events
         )

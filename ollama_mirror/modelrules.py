@@ -1,11 +1,11 @@
 """``security.allowed_models`` and ``security.blocked_models``: which models the mirror serves.
 
 A rule is a model name or a glob (``fnmatch``: ``*``, ``?``, ``[...]``), written the way users
-write model names and expanded the way Ollama expands them: ``llama3.2`` means
-``registry.ollama.ai/library/llama3.2`` and, without a tag, every tag of it;
+write model names: ``llama3.2`` means ``library/llama3.2`` and, without a tag, every tag of it;
 ``llama3.2:1b`` only that tag; ``myteam/*`` every model of a namespace; ``*`` every library model;
-``*/*/*`` everything.  Block rules win over allow rules.  Matching ignores case, as Ollama's
-names do (``Llama3.2:70B`` is ``llama3.2:70b``).
+``*/*/*`` everything.  A rule without a host applies on every upstream host (the mirror may serve
+several, ``upstream.hosts``); ``hf.co/*/*`` names one.  Block rules win over allow rules.
+Matching ignores case, as Ollama's names do (``Llama3.2:70B`` is ``llama3.2:70b``).
 
 Blobs carry no model name.  A blob request is judged by the repository in its URL
 (``/v2/<namespace>/<model>/blobs/...``): allowed when some allow rule names that repository for
@@ -30,16 +30,16 @@ class Rule:
     tag: str  # tag pattern; "*" when the rule has none
 
     @classmethod
-    def parse(cls, text: str, default_host: str) -> Rule:
+    def parse(cls, text: str) -> Rule:
         rest, tag = text.strip(), "*"
         colon, slash = rest.rfind(":"), rest.rfind("/")
         if colon > slash:
             rest, tag = rest[:colon], rest[colon + 1 :] or "*"
         parts = rest.split("/")
         if len(parts) == 1:
-            parts = [default_host, DEFAULT_NAMESPACE, *parts]
+            parts = ["*", DEFAULT_NAMESPACE, *parts]
         elif len(parts) == 2:
-            parts = [default_host, *parts]
+            parts = ["*", *parts]
         return cls(text, "/".join(parts).lower(), tag.lower())
 
     def matches(self, name: ModelName) -> bool:
@@ -53,9 +53,9 @@ class Rule:
 class ModelRules:
     """Checks names against the rules; each check returns ``None`` (allowed) or why it is not."""
 
-    def __init__(self, allowed: Iterable[str], blocked: Iterable[str], default_host: str) -> None:
-        self.allowed = [Rule.parse(t, default_host) for t in allowed if t.strip()]
-        self.blocked = [Rule.parse(t, default_host) for t in blocked if t.strip()]
+    def __init__(self, allowed: Iterable[str], blocked: Iterable[str]) -> None:
+        self.allowed = [Rule.parse(t) for t in allowed if t.strip()]
+        self.blocked = [Rule.parse(t) for t in blocked if t.strip()]
 
     @property
     def active(self) -> bool:

@@ -77,7 +77,7 @@ def test_forwarded_for_counts_only_from_a_trusted_proxy() -> None:
     ],
 )
 def test_model_rules(allowed: list[str], blocked: list[str], name: str, verdict: bool) -> None:
-    rules = ModelRules(allowed, blocked, "registry.ollama.ai")
+    rules = ModelRules(allowed, blocked)
     reason = rules.check(ModelName.parse(name))
     assert (reason is None) is verdict
     if reason and blocked:
@@ -85,12 +85,16 @@ def test_model_rules(allowed: list[str], blocked: list[str], name: str, verdict:
 
 
 def test_repository_rules_for_blobs() -> None:
-    rules = ModelRules(["llama3.2:1b"], ["mistral", "qwen:72b"], "registry.ollama.ai")
+    rules = ModelRules(["llama3.2:1b"], ["mistral", "qwen:72b"])
     host = "registry.ollama.ai"
     assert rules.check_repository(host, "library", "llama3.2") is None  # allowed for one tag
     assert "blocked" in (rules.check_repository(host, "library", "mistral") or "")
     assert "allowed_models" in (rules.check_repository(host, "library", "gemma") or "")
-    assert ModelRules([], ["qwen:72b"], host).check_repository(host, "library", "qwen") is None
+    assert ModelRules([], ["qwen:72b"]).check_repository(host, "library", "qwen") is None
+    # a rule without a host holds on every upstream; one with a host only there
+    assert ModelRules([], ["mistral"]).check(ModelName.parse("registry.example/library/mistral")) is not None
+    assert ModelRules([], ["hf.co/*/*"]).check(ModelName.parse("hf.co/someone/thing:q4")) is not None
+    assert ModelRules([], ["hf.co/*/*"]).check(ModelName.parse("someone/thing:q4")) is None
 
 
 def test_signed_urls_and_tokens_expire_and_resist_tampering() -> None:
