@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from .names import is_host
+from .names import InvalidName, ModelName, is_host
 
 ENV_PREFIX = "OLLAMA_MIRROR_"
 
@@ -127,6 +127,20 @@ class CacheConfig:
         300,
         "CACHE_MANIFEST_TTL",
         "Seconds a cached tag is served before it is revalidated upstream.",
+        "float",
+    )
+    prefetch: tuple[str, ...] = setting(
+        (),
+        "CACHE_PREFETCH",
+        "Models the daemon caches at start and keeps fresh (e.g. `llama3.2,qwen2.5:7b`); failures are "
+        "logged and retried the next round.",
+        "models",
+    )
+    prefetch_interval: float = setting(
+        3600,
+        "CACHE_PREFETCH_INTERVAL",
+        "Seconds between prefetch rounds (each checks every tag upstream and fetches what changed); "
+        "0: only at start.",
         "float",
     )
 
@@ -491,12 +505,8 @@ def _parse(key: Key, value: Any, from_text: bool) -> Any:
         raise ValueError("expected a size such as 512, 10MB or 16MiB")
     if kind in ("upstreams", "hostmap", "networks"):
         return _parse_structured(key, value, from_text)
-    if kind == "list":
-        if from_text or isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise ValueError("expected a list of strings")
+    if kind in ("list", "models"):
+        return _parse_list(kind, value, from_text)
     if not isinstance(value, str):
         raise ValueError("expected a string")
     if kind == "url":
@@ -588,6 +598,27 @@ def _check_consistency(config: Config) -> None:
             )
     if bool(config.server.tls_certificate) != bool(config.server.tls_key):
         raise ConfigError("server.tls_certificate and server.tls_key must be set together")
+
+
+def _parse_list(kind: str, value: Any, from_text: bool) -> tuple[str, ...]:
+    """Comma-separated text, or a JSON list of strings; ``models`` lists hold model names."""
+    if from_text or isinstance(value, str):
+        items = tuple(part.strip() for part in value.split(",") if part.strip())
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        items = tuple(value)
+    else:
+        raise ValueError("expected a list of strings")
+    if kind == "models":
+        _check_model_names(items)
+    return items
+
+
+def _check_model_names(items: tuple[str, ...]) -> None:
+    for item in items:
+        try:
+            ModelName.parse(item)
+        except InvalidName:
+            raise ValueError(f"{item!r} is not a model name such as llama3.2:1b") from None
 
 
 def _check_minimum(key: Key, value: Any) -> None:

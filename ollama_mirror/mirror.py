@@ -28,6 +28,7 @@ from .fills import FillManager
 from .index import CacheIndex
 from .manifests import ManifestCache
 from .ollama_api import OllamaApi
+from .prefetch import PrefetchService
 from .proxy import InferenceProxy
 from .registry import RegistryApi
 from .runner import InlineRunner, Runner, ThreadRunner
@@ -136,7 +137,15 @@ class Mirror:
 
     def services(self) -> list[IService]:
         """Services to run beside the listening endpoints."""
-        return [self.fills, CacheLifecycle(self.sweeper, self.reactor), *self.observability.services()]
+        services: list[IService] = [self.fills, CacheLifecycle(self.sweeper, self.reactor)]
+        if self.config.cache.prefetch:
+            services.append(self.prefetch_service())
+        return [*services, *self.observability.services()]
+
+    def prefetch_service(self) -> PrefetchService:
+        """The ``cache.prefetch`` list, warmed at start and kept fresh every ``cache.prefetch_interval``."""
+        cache = self.config.cache
+        return PrefetchService(self.api.puller, cache.prefetch, cache.prefetch_interval, self.reactor)
 
     def start(self) -> None:
         """Start the worker threads (before any service, which may need them)."""

@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from klein import Klein
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -23,22 +22,19 @@ from . import __version__
 from .catalog import CachedModel, Catalog
 from .errors import add_ollama_error_handlers, json_body, ollama_error
 from .events import Events
-from .fill import FillFailed
 from .fills import FillManager
-from .manifests import ManifestCache, ManifestUnknown
+from .manifests import ManifestCache
 from .modelinfo import format_parameters, gguf_model_info, modelfile
 from .names import InvalidName, ModelName
 from .proxy import InferenceProxy
+from .pulling import ModelPuller, PullFailed
 from .runner import Runner
-from .store import Store, manifest_blobs
-from .upstream import Upstream, UpstreamError
+from .store import Store
 from .upstreams import Upstreams
 
 log = Logger()
 
 MAX_JSON_BODY = 1 << 20
-PROGRESS_INTERVAL = 0.1  # Ollama reports about every 60 ms; clients redraw at this pace
-HEARTBEAT = 1.0  # a line at least this often, even when nothing moved
 TEXT_LAYERS = {
     "application/vnd.ollama.image.template": "template",
     "application/vnd.ollama.image.system": "system",
@@ -62,10 +58,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-class PullFailed(Exception):
-    """Ends a pull; the message is what ``ollama pull`` prints."""
 
 
 def read_json(request: Request) -> dict[str, Any]:
@@ -131,6 +123,7 @@ class OllamaApi:
         self._runner = runner
         self._clock = clock
         self._proxy = proxy
+        self.puller = ModelPuller(store, manifests, fills, upstreams, clock, self._events)
 
     def resource(self) -> IResource:
         return self.app.resource()  # type: ignore[no-any-return]
@@ -151,13 +144,12 @@ class OllamaApi:
     async def pull(self, request: Request) -> bytes | None:
         body = read_json(request)
         name = self._name(_model_field(body))
-        upstream = self._upstreams.for_model_host(name.host)
-        if upstream is None:
+        if self._upstreams.for_model_host(name.host) is None:
             served = ", ".join(u.host for u in self._upstreams)
             raise ApiError(400, f"no upstream is configured for {name.host} (this mirror serves {served})")
         if body.get("stream", True) is False:
             try:
-                await self._pull(name, upstream, lambda _: None)
+                await self.puller.pull(name, lambda _: None)
             except PullFailed as e:
                 return ollama_error(request, 500, str(e))
             return json_body(request, 200, {"status": "success"})
@@ -168,72 +160,10 @@ class OllamaApi:
             request.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
 
         try:
-            await self._pull(name, upstream, emit)
+            await self.puller.pull(name, emit)
         except PullFailed as e:
             emit({"error": str(e)})
         return None
-
-    async def _pull(
-        self, name: ModelName, upstream: Upstream, emit: Callable[[dict[str, Any]], None]
-    ) -> None:
-        """Cache *name* on the mirror, reporting as Ollama does.  A client hanging up cancels only
-        this report: the downloads it started go on."""
-        emit({"status": "pulling manifest"})
-        try:
-            manifest = await self._manifests.by_tag(name)
-        except ManifestUnknown:
-            raise PullFailed("pull model manifest: file does not exist") from None
-        except UpstreamError as e:
-            raise PullFailed(f"pull model manifest: {e.message}") from None
-        self._events.model_used(name, True)
-        blobs = manifest_blobs(manifest.data)
-        if not blobs:
-            raise PullFailed("pull model manifest: the upstream sent an unreadable manifest")
-        ordered = [*blobs[1:], blobs[0]]  # layers first, then the config, as Ollama pulls them
-        for digest, size in ordered:  # start every download now; the fill gate spaces them out
-            hexdigest = digest.removeprefix("sha256:")
-            if self._store.blob_size(hexdigest) is None:
-                self._fills.fill(hexdigest, size, name.repository, upstream)
-        for digest, size in ordered:
-            await self._report_blob(name, upstream, digest, size, emit)
-        emit({"status": "verifying sha256 digest"})
-        emit({"status": "writing manifest"})
-        emit({"status": "success"})
-
-    async def _report_blob(
-        self,
-        name: ModelName,
-        upstream: Upstream,
-        digest: str,
-        size: int,
-        emit: Callable[[dict[str, Any]], None],
-    ) -> None:
-        hexdigest = digest.removeprefix("sha256:")
-        status = f"pulling {hexdigest[:12]}"
-
-        def line(completed: int) -> dict[str, Any]:
-            report: dict[str, Any] = {"status": status, "digest": digest}
-            if size:
-                report["total"] = size
-            if completed:
-                report["completed"] = completed
-            return report
-
-        if self._store.blob_size(hexdigest) is not None:
-            emit(line(size))
-            return
-        fill = self._fills.active(hexdigest) or self._fills.fill(hexdigest, size, name.repository, upstream)
-        last, last_time = -1, self._clock.seconds()
-        while not fill.ended:
-            completed = fill.completed_bytes()
-            if completed != last or self._clock.seconds() - last_time >= HEARTBEAT:
-                emit(line(completed))
-                last, last_time = completed, self._clock.seconds()
-            await deferLater(self._clock, PROGRESS_INTERVAL)
-        if fill.failure is not None:
-            reason = fill.failure.getErrorMessage() if fill.failure.check(FillFailed) else "download failed"
-            raise PullFailed(reason)
-        emit(line(size))
 
     # --- the cache -----------------------------------------------------------------------------
 
