@@ -1,20 +1,8 @@
-"""``python -m ollama_mirror [options]``: the daemon in the foreground, for people who don't use twistd.
-
-Equivalent to ``twistd -n --pidfile= ollama-mirror [options]``.
-"""
+"""``python -m ollama_mirror``: the ``ollama-mirror`` command (``serve``, ``prefetch``, ``ls``, ...)."""
 
 from __future__ import annotations
 
-import sys
-
-
-def main(argv: list[str] | None = None) -> None:
-    from twisted.scripts.twistd import run
-
-    args = sys.argv[1:] if argv is None else argv
-    sys.argv = [sys.argv[0], "--nodaemon", "--pidfile=", "ollama-mirror", *args]
-    run()
-
+from .cli import main
 
 if __name__ == "__main__":
     main()

@@ -234,3 +234,22 @@ class _transaction:
 
     def __exit__(self, kind: object, value: object, traceback: object) -> None:
         self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def read_model_usage(path: str) -> dict[str, ModelUsage]:
+    """The models' usage from an index file, read-only (for tools beside a running daemon).
+
+    ``{}`` when there is no index or it cannot be read: callers fall back to the files' times.  Never
+    creates, migrates or sets aside the file, unlike :class:`CacheIndex`.
+    """
+    if not os.path.exists(path):
+        return {}
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = db.execute("SELECT name, cached_at, last_used, pull_count, size FROM models").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return {}
+    return {row[0]: ModelUsage(*row) for row in rows}

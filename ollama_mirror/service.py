@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IAgent
 
 from . import __version__
+from .cachelock import CacheBusy, CacheLock
 from .config import Config, ConfigError, inactive_settings
 from .hardening import harden
 from .logs import MirrorSite
@@ -47,6 +48,7 @@ class MirrorService(MultiService):
         super().__init__()
         self.mirror = mirror
         self.tls = tls  # the certificate of the `ssl:` listeners, if any
+        self._lock = CacheLock(mirror.store.work_dir)
 
     def reload_certificates(self) -> bool:
         """Read ``server.tls_*`` again (the daemon does it on SIGHUP); False if it could not be."""
@@ -54,6 +56,14 @@ class MirrorService(MultiService):
             log.info("reload asked, but no TLS certificate is configured")
             return False
         return self.tls.reload()
+
+    def privilegedStartService(self) -> None:
+        """Share the cache with other daemons and imports, never with a maintenance command."""
+        try:
+            self._lock.acquire(exclusive=False)
+        except CacheBusy as e:
+            raise StartupError(f"cannot use cache {self.mirror.store.root}: {e}") from None
+        super().privilegedStartService()
 
     def startService(self) -> None:
         self.mirror.start()  # worker threads first: services use them as they start
@@ -63,7 +73,12 @@ class MirrorService(MultiService):
         """Stop every service (they stop together), then the worker threads they relied on."""
         d: Deferred[Any] = maybeDeferred(super().stopService)
         d.addBoth(lambda result: self.mirror.close().addCallback(lambda _: result))
+        d.addBoth(self._unlock)
         return d
+
+    def _unlock(self, result: object) -> object:
+        self._lock.release()
+        return result
 
 
 def build_service(
