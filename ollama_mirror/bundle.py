@@ -315,15 +315,15 @@ def _receive(store: Store, src: IO[bytes], staged: _Staged, progress: Progress, 
                 else:
                     _receive_blob(tar, member, key, index, staged, progress)
     except (tarfile.TarError, EOFError) as e:
-        raise BundleError(f"the bundle is truncated or not a tar file ({e}); nothing was imported") from None
+        raise BundleError(f"the bundle is truncated or not a tar file ({e})") from None
     if index is None:
-        raise BundleError("the bundle is empty (no index.json); nothing was imported")
+        raise BundleError("the bundle is empty (no index.json)")
     missing_blobs = [h for h in index.blobs if h not in staged.seen]
     missing_models = [m.name.display() for m in index.models if m.name not in staged.manifests]
     if missing_blobs or missing_models:
         raise BundleError(
             f"the bundle is incomplete (truncated?): {len(missing_blobs)} blobs and {len(missing_models)} "
-            "manifests its index lists are missing; nothing was imported"
+            "manifests its index lists are missing"
         )
     return index
 
@@ -388,10 +388,10 @@ def _receive_manifest(
         raise BundleError(f"the bundle holds the manifest of {name.display()} twice")
     data = _read_small(tar, member, MAX_MANIFEST_BYTES)
     if hashlib.sha256(data).hexdigest() != entry.manifest_hex:
-        raise BundleError(f"the manifest of {name.display()} does not match its digest; nothing was imported")
+        raise BundleError(f"the manifest of {name.display()} does not match its digest")
     refs = {digest.removeprefix("sha256:") for digest, _ in manifest_blobs(data)}
     if not refs or refs != set(entry.blobs):
-        raise BundleError(f"the manifest of {name.display()} disagrees with the index; nothing was imported")
+        raise BundleError(f"the manifest of {name.display()} disagrees with the index")
     staged.manifests[name] = data
 
 

@@ -586,10 +586,10 @@ def cmd_import(options: argparse.Namespace) -> int:
                     raise CommandError(f"cannot read {options.bundle}: {e.strerror}") from None
             min_free = int(config.cache.min_free_gb * 10**9)
             report = import_bundle(store, src, progress, min_free)
-    except BundleError as e:
-        raise CommandError(str(e)) from None
+    except BundleError as e:  # found before anything was published
+        raise CommandError(f"{e}; nothing was imported") from None
     except OSError as e:
-        raise CommandError(f"import failed, nothing was added: {e.strerror or e}") from None
+        raise CommandError(f"import failed: {e.strerror or e}; no model was added") from None
     finally:
         lock.release()
     replaced = f"; replaced {', '.join(report.replaced)}" if report.replaced else ""
