@@ -308,6 +308,7 @@ def cmd_prefetch(options: argparse.Namespace) -> int:
     names = _names(texts)
     progress = _progress(options)
     if options.mirror:
+        _check_mirror(options.mirror)
         if options.config or options.cache_dir or options.set:
             raise CommandError("--mirror pulls through the mirror: leave out --config, --cache-dir, --set", 2)
         results = _prefetch_remote(options.mirror, _api_key(options), names, progress)
@@ -668,6 +669,7 @@ def cmd_rm(options: argparse.Namespace) -> int:
     names = _names(options.models)
     missing: list[str] = []
     if options.mirror:
+        _check_mirror(options.mirror)
         for name in names:
             try:
                 with _request(
@@ -733,6 +735,13 @@ def _api_key(options: argparse.Namespace) -> str | None:
     return key
 
 
+def _check_mirror(mirror: str) -> None:
+    if not mirror.startswith(("http://", "https://")):
+        raise CommandError(
+            f"--mirror wants a URL such as http://mirror.example:11434, not {mirror!r}", EXIT_USAGE
+        )
+
+
 def _headers(api_key: str | None) -> dict[str, str]:
     headers = {"User-Agent": f"ollama-mirror/{__version__}", "Content-Type": "application/json"}
     if api_key:
@@ -745,10 +754,6 @@ def _request(
     mirror: str, method: str, path: str, body: dict[str, Any], api_key: str | None
 ) -> Iterator[IO[bytes]]:
     """One request to the mirror; its error (``{"error": ...}``) becomes a :class:`CommandError`."""
-    if not mirror.startswith(("http://", "https://")):
-        raise CommandError(
-            f"--mirror wants a URL such as http://mirror.example:11434, not {mirror!r}", EXIT_USAGE
-        )
     request = urllib.request.Request(
         mirror.rstrip("/") + path, data=json.dumps(body).encode(), headers=_headers(api_key), method=method
     )

@@ -1,4 +1,4 @@
-"""The command line as an operator meets it: twistd and ``python -m ollama_mirror``."""
+"""The command line as an operator meets it: twistd and ``ollama-mirror serve`` (``python -m ollama_mirror``)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_bad_configuration_exits_2_with_one_line_and_no_traceback(tmp_path: Path
 
 
 def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "ollama_mirror"]
+    command = [sys.executable, "-m", "ollama_mirror", "serve"]
     result = subprocess.run(
         command,
         cwd=tmp_path,
@@ -72,13 +72,13 @@ def test_help_lists_the_options(tmp_path: Path) -> None:
         assert option in result.stdout
 
 
-def test_python_dash_m_serves_head_slash(tmp_path: Path) -> None:
+def test_serve_serves_head_slash(tmp_path: Path) -> None:
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
     process = subprocess.Popen(
-        [sys.executable, "-m", "ollama_mirror", "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        [sys.executable, "-m", "ollama_mirror", "serve", "--listen", f"tcp:{port}:interface=127.0.0.1"],
         cwd=tmp_path,
         env=env(),
         stdout=subprocess.DEVNULL,
