@@ -47,6 +47,7 @@ INDEX_NAME = "index.json"
 MAX_INDEX_BYTES = 16 * 2**20
 MAX_MANIFEST_BYTES = 4 * 2**20
 PIECE = 2**20  # bytes read and written at a time: memory never grows with blob size
+TOUCH_INTERVAL = 300.0  # seconds between refreshes of the staging files' times (see _Staged.keep_fresh)
 _BLOB_MEMBER = re.compile(r"sha256-([0-9a-f]{64})")
 
 
@@ -268,10 +269,22 @@ class _Staged:
         self.files: dict[str, str] = {}  # hex digest -> staging path
         self.seen: set[str] = set()  # hex digests received (staged, or already cached)
         self.manifests: dict[ModelName, bytes] = {}
+        self._touched = time.monotonic()
 
     def path(self, hexdigest: str) -> str:
         # Not a Fill's ``sha256-<hex>.part``: a daemon's download of the same blob never meets it.
         return os.path.join(self.store.partial_dir, f"import-{self.token}-{hexdigest}.part")
+
+    def keep_fresh(self) -> None:
+        """Touch the staging files now and then: a sweeper removes temporary files of ``.mirror/partial/``
+        untouched for an hour, and a big import can take longer than that."""
+        now = time.monotonic()
+        if now - self._touched < TOUCH_INTERVAL:
+            return
+        self._touched = now
+        for path in self.files.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(path)
 
     def discard(self) -> None:
         for path in self.files.values():
@@ -432,6 +445,7 @@ def _receive_blob(
                 while view:
                     view = view[os.write(fd, view) :]
             progress.update(received)
+            staged.keep_fresh()
         if fd >= 0:
             os.fsync(fd)
     finally:

@@ -108,6 +108,10 @@ def run(options: argparse.Namespace) -> int:
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (nothing more may be written to the pipe)
         return EXIT_FAILED
+    except OSError as e:  # the cache directory or a file given cannot be used
+        where = f" ({e.filename})" if e.filename else ""
+        _error(f"{e.strerror or e}{where}")
+        return EXIT_FAILED
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -494,7 +498,7 @@ def cmd_ls(options: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     total = sum(int(e["size"]) for e in entries)
     sys.stderr.write(
-        f"{len(entries)} models, {human_size(total)} (blobs shared between models counted each time)\n"
+        f"{len(entries)} model{'' if len(entries) == 1 else 's'}, {human_size(total)} (blobs shared between models counted each time)\n"
     )
     return EXIT_OK
 
