@@ -497,8 +497,9 @@ def cmd_ls(options: argparse.Namespace) -> int:
         )
         sys.stdout.write("\n")
     total = sum(int(e["size"]) for e in entries)
+    plural = "" if len(entries) == 1 else "s"
     sys.stderr.write(
-        f"{len(entries)} model{'' if len(entries) == 1 else 's'}, {human_size(total)} (blobs shared between models counted each time)\n"
+        f"{len(entries)} model{plural}, {human_size(total)} (blobs shared between models counted each time)\n"
     )
     return EXIT_OK
 
