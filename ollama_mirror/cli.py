@@ -129,6 +129,16 @@ def serve(args: list[str]) -> NoReturn:
     """``twistd --nodaemon --pidfile= ollama-mirror ARGS``: the same plugin, options and service."""
     from twisted.scripts.twistd import run as twistd
 
+    if "--help" in args or "-h" in args:
+        from .tap import Options
+
+        options = Options()
+        sys.stdout.write(
+            f"Usage: ollama-mirror serve {options.synopsis}\n"
+            "Runs the daemon in the foreground: the same service as 'twistd -n ollama-mirror'.\n"
+            + options.getUsage()
+        )
+        raise SystemExit(EXIT_OK)
     sys.argv = ["ollama-mirror serve", "--nodaemon", "--pidfile=", "ollama-mirror", *args]
     twistd()
     raise SystemExit(EXIT_OK)

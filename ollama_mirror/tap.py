@@ -31,6 +31,10 @@ class Options(usage.Options):
     """Options of ``twistd ollama-mirror``; every setting can also come from JSON or the environment."""
 
     synopsis = "[--config FILE] [--listen ENDPOINT]... [--set SECTION.KEY=VALUE]..."
+    longdesc = (
+        "Every setting can also come from the JSON file (--config) or OLLAMA_MIRROR_* variables; "
+        "flags win (README: Configuration)."
+    )
     optParameters = [
         ["config", "c", None, "JSON configuration file (see etc/mirror.json)."],
         ["host", None, None, "Address to listen on (server.host)."],
