@@ -357,7 +357,7 @@ class FakePuller:
 def test_the_prefetch_list_runs_at_start_then_every_interval_and_retries_failures() -> None:
     clock = Clock()
     puller = FakePuller(clock, failures=1)
-    service = PrefetchService(puller, ("tiny", "flaky"), "registry.ollama.ai", 600, clock)  # type: ignore[arg-type]
+    service = PrefetchService(puller, ("tiny", "flaky"), 600, clock)  # type: ignore[arg-type]
     service.startService()
     clock.advance(1)
     clock.advance(1)
@@ -375,7 +375,7 @@ def test_the_prefetch_list_runs_at_start_then_every_interval_and_retries_failure
 
 def test_a_round_in_progress_is_stopped_with_the_daemon() -> None:
     clock = Clock()
-    service = PrefetchService(FakePuller(clock, 0), ("tiny",), "registry.ollama.ai", 0, clock)  # type: ignore[arg-type]
+    service = PrefetchService(FakePuller(clock, 0), ("tiny",), 0, clock)  # type: ignore[arg-type]
     service.startService()
     clock.advance(0)  # the round starts and waits for its pull
     assert service.rounds == 1 and service.last_round is None
