@@ -16,7 +16,8 @@ before it becomes a path, every blob is hashed while it streams into a staging f
 verified are the blobs published (atomic renames into ``blobs/``) and then the manifests (atomic
 writes), so a model appears in the cache complete or not at all, even to a daemon serving the
 cache meanwhile.  An import that fails or is interrupted removes its staging files; if the process
-is killed, the daemon's sweeper removes them (they are temporary files of ``.mirror/partial/``).
+is killed, the daemon's sweeper removes them (temporary files of ``.mirror/partial/``, which it leaves
+alone while their import runs: :class:`StagingLock`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 from . import __version__
+from .cachelock import StagingLock
 from .catalog import Catalog
 from .names import InvalidName, ModelName, parse_digest
 from .progress import Progress, human_size
@@ -47,7 +49,6 @@ INDEX_NAME = "index.json"
 MAX_INDEX_BYTES = 16 * 2**20
 MAX_MANIFEST_BYTES = 4 * 2**20
 PIECE = 2**20  # bytes read and written at a time: memory never grows with blob size
-TOUCH_INTERVAL = 300.0  # seconds between refreshes of the staging files' times (see _Staged.keep_fresh)
 _BLOB_MEMBER = re.compile(r"sha256-([0-9a-f]{64})")
 
 
@@ -269,28 +270,18 @@ class _Staged:
         self.files: dict[str, str] = {}  # hex digest -> staging path
         self.seen: set[str] = set()  # hex digests received (staged, or already cached)
         self.manifests: dict[ModelName, bytes] = {}
-        self._touched = time.monotonic()
+        self.lock = StagingLock(store.partial_dir, self.token)  # keeps a sweeper away from our files
 
     def path(self, hexdigest: str) -> str:
         # Not a Fill's ``sha256-<hex>.part``: a daemon's download of the same blob never meets it.
         return os.path.join(self.store.partial_dir, f"import-{self.token}-{hexdigest}.part")
-
-    def keep_fresh(self) -> None:
-        """Touch the staging files now and then: a sweeper removes temporary files of ``.mirror/partial/``
-        untouched for an hour, and a big import can take longer than that."""
-        now = time.monotonic()
-        if now - self._touched < TOUCH_INTERVAL:
-            return
-        self._touched = now
-        for path in self.files.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.utime(path)
 
     def discard(self) -> None:
         for path in self.files.values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self.files.clear()
+        self.lock.release()
 
 
 def import_bundle(store: Store, src: IO[bytes], progress: Progress, min_free: int = 0) -> ImportReport:
@@ -445,7 +436,6 @@ def _receive_blob(
                 while view:
                     view = view[os.write(fd, view) :]
             progress.update(received)
-            staged.keep_fresh()
         if fd >= 0:
             os.fsync(fd)
     finally:

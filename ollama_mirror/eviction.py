@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from .cachelock import staging_in_use
 from .catalog import CachedModel, Catalog, _prune_empty_dirs
 from .config import CacheConfig
 from .events import Events
@@ -220,10 +221,15 @@ class Sweeper(Events):
 
     def _remove_abandoned(self, protected: set[str], now: float) -> int:
         removed = 0
-        for entry in _scan(self.store.partial_dir):
+        partial_dir = self.store.partial_dir
+        for entry in _scan(partial_dir):
             match = _PARTIAL_NAME.fullmatch(entry.name)
             stale = now - entry.stat().st_mtime >= (PARTIAL_GRACE if match else TEMP_GRACE)
-            if stale and not (match and match.group(1) in protected):
+            if (
+                stale
+                and not (match and match.group(1) in protected)
+                and not staging_in_use(partial_dir, entry.name)
+            ):
                 os.unlink(entry.path)
                 removed += 1
         for directory, _, files in os.walk(self.store.manifests_dir):

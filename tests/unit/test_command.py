@@ -245,6 +245,7 @@ def command(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
         (("ls", "--set", "cache.retention_days=-1", "--cache-dir", "{tmp}"), 2, "is negative"),
         (("import", "{tmp}/none.tar", "--cache-dir", "{tmp}/c"), 1, "cannot read {tmp}/none.tar"),
         (("rm", "tiny", "--cache-dir", "{tmp}/empty"), 1, "is not a cache directory"),
+        (("health", "--mirror", "http://127.0.0.1:1", "--timeout", "5"), 1, "cannot reach mirror"),
     ],
 )
 def test_errors_are_one_line_with_a_documented_status(
@@ -382,3 +383,79 @@ def test_a_round_in_progress_is_stopped_with_the_daemon() -> None:
     stopped: Deferred[None] = service.stopService()  # type: ignore[assignment]
     assert stopped.called
     assert not clock.getDelayedCalls()
+
+
+def test_a_sweep_during_a_long_import_keeps_its_staging_files(tmp_path: Path) -> None:
+    """The sweeper removes temporary files untouched for an hour, but not those of a running import."""
+    data = bundle_of(
+        make_cache(tmp_path / "a", {"tiny": b"w" * 300_000, "other": b"v" * 300_000}), "tiny", "other"
+    )
+    target = Store(str(tmp_path / "b"))
+    config = load_config(None, {}, {"cache.directory": target.root})
+    swept: list[int] = []
+
+    class SweepMidway(Progress):
+        def start(self, label: str, total: int) -> None:
+            staged = list(Path(target.partial_dir).glob("import-*.part"))
+            if len(staged) == 2 and not swept:  # an hour has passed for the first ones...
+                for path in staged:
+                    os.utime(path, (os.path.getmtime(path) - 7200,) * 2)
+            super().start(label, total)
+
+        def update(self, done: int) -> None:
+            super().update(done)
+            staged = list(Path(target.partial_dir).glob("import-*.part"))
+            if len(staged) >= 3 and not swept:  # ...and the daemon sweeps while this blob arrives
+                sweeper = cli._sweeper(config)
+                report = cli._now(sweeper.sweep())
+                sweeper.index.close()
+                swept.append(report.removed_partials)
+
+    report = import_bundle(target, io.BytesIO(data), SweepMidway(io.StringIO(), quiet=True))
+    assert swept == [0]
+    assert sorted(report.models) == ["other:latest", "tiny:latest"]
+
+
+def test_client_commands_send_the_api_key_and_say_when_it_is_missing(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str | None] = []
+
+    class Guarded(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.headers.get("Authorization") != "Bearer s3cret":
+                body = b'{"error": "unauthorized"}'
+                self.send_response(401)
+            else:
+                body = b'{"status":"pulling manifest"}\n{"status":"success"}\n'
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Guarded)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        status, _, err = command(capsys, "prefetch", "tiny", "--mirror", url)
+        assert status == 1
+        assert "refused the request (401 unauthorized): give --api-key or set OLLAMA_MIRROR_API_KEY" in err
+        status, _, err = command(capsys, "prefetch", "tiny", "--mirror", url, "--api-key", "s3cret")
+        assert status == 0, err
+        monkeypatch.setenv("OLLAMA_MIRROR_API_KEY", "s3cret")
+        status, _, err = command(capsys, "prefetch", "tiny", "--mirror", url)
+        assert status == 0, err
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert seen == [None, "Bearer s3cret", "Bearer s3cret"]
