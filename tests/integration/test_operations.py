@@ -367,7 +367,10 @@ def test_a_bad_name_in_the_prefetch_list_stops_start_up(mirror_factory: MirrorFa
     assert 'cache.prefetch = ["../etc"]' in daemon.stderr_text() + daemon.stdout_text()
 
 
-def test_gc_and_rm_beside_a_running_daemon(mirror: MirrorDaemon, small_model: PushedModel) -> None:
+def test_gc_rm_and_health_beside_a_running_daemon(mirror: MirrorDaemon, small_model: PushedModel) -> None:
+    health = run_cli("health", "--mirror", mirror.url)
+    assert health.returncode == 0, health.stderr  # no backend Ollama here: degraded, but serving
+    assert health.stdout.decode().startswith(("ok", "degraded"))
     assert run_cli("prefetch", short(small_model), "--mirror", mirror.url).returncode == 0
     for command in (("gc",), ("rm", short(small_model))):
         busy = run_cli(*command, "--cache-dir", str(mirror.cache_dir))
