@@ -28,11 +28,11 @@ ENV PYTHONUNBUFFERED=1 \
     OLLAMA_MIRROR_CACHE_DIR=/var/cache/ollama-mirror
 # twistd finds its plugins through twisted/plugins/dropin.cache; site-packages is not writable at run
 # time, so the cache is written here (else every start rescans and logs "Unable to write to plugin
-# cache"); `serve --help` then proves that twistd finds the ollama-mirror plugin.
+# cache"); `twistd ollama-mirror --help` then proves that twistd finds the plugin.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-index --find-links=/wheels ollama-mirror \
     && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
-    && ollama-mirror serve --help > /dev/null \
+    && twistd ollama-mirror --help > /dev/null \
     && groupadd --system --gid 10001 ollama-mirror \
     && useradd --system --uid 10001 --gid ollama-mirror --home-dir /var/cache/ollama-mirror \
        --no-create-home --shell /usr/sbin/nologin ollama-mirror \
