@@ -422,6 +422,10 @@ def _prefetch_direct(
         mirror.start()
         mirror.fills.startService()
         for name in names:
+            refused = mirror.access.rules.check(name)  # what the mirror would not serve, it does not fetch
+            if refused:
+                results[name] = refused
+                continue
             view = _PullView(progress, name)
             try:
                 fetched = await mirror.api.puller.pull(name, view.line)

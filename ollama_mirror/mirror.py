@@ -145,7 +145,9 @@ class Mirror:
     def prefetch_service(self) -> PrefetchService:
         """The ``cache.prefetch`` list, warmed at start and kept fresh every ``cache.prefetch_interval``."""
         cache = self.config.cache
-        return PrefetchService(self.api.puller, cache.prefetch, cache.prefetch_interval, self.reactor)
+        return PrefetchService(
+            self.api.puller, cache.prefetch, cache.prefetch_interval, self.reactor, self.access.rules.check
+        )
 
     def start(self) -> None:
         """Start the worker threads (before any service, which may need them)."""

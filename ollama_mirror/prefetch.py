@@ -3,11 +3,13 @@
 Each round pulls every listed model through the same :class:`ModelPuller` as ``/api/pull``: the
 tag is revalidated upstream (``cache.manifest_ttl``) and whatever blobs changed are fetched by the
 shared Fills.  A model that fails is logged and tried again the next round; a round never stops
-the loop.  Rounds run every ``cache.prefetch_interval`` seconds (0: only at start).
+the loop.  Rounds run every ``cache.prefetch_interval`` seconds (0: only at start).  A model the model rules
+(``security.allowed_models``, ``blocked_models``) refuse is skipped and logged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -20,13 +22,16 @@ from .pulling import ModelPuller, PullFailed
 
 log = Logger()
 
+Check = Callable[[ModelName], str | None]  # why a model may not be fetched, or None
+
 
 class PrefetchRound:
     """One pass over the list; what it did is kept for the log and for tests."""
 
-    def __init__(self, puller: ModelPuller, models: tuple[str, ...]) -> None:
+    def __init__(self, puller: ModelPuller, models: tuple[str, ...], check: Check | None = None) -> None:
         self._puller = puller
         self._models = models
+        self._check = check
         self.failed: dict[str, str] = {}
         self.fetched: dict[str, int] = {}
 
@@ -55,6 +60,11 @@ class PrefetchRound:
         except InvalidName:
             self.failed[text] = "invalid model name"
             return
+        refused = self._check(name) if self._check is not None else None
+        if refused:  # the mirror would not serve it: do not fetch it either
+            self.failed[text] = refused
+            log.warn("prefetch of {model} skipped: {reason}", model=text, reason=refused)
+            return
         try:
             fetched = await self._puller.pull(name, lambda _: None)
         except PullFailed as e:
@@ -69,10 +79,18 @@ class PrefetchRound:
 class PrefetchService(MultiService):
     """Runs a :class:`PrefetchRound` at start and then on a ``TimerService`` (see the module docstring)."""
 
-    def __init__(self, puller: ModelPuller, models: tuple[str, ...], interval: float, clock: Any) -> None:
+    def __init__(
+        self,
+        puller: ModelPuller,
+        models: tuple[str, ...],
+        interval: float,
+        clock: Any,
+        check: Check | None = None,
+    ) -> None:
         super().__init__()
         self._puller = puller
         self.models = models
+        self._check = check  # the model rules (security.allowed_models, blocked_models)
         self._clock = clock
         self._running: Deferred[None] | None = None
         self.last_round: PrefetchRound | None = None
@@ -91,7 +109,7 @@ class PrefetchService(MultiService):
     def _round(self) -> Deferred[None]:
         if self._running is not None:  # the previous round is still fetching: skip this tick
             return Deferred.fromCoroutine(_nothing())
-        this = PrefetchRound(self._puller, self.models)
+        this = PrefetchRound(self._puller, self.models, self._check)
         self.rounds += 1
 
         def ended(result: object) -> None:

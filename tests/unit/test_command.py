@@ -459,3 +459,19 @@ def test_client_commands_send_the_api_key_and_say_when_it_is_missing(
         server.server_close()
         thread.join(timeout=10)
     assert seen == [None, "Bearer s3cret", "Bearer s3cret"]
+
+
+def test_the_prefetch_list_skips_what_the_model_rules_refuse() -> None:
+    from ollama_mirror.modelrules import ModelRules
+
+    clock = Clock()
+    puller = FakePuller(clock, 0)
+    rules = ModelRules([], ["secret"])
+    service = PrefetchService(puller, ("tiny", "secret"), 0, clock, rules.check)  # type: ignore[arg-type]
+    service.startService()
+    clock.advance(0)
+    clock.advance(1)
+    assert puller.pulled == ["tiny:latest"]
+    assert service.last_round is not None
+    assert "blocked by the rule 'secret' in security.blocked_models" in service.last_round.failed["secret"]
+    service.stopService()
