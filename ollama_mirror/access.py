@@ -12,8 +12,10 @@ the request against that address's rate limit, then applies the rule of the rout
 - model rules on ``/api/pull``, ``/api/show`` and the ``/v2`` manifest and blob routes.
 
 Refusals use the dialect of the route: ``{"error": ...}`` or the registry's ``{"errors": [...]}``.
-The path is judged exactly as the routers see it (Twisted's per-segment unquoting, joined), so an
-encoded slash cannot route one way and be judged another.
+A path with an encoded slash (``%2F``) or an empty segment (``//``, other than a trailing ``/``) is
+refused before anything else: the guard and the routers would read it differently (Klein strips
+one raw segment per branch, werkzeug takes a leading ``//`` literally), and no model name, tag or
+digest needs either.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ def _routed_path(request: Request) -> str:
     """The path as the routers match it: each segment unquoted, then joined with ``/``."""
     segments = [s.decode("utf-8") for s in (request.prepath or []) + (request.postpath or [])]
     return "/" + "/".join(segments)
+
+
+def _ambiguous(request: Request) -> bool:
+    """Whether the path has a segment that routes differently from how it reads (see the module
+    docstring): an encoded slash, or an empty segment anywhere but at the end."""
+    segments = (request.prepath or []) + (request.postpath or [])
+    return any(b"/" in s for s in segments) or any(not s for s in segments[:-1])
 
 
 def _routed_path_lenient(request: Request) -> str:
@@ -161,7 +170,13 @@ class AccessControl:
         client = self.client(request)
         if path == "/mirror/health":
             return None
-        ranged = path.startswith("/v2/") and request.getHeader(b"range") is not None
+        target = _registry_path(path) if path.startswith("/v2/") else None
+        ranged = (
+            target is not None
+            and target.kind == "blobs"
+            and request.method == b"GET"
+            and request.getHeader(b"range") is not None
+        )
         wait = self.limiter.take(client, PART_COST if ranged else 1.0)
         if wait is not None:
             seconds = max(1, int(wait + 0.999))
@@ -319,6 +334,12 @@ class _GuardedResource(Resource):
         except UnicodeDecodeError:  # the routers would answer a plain-text 400
             path = _routed_path_lenient(request)
             return _refuse(request, path, Refusal(400, "the URL is not valid UTF-8", "NAME_INVALID"))
+        if self._as_path is None and _ambiguous(request):
+            return _refuse(
+                request,
+                path,
+                Refusal(400, "the URL has an empty or encoded-slash (%2F) path segment", "NAME_INVALID"),
+            )
         try:
             refusal = self._access.check(request, path)
         except Exception:  # a bug here must still answer JSON, without a traceback

@@ -194,12 +194,58 @@ def test_model_rules_on_pull_show_and_registry_routes(tmp_path: Path, registry: 
     assert response.code == 403 and error(body) == "DENIED"
     digest = registry.digests("library/other")[0]
     assert h.request("GET", f"/v2/library/other/blobs/{digest}")[0].code == 403
-    # encoded slashes route as plain ones, and are judged the same way
-    assert h.request("GET", "/v2/library%2Fother/manifests/latest", headers=ACCEPT)[0].code == 403
+    # an encoded slash would route differently from how it reads: refused before any rule
+    assert h.request("GET", "/v2/library%2Fother/manifests/latest", headers=ACCEPT)[0].code == 400
     response, body = h.request("POST", "/api/pull", step=0.05, data=b'{"model":"tiny","stream":false}')
     assert response.code == 200, body
     response, body = h.request("POST", "/api/pull", data=b"{not json")
     assert response.code == 400  # a bad body is still the route's own 400
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("DELETE", "/%2Fmirror/cache", None),
+        ("GET", "/%2Fapi/tags", None),
+        ("GET", "/%2Fmirror/stats", None),
+        ("POST", "/%2Fapi/pull", b'{"model":"other","stream":false}'),
+        ("POST", "/api%2Fx/pull", b'{"model":"other","stream":false}'),
+        ("GET", "/%2Fv2/library/tiny/manifests/latest", None),
+        ("GET", "//v2/library/tiny/manifests/latest", None),
+        ("GET", "/v2%2Fx/library/other/manifests/latest", None),
+        ("GET", "//api/tags", None),
+        ("POST", "/api//pull", b'{"model":"other","stream":false}'),
+        ("GET", "/v2/library//tiny/manifests/latest", None),
+    ],
+)
+def test_paths_that_route_other_than_they_read_are_refused_before_any_rule(
+    tmp_path: Path, registry: FakeRegistry, method: str, path: str, body: bytes | None
+) -> None:
+    """An encoded slash or an empty segment once walked past the API key, the registry networks and
+    the model rules (Klein and werkzeug saw another route than the guard judged)."""
+    registry.add_model("library/other", "latest", [b"weights", b"tmpl"])
+    h = Harness(
+        tmp_path,
+        registry,
+        **{
+            "security.api_key": "k",
+            "security.registry_access": "networks",
+            "security.registry_networks": "10.0.0.0/8",
+            "security.blocked_models": "other",
+        },
+    )
+    key = {"Authorization": ["Bearer k"]}
+    pulled, _ = h.request(
+        "POST", "/api/pull", step=0.05, headers=key, data=b'{"model":"tiny","stream":false}'
+    )
+    assert pulled.code == 200
+    kwargs: dict[str, Any] = {"headers": ACCEPT} if body is None else {"data": body}
+    response, answer = h.request(method, path, **kwargs)
+    assert response.code == 400, (path, answer)
+    assert "encoded-slash" in answer.decode()
+    # nothing was removed, fetched or served behind the rules' back
+    _, tags = h.request("GET", "/api/tags", headers=key)
+    assert [m["name"] for m in json.loads(tags)["models"]] == ["tiny:latest"]
 
 
 def test_allowed_models_only(tmp_path: Path, registry: FakeRegistry) -> None:
@@ -223,6 +269,19 @@ def test_rate_limit_answers_429_with_retry_after(tmp_path: Path, registry: FakeR
     assert h.request("GET", "/mirror/health")[0].code != 429  # load balancers are not limited
     h.clock.advance(10)
     assert h.request("GET", "/api/version")[0].code == 200
+
+
+def test_only_ranged_blob_gets_are_charged_as_parts(tmp_path: Path, registry: FakeRegistry) -> None:
+    """A Range header on any other request must not buy sixteen times the allowance."""
+    h = Harness(
+        tmp_path, registry, **{"security.rate_limit_requests": "3", "security.rate_limit_window": "30"}
+    )
+    ranged = {**ACCEPT, "Range": ["bytes=0-0"]}
+    assert [h.request("GET", MANIFEST, headers=ranged)[0].code for _ in range(4)] == [200, 200, 200, 429]
+    h.clock.advance(30)
+    digest = registry.digests("library/tiny")[0]
+    codes = [h.request("GET", f"/v2/library/tiny/blobs/{digest}", headers=ranged)[0].code for _ in range(20)]
+    assert 429 not in codes
 
 
 def test_registry_networks(tmp_path: Path, registry: FakeRegistry) -> None:
