@@ -4,6 +4,10 @@ Each response is a push producer of its own: it reads from its own file descript
 valid when the partial file is renamed into ``blobs/``), writes until the client's socket says
 pause, and waits on the Fill when it has caught up with the download.  So a slow client slows only
 itself, and nothing is held in memory beyond one read.
+
+Over plain TCP the bytes go from the page cache to the socket with ``os.sendfile`` (see
+:class:`ZeroCopy`), without passing through Python; over TLS, HTTP/2 or a wrapped transport they
+are read and written in bounded pieces.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -27,6 +32,65 @@ from .fill import Fill
 log = Logger()
 
 READ_SIZE = 256 * 1024
+SENDFILE_TURN = 8 * 2**20  # bytes one response may send in one reactor turn, so that others get theirs
+
+
+class ZeroCopy:
+    """``os.sendfile`` from a blob's descriptor straight to a plain TCP connection's socket.
+
+    Twisted has no sendfile; this works with the transport instead of around it.  It is used only
+    when the connection is a plain ``tcp.Server`` (no TLS, no protocol wrapper, HTTP/1.x without
+    chunked framing or content encoding), and only while the transport's own write buffer is empty
+    (the headers, written through the request as usual, go first).  When the socket is full it
+    marks the transport's producer (the HTTP channel) paused and asks for a write event: the
+    transport drains its (empty) buffer and resumes the channel, which resumes the response.  So
+    reading, timeouts, disconnects and keep-alive stay the transport's business.
+    """
+
+    def __init__(self, transport: tcp.Connection) -> None:
+        self._transport = transport
+        self._socket_fd = transport.fileno()
+
+    @classmethod
+    def for_request(cls, request: Request) -> ZeroCopy | None:
+        """The zero-copy path for *request*'s connection, or None where it cannot be done safely."""
+        if not hasattr(os, "sendfile"):
+            return None
+        channel = getattr(request, "channel", None)
+        transport = getattr(channel, "transport", None)
+        if (
+            not isinstance(transport, tcp.Connection)
+            or getattr(transport, "TLS", False)
+            or ISSLTransport.providedBy(transport)
+            or transport.producer is not channel  # not an HTTPChannel straight on the socket
+            or request.clientproto not in (b"HTTP/1.0", b"HTTP/1.1")
+            or request.chunked
+            or not request.responseHeaders.hasHeader(b"content-length")
+            or getattr(request, "_encoder", None) is not None
+            or not all(hasattr(transport, a) for a in ("_tempDataLen", "dataBuffer", "offset"))
+        ):
+            return None
+        return cls(transport)
+
+    def idle(self) -> bool:
+        """Whether everything the transport was given (the headers) has reached the socket."""
+        t: Any = self._transport
+        return not t._tempDataLen and len(t.dataBuffer) - t.offset <= 0
+
+    def when_writable(self) -> None:
+        """Have the transport resume its producer (and so this response) once the socket is writable
+        and its own buffer is empty."""
+        t: Any = self._transport
+        if t.connected and not t.disconnecting:
+            t.producerPaused = True
+            t.startWriting()
+
+    def send(self, fd: int, offset: int, count: int) -> int:
+        """Bytes sent (0: the socket is full); OSError when the file or the connection failed."""
+        try:
+            return os.sendfile(self._socket_fd, fd, offset, count)
+        except BlockingIOError:
+            return 0
 
 
 @implementer(IPushProducer)
@@ -66,13 +130,22 @@ class BlobProducer:
         self._events = events or Events()
         self._source = "cache" if fill is None else "fill"
         self._on_end = on_end
+        self._zero_copy: ZeroCopy | None = None
         self.sent = 0
 
     def start(self) -> None:
         """Begin; the request is finished (or aborted) by this producer."""
         self._request.notifyFinish().addErrback(self._client_gone)
         self._request.registerProducer(self, True)
+        self._zero_copy = ZeroCopy.for_request(self._request)
+        if self._zero_copy is not None:
+            self._request.write(b"")  # the headers, through the transport's buffer, before any body byte
         self._pump()
+
+    @property
+    def zero_copy(self) -> bool:
+        """Whether this response goes out with sendfile."""
+        return self._zero_copy is not None
 
     def _available(self) -> int:
         wanted = self._last + 1 - self._position
@@ -101,6 +174,9 @@ class BlobProducer:
                 except OSError as e:
                     self._abort(f"cannot open the blob: {e.strerror}")
                     return
+            if self._zero_copy is not None:
+                self._send_zero_copy(self._zero_copy, available)
+                return
             data = os.pread(self._fd, min(READ_SIZE, available), self._position)
             if not data:
                 self._abort(f"blob file ended at {self._position}")
@@ -108,6 +184,49 @@ class BlobProducer:
             self._position += len(data)
             self.sent += len(data)
             self._request.write(data)
+
+    def _send_zero_copy(self, zero_copy: ZeroCopy, available: int) -> None:
+        """Send up to one turn's worth with sendfile, then wait for the socket (or the Fill)."""
+        if not zero_copy.idle():
+            self._paused = True
+            zero_copy.when_writable()
+            return
+        budget = SENDFILE_TURN
+        while available > 0 and budget > 0 and not self._stopped:
+            wanted = min(available, budget)
+            try:
+                sent = zero_copy.send(self._fd, self._position, wanted)
+            except OSError as e:
+                self._abort(f"sendfile failed: {e.strerror}")
+                return
+            if sent == 0 and wanted > 0 and self._is_eof():
+                self._abort(f"blob file ended at {self._position}")
+                return
+            self._position += sent
+            self.sent += sent
+            self._request.sentLength += sent
+            available -= sent
+            budget -= sent
+            if sent < wanted:  # the socket is full
+                break
+        if self._stopped:
+            return
+        if self._position > self._last:
+            self._finish()
+            return
+        # More to send: come back when the socket can take it (at once if it can), which also lets
+        # other connections have their turn.  With nothing on disk yet, _pump waits on the Fill.
+        if available > 0 or budget <= 0:
+            self._paused = True
+            zero_copy.when_writable()
+        else:
+            self._pump()
+
+    def _is_eof(self) -> bool:
+        try:
+            return os.fstat(self._fd).st_size <= self._position
+        except OSError:
+            return True
 
     def _more(self, _: object) -> None:
         self._waiting = None

@@ -197,6 +197,14 @@ class UpstreamConfig:
     connections_per_blob: int = setting(
         4, "UPSTREAM_CONNECTIONS_PER_BLOB", "Parallel ranged connections one blob download uses.", "int", 1
     )
+    max_connections_per_blob: int = setting(
+        16,
+        "UPSTREAM_MAX_CONNECTIONS_PER_BLOB",
+        "Connections one blob download may grow to while clients wait on that many different parts of "
+        "it (an Ollama client pulls 16 parts in parallel); never fewer than `connections_per_blob`.",
+        "int",
+        1,
+    )
     chunk_size: int = setting(
         16 * 2**20,
         "UPSTREAM_CHUNK_SIZE",

@@ -19,6 +19,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol as TxProtocol
@@ -36,6 +37,7 @@ from .upstream import UpstreamError, content_range_start, discard
 log = Logger()
 
 HASH_READ_SIZE = 4 * 2**20
+UPSTREAM_READ_SIZE = 2**20  # bytes per read from an upstream socket (Twisted's default is 64 KiB)
 
 
 class BlobSource(Protocol):
@@ -68,6 +70,11 @@ class _ChunkWriter(TxProtocol):
         self.failure: Exception | None = None
 
     def connectionMade(self) -> None:
+        # Larger socket reads: each read costs a trip through the HTTP client's parser, this
+        # protocol and the Fill's bookkeeping, so 1 MiB reads cost a sixteenth of 64 KiB ones.
+        connection = getattr(self.transport, "_producer", None)  # the response's TCP connection
+        if isinstance(connection, tcp.Connection) and connection.bufferSize < UPSTREAM_READ_SIZE:
+            connection.bufferSize = UPSTREAM_READ_SIZE
         self._arm()
 
     def _arm(self) -> None:
@@ -149,6 +156,7 @@ class Fill:
         gate: DeferredSemaphore | None = None,
         events: Events | None = None,
         admit: Callable[[Fill], Awaitable[None]] | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.hexdigest = hexdigest
         self.digest = "sha256:" + hexdigest
@@ -160,6 +168,8 @@ class Fill:
         self.runner = runner
         self.chunk_size = chunk_size
         self.connections = connections
+        # More connections while readers wait on more distinct chunks (a Go client's 16 parts).
+        self.max_connections = max(connections, max_connections or connections)
         self.retry_attempts = retry_attempts
         self.retry_delay = retry_delay
         self.idle_timeout = idle_timeout
@@ -179,7 +189,7 @@ class Fill:
         self.started_at: float | None = None
         self._stopping = False
         self._ranged: bool | None = None  # unknown until the first upstream answer
-        self._waiters: list[tuple[int, Deferred[None]]] = []
+        self._waiters: dict[int, list[tuple[int, Deferred[None]]]] = {}  # chunk -> (offset, waiter)
         self._finished: list[Deferred[None]] = []
         self._hasher = hashlib.sha256()
         self._hashed_chunks = 0
@@ -243,13 +253,14 @@ class Fill:
     def wait(self, offset: int) -> Deferred[None]:
         """A Deferred (the caller's own) that fires when bytes at *offset* are on disk, or fails with
         :class:`FillFailed` when the download fails."""
-        d: Deferred[None] = Deferred(lambda d: self._forget(d))
+        index = min(max(0, offset // self.chunk_size), self.nchunks - 1)
+        d: Deferred[None] = Deferred(lambda d: self._forget(d, index))
         if self.failure is not None:
             d.errback(self.failure)
         elif self.available(offset) > 0 or self.complete:
             d.callback(None)
         else:
-            self._waiters.append((offset, d))
+            self._waiters.setdefault(index, []).append((offset, d))
             self._schedule()
         return d
 
@@ -264,8 +275,12 @@ class Fill:
             self._finished.append(d)
         return d
 
-    def _forget(self, d: Deferred[None]) -> None:
-        self._waiters = [(o, w) for o, w in self._waiters if w is not d]
+    def _forget(self, d: Deferred[None], index: int | None = None) -> None:
+        waiting = self._waiters.get(index) if index is not None else None
+        if waiting is not None:
+            waiting[:] = [(o, w) for o, w in waiting if w is not d]
+            if not waiting:
+                del self._waiters[index]  # type: ignore[arg-type]
         if d in self._finished:
             self._finished.remove(d)
 
@@ -334,9 +349,8 @@ class Fill:
 
     def _next_chunk(self) -> int | None:
         """The chunk a reader waits on first, else the lowest one nobody is fetching."""
-        for offset, _ in sorted(self._waiters, key=lambda w: w[0]):
-            index = offset // self.chunk_size
-            if index < self.nchunks and not self.done[index] and index not in self.inflight:
+        for index in sorted(self._waiters):
+            if not self.done[index] and index not in self.inflight:
                 return index
         for index in range(self.nchunks):
             if not self.done[index] and index not in self.inflight:
@@ -350,15 +364,26 @@ class Fill:
             self.fd >= 0
             and not self.ended
             and not self._stopping
-            and self._workers < (self.connections if self._ranged else 1)
+            and self._workers < self._allowed_workers()
             and self._next_chunk() is not None
         ):
             self._workers += 1
             Deferred.fromCoroutine(self._worker()).addErrback(self._fail)
 
+    def _allowed_workers(self) -> int:
+        """One until the upstream is known to do ranges; then ``connections``, or more while readers
+        wait on chunks nobody fetches yet: one per chunk being fetched or waited on, up to
+        ``max_connections``."""
+        if not self._ranged:
+            return 1
+        wanted = self.inflight.union(i for i in self._waiters if not self.done[i])
+        return max(self.connections, min(self.max_connections, len(wanted)))
+
     async def _worker(self) -> None:
         try:
             while not self.ended and not self._stopping:
+                if self._workers > self._allowed_workers():
+                    return  # readers went away: back to the usual number of connections
                 index = self._next_chunk()
                 if index is None:
                     return
@@ -447,8 +472,8 @@ class Fill:
                 self.filled[index] = max(self.filled[index], min(end, chunk_end) - chunk_start)
                 if chunk_start + self.filled[index] >= chunk_end:
                     self._chunk_done(index)
+                self._wake(index)
             index += 1
-        self._wake()
 
     def _chunk_done(self, index: int) -> None:
         self.done[index] = True
@@ -479,11 +504,24 @@ class Fill:
 
         return self.runner.run(f, *args).addBoth(release)
 
-    def _wake(self) -> None:
-        ready = [(o, d) for o, d in self._waiters if self.available(o) > 0]
-        if ready:
-            self._waiters = [w for w in self._waiters if w not in ready]
-            for _, d in ready:
+    def _wake(self, index: int | None = None) -> None:
+        """Fire the waiters whose bytes are on disk: those of chunk *index*, or all of them.
+
+        Waiters are kept by chunk, so that each write looks only at the readers of its own chunk.
+        """
+        for chunk in list(self._waiters) if index is None else [index]:
+            waiting = self._waiters.get(chunk)
+            if not waiting:
+                continue
+            ready = [d for o, d in waiting if self.available(o) > 0]
+            if not ready:
+                continue
+            left = [(o, d) for o, d in waiting if self.available(o) <= 0]
+            if left:
+                self._waiters[chunk] = left
+            else:
+                del self._waiters[chunk]
+            for d in ready:
                 d.callback(None)
 
     # --- hashing and publishing ----------------------------------------------------------------
@@ -556,9 +594,9 @@ class Fill:
         for writer in list(self.writers):
             writer.stop()
         self._close_fd()
-        waiters, self._waiters = self._waiters, []
+        waiters, self._waiters = self._waiters, {}
         finished, self._finished = self._finished, []
-        for d in [d for _, d in waiters] + finished:
+        for d in [d for waiting in waiters.values() for _, d in waiting] + finished:
             d.errback(failure)
 
     def stop(self) -> Deferred[None]:

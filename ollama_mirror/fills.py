@@ -65,6 +65,7 @@ class FillManager(Service):
             gate=self.gate,
             events=self.events,
             admit=self.admit,
+            max_connections=self.config.max_connections_per_blob,
         )
         self.fills[hexdigest] = fill
         fill.start().addBoth(self._ended, fill)

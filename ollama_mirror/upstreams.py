@@ -76,7 +76,8 @@ def build_upstreams(
         if upstream_agent is None:
             pool = HTTPConnectionPool(reactor, persistent=True)
             pool.maxPersistentPerHost = (
-                config.upstream.connections_per_blob * config.upstream.max_concurrent_downloads
+                max(config.upstream.connections_per_blob, config.upstream.max_connections_per_blob)
+                * config.upstream.max_concurrent_downloads
             )
             pool.retryAutomatically = False
             pools.append(pool)

@@ -374,3 +374,40 @@ def test_a_zero_byte_blob_is_published_without_asking_upstream(tmp_path: Path) -
     assert done.called and fill.complete
     assert source.requests == []
     assert published(fill) == b""
+
+
+def test_readers_waiting_on_many_parts_get_a_connection_each_up_to_the_cap(tmp_path: Path) -> None:
+    blob = os.urandom(10 * CHUNK)
+    clock, source = Clock(), FakeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock, connections=2, max_connections=4)
+    fill.start()
+    source.respond(source.requests[0])  # the probe: ranges work (chunk 0 done)
+    assert len(source.pending()) == 2  # the usual two connections, lowest chunks first
+    waits = [fill.wait(offset) for offset in (5 * CHUNK, 7 * CHUNK + 10, 9 * CHUNK)]
+    pending = source.pending()
+    assert len(pending) == 4  # readers on three more chunks: grown to the cap, their chunks first
+    assert {r.start for r in pending[2:]} == {5 * CHUNK, 7 * CHUNK}
+    for request in pending:
+        source.respond(request)
+    assert all(w.called for w in waits[:2]) and not waits[2].called
+    source.serve_all()
+    assert all(w.called for w in waits) and fill.complete
+    assert published(fill) == blob
+    assert len(source.requests) == 10  # every chunk fetched once
+
+
+def test_a_reader_is_woken_only_when_its_own_bytes_arrive(tmp_path: Path, blob: bytes) -> None:
+    clock, source = Clock(), FakeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock, connections=1)
+    fill.start()
+    late, early = fill.wait(2500), fill.wait(100)
+    response = source.respond(source.requests[0], send=False)
+    response.send(blob[:100])
+    assert not early.called  # byte 100 is not there yet
+    response.send(blob[100:101])
+    assert early.called and not late.called
+    late.cancel()  # a reader hanging up leaves the download alone
+    response.send(blob[101:1000])
+    response.finish()
+    source.serve_all()
+    assert fill.complete and published(fill) == blob
