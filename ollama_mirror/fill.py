@@ -13,10 +13,13 @@ up can never cancel the download.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet import tcp
@@ -38,6 +41,7 @@ log = Logger()
 
 HASH_READ_SIZE = 4 * 2**20
 UPSTREAM_READ_SIZE = 2**20  # bytes per read from an upstream socket (Twisted's default is 64 KiB)
+FOLLOW_INTERVAL = 0.1  # seconds between looks at a download another process runs
 
 
 class BlobSource(Protocol):
@@ -56,6 +60,16 @@ class DigestMismatch(FillFailed):
 
 class DiskFull(FillFailed):
     """The cache's disk ran out of space: the partial file is discarded."""
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """The partial file as :meth:`Fill._open_partial` found it."""
+
+    fd: int  # -1 when the blob was published meanwhile
+    held: bool  # this process holds the download's lock: it downloads; else it follows
+    created: bool = False
+    state: PartialState | None = None
 
 
 class _ChunkWriter(TxProtocol):
@@ -198,6 +212,8 @@ class Fill:
         self._workers = 0
         self._fd_users = 0  # jobs in threads using self.fd; it is closed only when none is left
         self._close_wanted = False
+        self._following = False  # another process (worker) holds the download: we read its record
+        self._follow_timer: IDelayedCall | None = None
 
     # --- what readers use ----------------------------------------------------------------------
 
@@ -205,6 +221,11 @@ class Fill:
     def stopping(self) -> bool:
         """Stopped by the daemon shutting down (what is on disk is kept for the next start)."""
         return self._stopping
+
+    @property
+    def following(self) -> bool:
+        """Another worker process downloads this blob; this Fill serves the chunks it records."""
+        return self._following
 
     @property
     def ended(self) -> bool:
@@ -297,15 +318,16 @@ class Fill:
             if not self._stopping:
                 self.started_at = self.clock.seconds()
                 await self._open()
-                self.events.fill_started(self)
-                log.debug(
-                    "fill {digest}: {size} bytes, {resumed} already on disk",
-                    digest=self.digest,
-                    size=self.size,
-                    resumed=self.resumed_bytes,
-                )
-                self._schedule()
-                self._advance_hash()
+                if not self.ended:  # (the blob may have been published by another worker meanwhile)
+                    self.events.fill_started(self)
+                    log.debug(
+                        "fill {digest}: {size} bytes, {resumed} already on disk",
+                        digest=self.digest,
+                        size=self.size,
+                        resumed=self.resumed_bytes,
+                    )
+                    self._schedule()
+                    self._advance_hash()
         except Exception as e:
             self._fail(Failure(e))
         if not self.ended:
@@ -314,38 +336,134 @@ class Fill:
             self.gate.release()
 
     async def _open(self) -> None:
-        """Resume the partial file recorded on disk, or create one at full size (in a thread)."""
-        state = self.store.read_partial_state(self.hexdigest, self.size, self.chunk_size)
+        """Take the download's lock and resume the partial file recorded on disk, or create one at
+        full size (in a thread); or, when another process holds the lock, follow its download."""
+        opened = await self.runner.run(self._open_partial)
+        if opened.fd < 0:
+            self._completed()  # published by another process meanwhile
+            return
+        self.fd = opened.fd
+        if not opened.held:
+            self._following = True
+            log.debug("fill {digest}: another worker downloads it; following", digest=self.digest)
+            self._apply(opened.state)
+            self._follow_timer = self.clock.callLater(FOLLOW_INTERVAL, self._follow)
+            return
+        state = opened.state
         resumed = sorted(i for i in (state.done if state else ()) if 0 <= i < self.nchunks)
         self.resumed_bytes = sum(
             min(self.size, (i + 1) * self.chunk_size) - i * self.chunk_size for i in resumed
         )
         if self.admit is not None:
-            await self.admit(self)
-        self.fd = await self.runner.run(self._create_partial, state is None)
+            try:
+                await self.admit(self)
+            except BaseException:
+                if opened.created:  # leave the cache as it was
+                    _unlink_quietly(self.store.partial_path(self.hexdigest))
+                raise
+        if state is None:
+            await self._on_fd(self._reserve)
         for index in resumed:  # only now: "available" must always mean "readable through self.fd"
             self.done[index] = True
         if self.size == 0:
             self.done[0] = True  # nothing to fetch: hash the empty string and publish
         self._wake()
 
-    def _create_partial(self, fresh: bool) -> int:
-        """Open the partial file; a fresh one gets its whole size reserved, so a full disk shows now."""
-        fd = os.open(self.store.partial_path(self.hexdigest), os.O_RDWR | os.O_CREAT, 0o644)
+    def _open_partial(self) -> _Opened:
+        """(thread) Open the partial file and try to take the download's lock.
+
+        The lock is an exclusive ``flock`` on the partial file itself, so that worker processes
+        sharing the cache run one download per blob: the holder downloads; the others follow the
+        record of finished chunks and take over if the holder goes away (its lock goes with it).
+        """
+        path = self.store.partial_path(self.hexdigest)
         try:
-            if fresh:
-                os.ftruncate(fd, 0)
-                try:
-                    if self.size:
-                        os.posix_fallocate(fd, 0, self.size)
-                except OSError as e:
-                    if e.errno == errno.ENOSPC:
-                        raise DiskFull(f"no space left on the cache's disk for blob {self.digest}") from None
-                    os.ftruncate(fd, self.size)  # a filesystem that cannot reserve space: sparse file
+            fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            fd, created = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _Opened(fd, False, created, self._read_state())
+            if self.store.blob_size(self.hexdigest) is not None:  # the holder published and left
+                if created:
+                    _unlink_quietly(path)
+                os.close(fd)
+                return _Opened(-1, True)
+            return _Opened(fd, True, created, self._read_state())
         except BaseException:
             os.close(fd)
             raise
-        return fd
+
+    def _read_state(self) -> PartialState | None:
+        return self.store.read_partial_state(self.hexdigest, self.size, self.chunk_size)
+
+    def _reserve(self) -> None:
+        """(thread) A fresh partial file gets its whole size reserved, so that a full disk shows now."""
+        os.ftruncate(self.fd, 0)
+        try:
+            if self.size:
+                os.posix_fallocate(self.fd, 0, self.size)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise DiskFull(f"no space left on the cache's disk for blob {self.digest}") from None
+            os.ftruncate(self.fd, self.size)  # a filesystem that cannot reserve space: sparse file
+
+    # --- following a download another process runs ---------------------------------------------
+
+    def _apply(self, state: PartialState | None) -> None:
+        """Chunks the holder recorded as finished are readable here too."""
+        for index in state.done if state is not None else ():
+            if 0 <= index < self.nchunks and not self.done[index]:
+                self.done[index] = True
+                self._wake(index)
+
+    def _follow(self) -> None:
+        self._follow_timer = None
+        if not self.ended:
+            self._on_fd(self._look_at_holder).addCallbacks(self._looked, self._fail)
+
+    def _look_at_holder(self) -> tuple[str, PartialState | None]:
+        """(thread) What the holder did since the last look: published, failed, went away, or progressed."""
+        if self.store.blob_size(self.hexdigest) is not None:
+            return "published", None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "following", self._read_state()
+        if self.store.blob_size(self.hexdigest) is not None:
+            return "published", None
+        try:
+            same = os.stat(self.store.partial_path(self.hexdigest)).st_ino == os.fstat(self.fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            return "lost", None  # the holder failed and discarded its data
+        state = self._read_state()
+        if state is None:  # nothing recorded: start from scratch
+            self._reserve()
+        return "taken over", state
+
+    def _looked(self, result: tuple[str, PartialState | None]) -> None:
+        what, state = result
+        if self.ended:
+            return
+        if what == "published":
+            self._completed()
+        elif what == "lost":
+            self._fail(Failure(FillFailed(f"the download of {self.digest} in another worker failed")))
+        else:
+            self._apply(state)
+            if what == "taken over":
+                self._following = False
+                log.info(
+                    "fill {digest}: taking over the download of a worker that stopped", digest=self.digest
+                )
+                self._schedule()
+                self._advance_hash()
+            else:
+                self._follow_timer = self.clock.callLater(FOLLOW_INTERVAL, self._follow)
 
     def _next_chunk(self) -> int | None:
         """The chunk a reader waits on first, else the lowest one nobody is fetching."""
@@ -362,6 +480,7 @@ class Fill:
         # Re-checked each round: a worker can run to its end (even fail the Fill) inside fromCoroutine.
         while (
             self.fd >= 0
+            and not self._following
             and not self.ended
             and not self._stopping
             and self._workers < self._allowed_workers()
@@ -527,7 +646,7 @@ class Fill:
     # --- hashing and publishing ----------------------------------------------------------------
 
     def _advance_hash(self) -> None:
-        if self._hashing or self.ended or self.fd < 0:
+        if self._hashing or self.ended or self.fd < 0 or self._following:
             return
         self._hashing = True
         Deferred.fromCoroutine(self._hash_prefix()).addErrback(self._fail)
@@ -564,7 +683,6 @@ class Fill:
             self._state_lock.release()
         if self.ended:  # failed (shutdown) during the publish: the published blob is verified and stays
             return
-        self.complete = True
         elapsed = self.clock.seconds() - (self.started_at or self.clock.seconds())
         log.debug(
             "fill {digest}: complete and verified, {received} bytes from upstream in {elapsed:.1f} s",
@@ -572,6 +690,12 @@ class Fill:
             received=self.received_bytes,
             elapsed=elapsed,
         )
+        self._completed()
+
+    def _completed(self) -> None:
+        """The verified blob is in ``blobs/`` (published here or by the worker this Fill followed)."""
+        self.complete = True
+        self._following = False
         self._close_fd()
         self.events.fill_ended(self, None)
         self._wake()
@@ -587,9 +711,12 @@ class Fill:
         if not failure.check(FillFailed):
             failure = Failure(FillFailed(f"download of {self.digest} failed: {failure.getErrorMessage()}"))
         self.failure = failure
+        if self._follow_timer is not None and self._follow_timer.active():
+            self._follow_timer.cancel()
+        self._follow_timer = None
         log.debug("fill {digest}: {error}", digest=self.digest, error=failure.getErrorMessage())
         self.events.fill_ended(self, failure.getErrorMessage())
-        if failure.check(DiskFull):  # leave the cache as it was, now, before another Fill can start
+        if failure.check(DiskFull) and not self._following:  # leave the cache as it was, now
             self.store.discard_partial(self.hexdigest)
         for writer in list(self.writers):
             writer.stop()
@@ -613,6 +740,11 @@ class Fill:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _hash_range(hasher: Any, fd: int, start: int, end: int) -> None:

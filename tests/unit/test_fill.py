@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
-from ollama_mirror.fill import DigestMismatch, DiskFull, Fill, FillFailed
+from ollama_mirror.fill import FOLLOW_INTERVAL, DigestMismatch, DiskFull, Fill, FillFailed
 from ollama_mirror.runner import InlineRunner
 from ollama_mirror.store import Store
 from ollama_mirror.upstream import UpstreamError
@@ -411,3 +411,68 @@ def test_a_reader_is_woken_only_when_its_own_bytes_arrive(tmp_path: Path, blob: 
     response.finish()
     source.serve_all()
     assert fill.complete and published(fill) == blob
+
+
+# --- worker processes sharing one cache: one download per blob (the partial file's flock) ---------
+# Two Fills with descriptors of their own conflict on flock as two processes do.
+
+
+def test_a_second_worker_follows_the_download_instead_of_fetching_it_again(
+    tmp_path: Path, blob: bytes
+) -> None:
+    clock, source_a, source_b = Clock(), FakeSource(blob), FakeSource(blob)
+    holder = make_fill(tmp_path, blob, source_a, clock, connections=1)
+    follower = make_fill(tmp_path, blob, source_b, clock, connections=1)
+    holder.start()
+    follower.start()
+    assert follower.following and not holder.following
+    waiting, done = follower.wait(1500), follower.when_done()
+    source_a.respond(source_a.requests[0])
+    source_a.respond(source_a.pending()[0])  # chunks 0 and 1 finished and recorded
+    assert not waiting.called  # not until the follower looks at the record
+    clock.advance(FOLLOW_INTERVAL)
+    assert waiting.called and follower.available(1500) == 500
+    source_a.serve_all()
+    assert holder.complete and not done.called
+    clock.advance(FOLLOW_INTERVAL)
+    assert done.called and follower.complete
+    assert source_b.requests == []  # one upstream download for both
+    with os.fdopen(follower.open_reader(), "rb") as f:
+        assert f.read() == blob
+
+
+def test_a_follower_takes_over_when_the_downloading_worker_stops(tmp_path: Path, blob: bytes) -> None:
+    clock, source_a, source_b = Clock(), FakeSource(blob), FakeSource(blob)
+    holder = make_fill(tmp_path, blob, source_a, clock, connections=1)
+    follower = make_fill(tmp_path, blob, source_b, clock, connections=1)
+    holder.start()
+    follower.start()
+    done = follower.when_done()
+    source_a.respond(source_a.requests[0])
+    source_a.respond(source_a.pending()[0])
+    holder.stop()  # the worker goes away: its lock with it
+    clock.advance(FOLLOW_INTERVAL)
+    assert not follower.following
+    source_b.serve_all()
+    assert done.called and follower.complete and published(follower) == blob
+    assert min(r.start for r in source_b.requests) == 2 * CHUNK  # the recorded chunks were not fetched again
+
+
+def test_a_follower_fails_when_the_downloading_worker_discards_a_corrupt_blob(
+    tmp_path: Path, blob: bytes
+) -> None:
+    clock, source_a, source_b = Clock(), FakeSource(blob), FakeSource(blob)
+    holder = make_fill(tmp_path, blob, source_a, clock, connections=1)
+    follower = make_fill(tmp_path, blob, source_b, clock, connections=1)
+    holder.start()
+    follower.start()
+    done = follower.when_done()
+    for _ in range(5):
+        request = source_a.pending()[0]
+        source_a.respond(request, body=b"x" * ((request.end or len(blob) - 1) - request.start + 1))
+    assert isinstance(holder.failure.value if holder.failure else None, DigestMismatch)
+    clock.advance(FOLLOW_INTERVAL)
+    assert follower.failure is not None and source_b.requests == []
+    failures: list[Failure] = []
+    done.addErrback(failures.append)
+    assert failures and failures[0].check(FillFailed)
