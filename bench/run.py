@@ -8,9 +8,9 @@ the test dependencies). Loopback only. It
 1. builds real GGUF models (``tests.support.models``): a large one (1 GiB model layer; 128 MiB with
    ``--quick``), one for the WAN-like part (256 MiB; 64 MiB) and a small one, and pushes them into a fresh
    distribution registry;
-2. starts nginx (``sendfile on``) serving the large blob's very file in the registry's storage, and a
-   second nginx as the WAN-like throttle: ``limit_rate`` 32 MiB/s per connection, proxying to the
-   registry (as a CDN limits each connection);
+2. starts nginx (``sendfile on``) serving the large blob's very file in the registry's storage, and the
+   WAN-like upstream: a throttling proxy (``tests.support.faultproxy``, 32 MiB/s per connection, as a
+   CDN limits each connection, in a process of its own) in front of the registry;
 3. starts the mirror (the real daemon under twistd) in front of the registry, and measures:
 
    - warm blob throughput with 1, 8 and 32 concurrent ``curl`` clients (each a process of its own),
@@ -51,6 +51,7 @@ if str(BENCH_DIR) not in sys.path:
 from pull_1g import (  # noqa: E402
     Bench,
     BenchError,
+    ThrottleProxy,
     _interrupt,
     kill_group,
     machine_busy,
@@ -374,24 +375,20 @@ class FullBench(Bench):
                 raise BenchError(f"cannot find the blob's file in the registry's storage: {blob_file}")
             nginx = Nginx(self.workdir / "nginx", f"location = /blob {{ alias {blob_file}; }}")
             self.stack.callback(nginx.stop)
-            rate = int(self.args.wan_rate_mib * MiB)
-            throttle = Nginx(
-                self.workdir / "throttle",
-                f"""location / {{
-            proxy_pass {registry.url};
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $http_host;
-            proxy_max_temp_file_size 0;
-            limit_rate {rate};
-        }}""",
-            )
+            # The WAN-like upstream: a FaultProxy throttled per connection, in a process of its own (nginx's
+            # limit_rate lets each connection send a second's worth at once, so parts of 16 MiB would not
+            # be throttled at all).
+            throttle = ThrottleProxy(registry.url, self.args.wan_rate_mib * MiB)
             self.stack.callback(throttle.stop)
-            self.warm(big, nginx)
-            self.cold(big, "loopback", registry.url)
-            self.cold(wan, "wan", throttle.url)
-            self.herd(wan, "wan", throttle.url)
-            self.herd(big, "loopback", registry.url)
+            only = self.args.only
+            if "warm" in only:
+                self.warm(big, nginx)
+            if "cold" in only:
+                self.cold(big, "loopback", registry.url)
+                self.cold(wan, "wan", throttle.url)
+            if "herd" in only:
+                self.herd(wan, "wan", throttle.url)
+                self.herd(big, "loopback", registry.url)
 
 
 def render(rows: list[Row], peak_rss: float | None) -> str:
@@ -448,6 +445,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wan-size-mib", type=int, default=None, help="WAN model layer (default 256; --quick 64)")
     p.add_argument("--wan-rate-mib", type=float, default=32.0, help="WAN throttle, MiB/s per connection")
     p.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    p.add_argument(
+        "--only",
+        type=lambda s: set(s.split(",")),
+        default={"warm", "cold", "herd"},
+        help="parts to run: warm (with manifests), cold, herd (comma-separated; default all)",
+    )
     p.add_argument("--herd", type=int, default=32, help="clients arriving together on a cold blob")
     p.add_argument(
         "--wrk-seconds", type=int, default=None, help="duration of each wrk run (default 5; --quick 2)"

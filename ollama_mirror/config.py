@@ -43,7 +43,12 @@ class ServerConfig:
     host: str = setting("0.0.0.0", "HOST", "Address to listen on.", "str")
     port: int = setting(11434, "PORT", "TCP port to listen on.", "port")
     workers: int = setting(
-        1, "WORKERS", "Worker processes sharing the listening socket.", "int", 1, planned=True
+        1,
+        "WORKERS",
+        "Worker processes sharing the listening sockets (`tcp:` and `unix:` endpoints); each blob is "
+        "still downloaded once.",
+        "int",
+        1,
     )
     listen: tuple[str, ...] = setting(
         (),

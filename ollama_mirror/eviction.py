@@ -11,6 +11,7 @@ reason (larger than the whole cache, or not enough free disk even after evicting
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import time
@@ -229,6 +230,7 @@ class Sweeper(Events):
                 stale
                 and not (match and match.group(1) in protected)
                 and not staging_in_use(partial_dir, entry.name)
+                and not _downloading(entry.path)
             ):
                 os.unlink(entry.path)
                 removed += 1
@@ -351,12 +353,13 @@ def _free_bytes(path: str) -> int:
 class CacheLifecycle(MultiService):
     """The sweep on its ``TimerService`` and the index flushes, started and stopped with the daemon."""
 
-    def __init__(self, sweeper: Sweeper, clock: Any) -> None:
+    def __init__(self, sweeper: Sweeper, clock: Any, sweeps: bool = True) -> None:
         super().__init__()
         self.sweeper = sweeper
-        timer = TimerService(sweeper.config.cleanup_interval, self._sweep)
-        timer.clock = clock
-        timer.setServiceParent(self)
+        if sweeps:  # (of several worker processes, one sweeps)
+            timer = TimerService(sweeper.config.cleanup_interval, self._sweep)
+            timer.clock = clock
+            timer.setServiceParent(self)
         self._flusher = LoopingCall(self._flush)
         self._flusher.clock = clock
 
@@ -381,3 +384,18 @@ class CacheLifecycle(MultiService):
         d.addCallback(lambda _: self._flush())
         d.addBoth(lambda _: self.sweeper.runner.run(self.sweeper.index.close))
         return d
+
+
+def _downloading(path: str) -> bool:
+    """Whether some process (another worker) holds the download lock of this partial file."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

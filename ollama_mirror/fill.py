@@ -213,6 +213,7 @@ class Fill:
         self._fd_users = 0  # jobs in threads using self.fd; it is closed only when none is left
         self._close_wanted = False
         self._following = False  # another process (worker) holds the download: we read its record
+        self.followed = False  # this Fill followed another process's download (for its log line)
         self._follow_timer: IDelayedCall | None = None
 
     # --- what readers use ----------------------------------------------------------------------
@@ -344,7 +345,7 @@ class Fill:
             return
         self.fd = opened.fd
         if not opened.held:
-            self._following = True
+            self._following = self.followed = True
             log.debug("fill {digest}: another worker downloads it; following", digest=self.digest)
             self._apply(opened.state)
             self._follow_timer = self.clock.callLater(FOLLOW_INTERVAL, self._follow)

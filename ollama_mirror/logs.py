@@ -267,6 +267,15 @@ class FillLog(Events):
 
     def fill_started(self, fill: Fill) -> None:
         self._last[fill.digest] = (self._clock.seconds(), fill.completed_bytes())
+        if fill.following:
+            fill_log.info(
+                "fill {short}: another worker downloads it; serving the chunks it finishes",
+                short=fill.digest[:19],
+                digest=fill.digest,
+                repository=fill.repository,
+                size=fill.size,
+            )
+            return
         fill_log.info(
             "fill {short} started: {size_text} for {repository}, {resumed_text} already on disk",
             short=fill.digest[:19],
@@ -296,7 +305,9 @@ class FillLog(Events):
             "result": "ok" if error is None else "failed",
             "error": error,
         }
-        if error is None:
+        if error is None and fill.followed and not fill.received_bytes:
+            fill_log.info("fill {short} done: downloaded by another worker, verified and published", **fields)
+        elif error is None:
             fill_log.info(
                 "fill {short} done: {received_text} from upstream in {elapsed:.1f} s ({rate_text}/s), "
                 "verified and published",
@@ -394,10 +405,17 @@ def open_log_file(path: str, config: LoggingConfig) -> LogFile:
     )
 
 
-def log_observer(config: LoggingConfig, destination: IO[Any]) -> ILogObserver:
-    """An observer writing events at ``logging.level`` and above to *destination* as text or JSON lines."""
-    if config.format == "json":
-        observer: ILogObserver = FileLogObserver(destination, json_line)
+def log_observer(
+    config: LoggingConfig,
+    destination: IO[Any],
+    format_event: Callable[[dict[str, Any]], str | None] | None = None,
+) -> ILogObserver:
+    """An observer writing events at ``logging.level`` and above to *destination* as text or JSON lines
+    (or as *format_event* makes them)."""
+    if format_event is not None:
+        observer: ILogObserver = FileLogObserver(destination, format_event)
+    elif config.format == "json":
+        observer = FileLogObserver(destination, json_line)
     else:
         observer = textFileLogObserver(destination)
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[config.level])

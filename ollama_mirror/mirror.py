@@ -135,10 +135,14 @@ class Mirror:
         """The whole HTTP tree, every request timed, logged, counted and judged by ``security.*``."""
         return self.observability.observe(LoopGuard(self.access.wrap(self.root.resource()), self.marker))
 
-    def services(self) -> list[IService]:
-        """Services to run beside the listening endpoints."""
-        services: list[IService] = [self.fills, CacheLifecycle(self.sweeper, self.reactor)]
-        if self.config.cache.prefetch:
+    def services(self, maintenance: bool = True) -> list[IService]:
+        """Services to run beside the listening endpoints (*maintenance*: the eviction sweep and the
+        prefetch list, which only one of several worker processes runs)."""
+        services: list[IService] = [
+            self.fills,
+            CacheLifecycle(self.sweeper, self.reactor, sweeps=maintenance),
+        ]
+        if self.config.cache.prefetch and maintenance:
             services.append(self.prefetch_service())
         return [*services, *self.observability.services()]
 

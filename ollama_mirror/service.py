@@ -7,13 +7,16 @@ ollama_mirror`` and applications that embed the mirror; tests pass a fake reacto
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Sequence
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.web.iweb import IAgent
+from twisted.web.server import Site
 
 from . import __version__
 from .cachelock import CacheBusy, CacheLock
@@ -81,37 +84,88 @@ class MirrorService(MultiService):
         return result
 
 
+class AdoptedPortService(Service):
+    """Serve *site* on a listening socket inherited from the supervisor (``server.workers``)."""
+
+    def __init__(self, reactor: Any, fd: int, family: int, site: Site) -> None:
+        self._reactor = reactor
+        self._fd = fd
+        self._family = family
+        self._site = site
+        self._port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._port = self._reactor.adoptStreamPort(self._fd, socket.AddressFamily(self._family), self._site)
+        os.close(self._fd)  # the port has its own copy
+
+    def stopService(self) -> Deferred[Any] | None:
+        super().stopService()
+        port, self._port = self._port, None
+        return maybeDeferred(port.stopListening) if port is not None else None
+
+
 def build_service(
-    config: Config, reactor: Any, *, agent: IAgent | None = None, runner: Runner | None = None
+    config: Config,
+    reactor: Any,
+    *,
+    agent: IAgent | None = None,
+    runner: Runner | None = None,
+    inherited: Sequence[tuple[str, int, int]] | None = None,
+    maintenance: bool = True,
 ) -> MirrorService:
     """Build the daemon's service tree on *reactor* without starting anything.
 
     *agent* (an ``IAgent``) and *runner* replace the upstream HTTP client and the thread pool,
-    for tests and for applications that bring their own.
+    for tests and for applications that bring their own.  A worker process (``server.workers``)
+    passes the listening sockets it *inherited* (``(role, fd, family)``, role ``main`` or
+    ``metrics``) instead of binding the endpoints, and ``maintenance=False`` unless it is the
+    worker that runs the eviction sweep and the prefetch list.
     """
     tls = _server_tls(config)
     mirror = Mirror(config, reactor, agent=agent, runner=runner)
     top = MirrorService(mirror, tls)
     site = harden(MirrorSite(mirror.resource(), reactor=reactor), config.server)
-    for child in mirror.services():
+    for child in mirror.services(maintenance=maintenance):
         child.setServiceParent(top)
     listening = ListeningService()  # added last: it starts last and stops first
-    for description in config.listen_endpoints():
-        try:
-            listener(description, site, reactor, tls).setServiceParent(listening)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"server.listen: cannot use endpoint {description!r}: {e}") from None
     observability = mirror.observability  # /metrics on a listener of its own, if configured
     metrics = observability.metrics_resource()
     if config.security.protect_metrics:
         metrics = mirror.access.wrap(metrics, as_path="/metrics")
     metrics_site = harden(MirrorSite(observability.observe(metrics), reactor=reactor), config.server)
+    if inherited is not None:
+        for role, fd, family in inherited:
+            chosen = metrics_site if role == "metrics" else site
+            AdoptedPortService(reactor, fd, family, chosen).setServiceParent(listening)
+        listening.setServiceParent(top)
+        return top
+    for description in config.listen_endpoints():
+        try:
+            listener(description, site, reactor, tls).setServiceParent(listening)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"server.listen: cannot use endpoint {description!r}: {e}") from None
     for description in observability.metrics_endpoints():
         try:
             listener(description, metrics_site, reactor, tls).setServiceParent(listening)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"server.metrics_listen: cannot use endpoint {description!r}: {e}") from None
     listening.setServiceParent(top)
+    _log_start(config, tls)
+    return top
+
+
+def build_supervisor(config: Config, reactor: Any) -> MultiService:
+    """With ``server.workers`` above 1: the supervisor, which binds the endpoints and runs the workers."""
+    from .workers import WorkerPool
+
+    top = MultiService()
+    WorkerPool(config, reactor).setServiceParent(top)
+    _log_start(config, None)
+    return top
+
+
+def _log_start(config: Config, tls: ServerTLS | None) -> None:
     log.info(
         "ollama-mirror {version} serving {cache} from {upstream} on {endpoints}",
         version=__version__,
@@ -127,7 +181,6 @@ def build_service(
         )
     for key in inactive_settings(config):
         log.warn("{key} is set, but this version of ollama-mirror does not act on it yet", key=key)
-    return top
 
 
 def _server_tls(config: Config) -> ServerTLS | None:

@@ -131,11 +131,14 @@ class _Daemon(MultiService):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor  # twistd has installed the chosen reactor by now
 
-    from .service import build_service
+    from .service import build_service, build_supervisor
 
     assert options.config is not None
     try:
-        mirror = build_service(options.config, reactor)
+        if options.config.server.workers > 1:
+            mirror: IService = build_supervisor(options.config, reactor)
+        else:
+            mirror = build_service(options.config, reactor)
     except ConfigError as e:
         fail(f"configuration error: {e}")
     daemon = _Daemon(_log_observer(options), reactor)
