@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +147,21 @@ class FullBench(Bench):
         super().__init__(args, workdir)
         self.rows: list[Row] = []
         self.peak_rss: list[float] = []
+
+    @contextlib.contextmanager
+    def mirror(self, name: str, upstream_url: str, overrides: dict[str, str]) -> Iterator[MirrorDaemon]:
+        """Bench.mirror, and when a measurement fails, the daemon's warnings and errors are shown."""
+        with super().mirror(name, upstream_url, overrides) as daemon:
+            try:
+                yield daemon
+            except BaseException:
+                lines = [
+                    line
+                    for line in daemon.log_text().splitlines()
+                    if re.search(r"#(warn|error|critical)", line)
+                ]
+                print(f"\ndaemon {name}: last warnings and errors:\n" + "\n".join(lines[-20:]))
+                raise
 
     # -- clients -------------------------------------------------------------------------------------
 

@@ -140,6 +140,8 @@ class _FakeFill:
         self.clock = clock
         self.ended = False
         self.stopping = False
+        self.following = False  # (another worker downloads it)
+        self.followed = False
 
     def completed_bytes(self) -> int:
         return self.resumed_bytes + self.received_bytes
