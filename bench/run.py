@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +70,20 @@ from tests.support.registry import free_port  # noqa: E402
 MiB = 2**20
 MANIFEST_ACCEPT = "application/vnd.docker.distribution.manifest.v2+json"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def tree_total(pid: int | None, measure: Callable[[int | None], float | None]) -> float | None:
+    """``measure`` summed over the daemon and its children (the workers, with ``server.workers``)."""
+    if pid is None:
+        return None
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    pids.append(int(entry.name))
+    values = [v for v in (measure(p) for p in pids) if v is not None]
+    return sum(values) if values else None
 
 
 @dataclass
@@ -211,7 +225,7 @@ class FullBench(Bench):
         return float(match.group(1))
 
     def record_rss(self, daemon: MirrorDaemon) -> float | None:
-        rss = vm_hwm_mb(daemon.pid)
+        rss = tree_total(daemon.pid, vm_hwm_mb)
         if rss is not None:
             self.peak_rss.append(rss)
         return rss
@@ -236,12 +250,12 @@ class FullBench(Bench):
                 rates: dict[str, float] = {}
                 for name, url in urls.items():
                     settle(self.args.quiet_wait)
-                    cpu0 = proc_cpu_s(daemon.pid)
+                    cpu0 = tree_total(daemon.pid, proc_cpu_s)
                     seconds = self.curls(url, clients, size)
                     rates[name] = clients * size / MiB / seconds
                     extra = ""
                     if name == "mirror":
-                        cpu = (proc_cpu_s(daemon.pid) or 0) - (cpu0 or 0)
+                        cpu = (tree_total(daemon.pid, proc_cpu_s) or 0) - (cpu0 or 0)
                         extra = f", daemon {cpu:.2f} CPU s, peak RSS {self.record_rss(daemon) or 0:.0f} MB"
                     print(
                         f"- {clients:2d} clients, {name:8s}: {seconds:5.2f} s,{rates[name]:5.0f} MiB/s{extra}"
@@ -429,7 +443,7 @@ def render(rows: list[Row], peak_rss: float | None) -> str:
     if peak_rss is not None:
         table.append(
             (
-                "daemon peak RSS (MB), all runs",
+                "daemon peak RSS (MB; workers summed)",
                 f"{peak_rss:.0f}",
                 "-",
                 "-",
