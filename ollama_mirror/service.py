@@ -155,12 +155,18 @@ def build_service(
     return top
 
 
-def build_supervisor(config: Config, reactor: Any) -> MultiService:
-    """With ``server.workers`` above 1: the supervisor, which binds the endpoints and runs the workers."""
+def build_supervisor(
+    config: Config, reactor: Any, config_file: str | None = None, overrides: dict[str, str] | None = None
+) -> MultiService:
+    """With ``server.workers`` above 1: the supervisor, which binds the endpoints and runs the workers.
+
+    The workers load their configuration as *config* was loaded: from *config_file*, the
+    environment (theirs is the supervisor's) and the command line's *overrides*.
+    """
     from .workers import WorkerPool
 
     top = MultiService()
-    WorkerPool(config, reactor).setServiceParent(top)
+    WorkerPool(config, reactor, config_file, overrides or {}).setServiceParent(top)
     _log_start(config, None)
     return top
 

@@ -49,6 +49,7 @@ class Options(usage.Options):
         self.overrides: dict[str, str] = {}
         self.listen: list[str] = []
         self.config: Config | None = None
+        self.sources: tuple[str | None, dict[str, str]] = (None, {})
 
     def opt_set(self, assignment: str) -> None:
         """Set any configuration key: --set cache.retention_days=7 (repeatable)."""
@@ -66,6 +67,7 @@ class Options(usage.Options):
         if self.listen:
             overrides["server.listen"] = ",".join(self.listen)
         overrides.update(self.overrides)
+        self.sources = (self["config"], overrides)  # what worker processes load their configuration from
         try:
             self.config = load_config(self["config"], os.environ, overrides)
         except ConfigError as e:
@@ -136,7 +138,7 @@ def makeService(options: Options) -> IService:
     assert options.config is not None
     try:
         if options.config.server.workers > 1:
-            mirror: IService = build_supervisor(options.config, reactor)
+            mirror: IService = build_supervisor(options.config, reactor, *options.sources)
         else:
             mirror = build_service(options.config, reactor)
     except ConfigError as e:

@@ -5,8 +5,9 @@ runs becomes a supervisor: it binds every listening endpoint itself (so that a t
 stops start-up, and a worker that restarts never loses the port), then starts that many worker
 processes (``python -m ollama_mirror.workers``) that adopt the listening sockets
 (``reactor.adoptStreamPort``) and each run the whole mirror on the shared cache; the kernel hands
-each new connection to one of them.  The configuration reaches a worker through its standard input,
-which then stays open: its end tells the worker that the supervisor is gone.  Worker log lines go
+each new connection to one of them.  A worker loads its configuration as the supervisor did (the
+same file, environment and command-line overrides, which reach it through its standard input); its
+standard input then stays open: its end tells the worker that the supervisor is gone.  Worker log lines go
 to the supervisor, which logs them with the worker's number.  A worker that dies is started again;
 SIGTERM to the supervisor stops every worker, then the supervisor.
 
@@ -26,7 +27,6 @@ import re
 import signal
 import socket
 import sys
-import tempfile
 from typing import Any
 
 from twisted.application.service import Service
@@ -78,9 +78,15 @@ class _Listener:
 class WorkerPool(Service):
     """The supervisor: binds the endpoints, runs ``count`` workers, restarts them, stops them."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(
+        self, config: Config, reactor: Any, config_file: str | None, overrides: dict[str, str]
+    ) -> None:
         check_shareable(config)
         self.config = config
+        self.sources = {
+            "config_file": os.path.abspath(config_file) if config_file else None,
+            "overrides": dict(overrides),
+        }
         self.reactor = reactor
         self.count = config.server.workers
         self.listeners: list[_Listener] = []
@@ -139,7 +145,7 @@ class WorkerPool(Service):
         worker = _Worker(self, index, self.reactor.seconds())
         self.workers[index] = worker
         self.reactor.spawnProcess(worker, sys.executable, args, env=env, childFDs=child_fds)
-        document = json.dumps(dataclasses.asdict(self.config)).encode() + b"\n"
+        document = json.dumps(self.sources).encode() + b"\n"
         assert worker.transport is not None
         worker.transport.write(document)  # stdin stays open: its end tells the worker we are gone
 
@@ -261,13 +267,10 @@ def worker_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("listeners", nargs="*", help="ROLE:FD:FAMILY of each adopted listening socket")
     args = parser.parse_args(argv)
-    document = sys.stdin.buffer.readline()
-    with tempfile.NamedTemporaryFile("wb", suffix=".json") as f:
-        f.write(document)
-        f.flush()
-        from .config import load_config
+    from .config import load_config
 
-        config = load_config(f.name)
+    sources = json.loads(sys.stdin.buffer.readline())
+    config = load_config(sources["config_file"], os.environ, sources["overrides"])
     listeners = []
     for spec in args.listeners:
         role, fd, family = spec.split(":")
