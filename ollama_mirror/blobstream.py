@@ -12,6 +12,7 @@ are read and written in bounded pieces.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from typing import Any
@@ -87,6 +88,9 @@ class ZeroCopy:
 
     def send(self, fd: int, offset: int, count: int) -> int:
         """Bytes sent (0: the socket is full); OSError when the file or the connection failed."""
+        t: Any = self._transport
+        if not t.connected or t.disconnected or t.fileno() != self._socket_fd:
+            raise BrokenPipeError(errno.EPIPE, "the connection is closed")  # never a reused descriptor
         try:
             return os.sendfile(self._socket_fd, fd, offset, count)
         except BlockingIOError:
