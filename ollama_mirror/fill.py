@@ -340,11 +340,16 @@ class Fill:
         """Take the download's lock and resume the partial file recorded on disk, or create one at
         full size (in a thread); or, when another process holds the lock, follow its download."""
         opened = await self.runner.run(self._open_partial)
+        if self.ended:  # stopped meanwhile
+            if opened.fd >= 0:
+                os.close(opened.fd)
+            return
         if opened.fd < 0:
             self._completed()  # published by another process meanwhile
             return
-        self.fd = opened.fd
+        fd = opened.fd
         if not opened.held:
+            self.fd = fd
             self._following = self.followed = True
             log.debug("fill {digest}: another worker downloads it; following", digest=self.digest)
             self._apply(opened.state)
@@ -355,15 +360,22 @@ class Fill:
         self.resumed_bytes = sum(
             min(self.size, (i + 1) * self.chunk_size) - i * self.chunk_size for i in resumed
         )
-        if self.admit is not None:
-            try:
+        # self.fd stays unset until the file is ready: readers arriving meanwhile may schedule
+        # upstream requests, whose bytes a reservation (which truncates) would otherwise wipe out.
+        try:
+            if self.admit is not None:
                 await self.admit(self)
-            except BaseException:
-                if opened.created:  # leave the cache as it was
-                    _unlink_quietly(self.store.partial_path(self.hexdigest))
-                raise
-        if state is None:
-            await self._on_fd(self._reserve)
+            if state is None and not self.ended:
+                await self.runner.run(self._reserve, fd)
+        except BaseException:
+            if opened.created:  # leave the cache as it was
+                _unlink_quietly(self.store.partial_path(self.hexdigest))
+            os.close(fd)
+            raise
+        if self.ended:  # stopped meanwhile: nothing was written; the lock goes with the descriptor
+            os.close(fd)
+            return
+        self.fd = fd
         for index in resumed:  # only now: "available" must always mean "readable through self.fd"
             self.done[index] = True
         if self.size == 0:
@@ -400,16 +412,20 @@ class Fill:
     def _read_state(self) -> PartialState | None:
         return self.store.read_partial_state(self.hexdigest, self.size, self.chunk_size)
 
-    def _reserve(self) -> None:
-        """(thread) A fresh partial file gets its whole size reserved, so that a full disk shows now."""
-        os.ftruncate(self.fd, 0)
+    def _reserve(self, fd: int) -> None:
+        """(thread) A fresh partial file gets its whole size reserved, so that a full disk shows now.
+
+        It truncates first: only ever before any byte of this download is written (see ``_open``
+        and the takeover in ``_look_at_holder``, which runs while nothing is scheduled).
+        """
+        os.ftruncate(fd, 0)
         try:
             if self.size:
-                os.posix_fallocate(self.fd, 0, self.size)
+                os.posix_fallocate(fd, 0, self.size)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise DiskFull(f"no space left on the cache's disk for blob {self.digest}") from None
-            os.ftruncate(self.fd, self.size)  # a filesystem that cannot reserve space: sparse file
+            os.ftruncate(fd, self.size)  # a filesystem that cannot reserve space: sparse file
 
     # --- following a download another process runs ---------------------------------------------
 
@@ -443,7 +459,9 @@ class Fill:
             return "lost", None  # the holder failed and discarded its data
         state = self._read_state()
         if state is None:  # nothing recorded: start from scratch
-            self._reserve()
+            if any(self.done):
+                return "lost", None  # its record went away: what was served here cannot be vouched for
+            self._reserve(self.fd)
         return "taken over", state
 
     def _looked(self, result: tuple[str, PartialState | None]) -> None:

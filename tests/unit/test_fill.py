@@ -476,3 +476,23 @@ def test_a_follower_fails_when_the_downloading_worker_discards_a_corrupt_blob(
     failures: list[Failure] = []
     done.addErrback(failures.append)
     assert failures and failures[0].check(FillFailed)
+
+
+def test_readers_arriving_while_the_download_is_admitted_wait_for_the_file(
+    tmp_path: Path, blob: bytes
+) -> None:
+    """Nothing is fetched before the partial file is reserved (the reservation truncates it)."""
+    clock, source = Clock(), FakeSource(blob)
+    admitted: Deferred[None] = Deferred()
+
+    async def admit(fill: Fill) -> None:
+        await admitted
+
+    fill = make_fill(tmp_path, blob, source, clock, admit=admit)
+    fill.start()
+    waiters = [fill.wait(0), fill.wait(2500)]  # readers ask while the admission is pending
+    assert source.requests == []
+    admitted.callback(None)
+    source.serve_all()
+    assert all(w.called for w in waiters)
+    assert fill.complete and published(fill) == blob
