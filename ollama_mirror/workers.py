@@ -290,7 +290,10 @@ def worker_main(argv: list[str] | None = None) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)  # type: ignore[attr-defined]
     standard_io: Any = stdio.StandardIO  # (fd 1 stays ours: log lines; the watch writes nowhere)
     standard_io(_SupervisorWatch(reactor), stdout=os.open(os.devnull, os.O_WRONLY), reactor=reactor)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops us
+    # Once the reactor has installed its handlers: Ctrl-C reaches the supervisor, which stops the
+    # workers itself, and a reload (SIGHUP) is the supervisor's business.
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(signal.signal, signal.SIGHUP, signal.SIG_IGN)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
     return 0
 
