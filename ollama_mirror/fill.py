@@ -209,6 +209,7 @@ class Fill:
         self._hashed_chunks = 0
         self._hashing = False
         self._state_lock = DeferredLock()
+        self._save_queued = False
         self._workers = 0
         self._fd_users = 0  # jobs in threads using self.fd; it is closed only when none is left
         self._close_wanted = False
@@ -615,10 +616,13 @@ class Fill:
 
     def _chunk_done(self, index: int) -> None:
         self.done[index] = True
-        self._state_lock.run(self._save_state).addErrback(self._fail)
+        if not self._save_queued:  # a save already waiting records this chunk too
+            self._save_queued = True
+            self._state_lock.run(self._save_state).addErrback(self._fail)
         self._advance_hash()
 
     def _save_state(self) -> Deferred[None]:
+        self._save_queued = False  # chunks finished from now on need a save of their own
         if self.ended:
             return Deferred.fromCoroutine(_nothing())
         state = PartialState(
