@@ -13,7 +13,7 @@ SIGTERM to the supervisor stops every worker, then the supervisor.
 
 One download per blob across the workers comes from the Fill itself (an ``flock`` on the partial
 file, see :mod:`ollama_mirror.fill`).  Each worker keeps its own counters (``/mirror/stats``,
-``/metrics``); only worker 0 runs the eviction sweep.
+``/metrics``); only worker 0 runs the eviction sweep and the prefetch list.
 """
 
 from __future__ import annotations

@@ -199,8 +199,11 @@ def test_listen_endpoints_override_host_and_port_and_ipv6_is_escaped() -> None:
 
 def test_settings_not_yet_in_effect_are_reported() -> None:
     assert inactive_settings(load_config()) == []
-    config = load_config(None, {"OLLAMA_MIRROR_WORKERS": "2", "OLLAMA_MIRROR_API_KEY": "secret"})
-    assert inactive_settings(config) == ["server.workers"]
+    config = load_config(
+        None,
+        {"OLLAMA_MIRROR_WORKERS": "2", "OLLAMA_MIRROR_ENABLE_WEB_UI": "true", "OLLAMA_MIRROR_API_KEY": "k"},
+    )
+    assert inactive_settings(config) == ["features.enable_web_ui"]
 
 
 def test_sample_config_in_etc_has_every_key_and_loads() -> None:
