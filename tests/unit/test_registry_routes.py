@@ -82,7 +82,7 @@ def test_an_uncached_manifest_when_upstream_fails_is_a_502_naming_it(
         ("/v2/library/tiny/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN"),
         ("/v2/library/tiny/tags/list", 404, "NAME_UNKNOWN"),
         ("/v2/a/b/c/manifests/latest", 404, "NAME_UNKNOWN"),
-        ("/v2/library/..%2f..%2fetc/manifests/passwd", 404, "NAME_UNKNOWN"),
+        ("/v2/library/..%2f..%2fetc/manifests/passwd", 400, "NAME_INVALID"),  # an encoded slash
     ],
 )
 def test_bad_and_unknown_requests_get_registry_errors(
