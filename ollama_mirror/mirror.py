@@ -33,7 +33,7 @@ from .proxy import InferenceProxy
 from .registry import RegistryApi
 from .runner import InlineRunner, Runner, ThreadRunner
 from .store import Store
-from .upstreams import LoopGuard, build_upstreams, new_marker
+from .upstreams import LoopGuard, build_upstreams, cache_marker
 from .web import RootApi
 
 
@@ -59,7 +59,9 @@ class Mirror:
         self.runner = runner
         self.store = Store(config.cache.directory)
         self.store.create()
-        self.marker = new_marker()  # the Via value of our upstream requests: one coming back is a loop
+        self.marker = cache_marker(
+            self.store.work_dir
+        )  # the Via value of our upstream requests: one coming back is a loop
         self.upstreams, self._pools = build_upstreams(config, reactor, self.marker, agent)
         self.upstream = self.upstreams.default
         self.events = EventHub()

@@ -28,6 +28,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from twisted.logger import Logger
 
+from .cachefiles import read_or_create
+
 log = Logger()
 
 EMPTY_BODY_HASH = base64.b64encode(hashlib.sha256(b"").hexdigest().encode()).decode()
@@ -45,20 +47,9 @@ def load_secret(configured: str, work_dir: str) -> bytes:
     if configured:
         return configured.encode()
     path = os.path.join(work_dir, "signing.key")
-    os.makedirs(work_dir, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        with open(path, "rb") as f:
-            secret = f.read().strip()
-        if len(secret) >= 32:
-            return secret
-        raise ValueError(f"{path} holds no usable secret; delete it to make a new one") from None
-    secret = secrets.token_hex(32).encode()
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
-        f.flush()
-        os.fsync(f.fileno())
+    secret = read_or_create(path, lambda: secrets.token_hex(32).encode()).strip()
+    if len(secret) < 32:
+        raise ValueError(f"{path} holds no usable secret; delete it to make a new one")
     return secret
 
 

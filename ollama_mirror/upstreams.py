@@ -12,6 +12,7 @@ transparent mode without an address override) and is refused with 508 instead of
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -23,6 +24,7 @@ from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
+from .cachefiles import read_or_create
 from .config import Config, UpstreamHost
 from .errors import ollama_error, registry_error
 from .tls import UpstreamEndpoints, client_policy
@@ -135,9 +137,14 @@ def _log_trust(spec: UpstreamHost) -> None:
         )
 
 
-def new_marker() -> str:
-    """The ``Via`` value this process sends upstream: unique, so that a chain of mirrors is no loop."""
-    return f"1.1 ollama-mirror-{secrets.token_hex(6)}"
+def cache_marker(work_dir: str) -> str:
+    """The ``Via`` value sent upstream: one per cache, so that every worker process of a mirror
+    knows a request any of them sent, and a chain of mirrors (each with its own cache) is no loop."""
+    path = os.path.join(work_dir, "instance-id")
+    instance = read_or_create(path, lambda: secrets.token_hex(6).encode(), 0o644).decode().strip()
+    if not instance.isalnum():
+        raise ValueError(f"{path} holds no usable instance id; delete it to make a new one")
+    return f"1.1 ollama-mirror-{instance}"
 
 
 class LoopGuard(Resource):

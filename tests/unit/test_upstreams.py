@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -24,6 +27,8 @@ from ollama_mirror.upstreams import Upstreams
 
 from .fakeregistry import FakeRegistry
 from .harness import Harness
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SECOND = json.dumps({"second.example": {"url": "http://second.example"}})
 VHOSTS = json.dumps({"hf.mirror.test": "second.example"})
@@ -129,6 +134,33 @@ def test_a_request_carrying_our_own_marker_is_refused_as_a_loop(
     # another mirror's marker is a chain of mirrors, not a loop
     response, _ = h.request("GET", MANIFEST, headers={"Via": "1.1 ollama-mirror-0123456789ab"})
     assert response.code == 200
+
+
+def test_processes_serving_one_cache_share_the_marker_and_other_caches_do_not(
+    tmp_path: Path, registry: FakeRegistry
+) -> None:
+    """With server.workers, a request one worker sent may come back to another: it must still be
+    known as ours.  A second mirror (its own cache) is a chain, not a loop."""
+    first = Harness(tmp_path, registry).mirror.marker
+    again = Harness(tmp_path, registry).mirror.marker  # another process on the same cache
+    other = Harness(tmp_path / "elsewhere", registry).mirror.marker
+    assert first == again and first != other
+
+
+def test_cache_files_made_by_racing_processes_are_read_whole_and_agree(tmp_path: Path) -> None:
+    """Workers start together: none may read a secret another has created but not yet written."""
+    script = (
+        "import sys, secrets; from ollama_mirror.cachefiles import read_or_create; "
+        "sys.stdout.write(read_or_create(sys.argv[1], lambda: secrets.token_hex(32).encode()).decode())"
+    )
+    path = str(tmp_path / "work" / "signing.key")
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script, path], stdout=subprocess.PIPE, cwd=ROOT)
+        for _ in range(8)
+    ]
+    outputs = {p.communicate(timeout=60)[0] for p in processes}
+    assert len(outputs) == 1 and len(outputs.pop()) == 64
+    assert sorted(os.listdir(tmp_path / "work")) == ["signing.key"]  # no staging file left behind
 
 
 def test_a_mirror_whose_upstream_is_itself_refuses_the_loop_once(
