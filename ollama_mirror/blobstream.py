@@ -155,6 +155,8 @@ class BlobProducer:
         wanted = self._last + 1 - self._position
         if self._fill is None or self._fill.complete:
             return wanted
+        if self._fill.failure is not None:
+            return 0  # a failed download: stop here (waiting on it aborts), never stream on
         ready = min(self._fill.available(self._position), wanted)
         return min(ready, wanted - 1) if self._hold_last else ready
 

@@ -236,11 +236,17 @@ class Fill:
     def open_reader(self) -> int:
         """A file descriptor of the blob's data for one reader.
 
-        A duplicate of the Fill's own descriptor while it runs: it stays valid when the partial
-        file is renamed into ``blobs/``, so a reader never races the publish.
+        While the Fill runs, a new open of the Fill's own file (not a ``dup``: that would share the
+        open file description and with it the download's ``flock``, so a slow reader would keep the
+        lock after the Fill ended).  It stays valid when the partial file is renamed into
+        ``blobs/``, so a reader never races the publish.  A failed Fill has nothing to read.
         """
+        if self.failure is not None and not self.complete:
+            raise FileNotFoundError(errno.ENOENT, f"the download of {self.digest} failed")
         if self.fd >= 0 and not self._close_wanted:
-            return os.dup(self.fd)
+            return reopen(
+                self.fd, self.store.partial_path(self.hexdigest), self.store.blob_path(self.hexdigest)
+            )
         return os.open(self.store.blob_path(self.hexdigest), os.O_RDONLY)
 
     def available(self, offset: int) -> int:
@@ -763,6 +769,29 @@ class Fill:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def reopen(fd: int, *paths: str) -> int:
+    """A read-only descriptor of *fd*'s file with an open file description of its own.
+
+    Through ``/proc/self/fd`` (which works even once the file is renamed or unlinked); where there
+    is no ``/proc``, through whichever of *paths* still names the same file.
+    """
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+    except OSError:
+        pass
+    wanted = os.fstat(fd)
+    for path in paths:
+        try:
+            other = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        st = os.fstat(other)
+        if (st.st_dev, st.st_ino) == (wanted.st_dev, wanted.st_ino):
+            return other
+        os.close(other)
+    raise FileNotFoundError(errno.ENOENT, "the blob's file is gone")
 
 
 def _unlink_quietly(path: str) -> None:

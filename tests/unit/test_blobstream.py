@@ -59,6 +59,7 @@ class GrowingFill:
         self._path = path
         self.ready = 0
         self.complete = False
+        self.failure: Failure | None = None
         self.waiters: list[Deferred[None]] = []
         self.finished: list[Deferred[None]] = []
 
@@ -183,3 +184,24 @@ def test_a_whole_body_of_a_corrupt_download_never_ends_cleanly(tmp_path: Path) -
     fill.finished.pop().errback(FillFailed("digest mismatch"))
     assert request.aborted and not request.finished
     assert len(request.body) == 999
+
+
+def test_a_reader_of_a_failed_download_stops_instead_of_streaming_what_is_on_disk(tmp_path: Path) -> None:
+    path, data = blob_file(tmp_path, 4 * READ_SIZE)
+    fill = GrowingFill(path)
+    fill.grow(len(data) - 1)
+    request = FakeRequest(pause_after=1)
+    producer = BlobProducer(request, os.open(path, os.O_RDONLY), 0, len(data) - 1, fill)  # type: ignore[arg-type]
+    producer.start()
+    assert request.body == data[:READ_SIZE]
+    fill.failure = Failure(FillFailed("upstream failed"))
+
+    def failing_wait(offset: int) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        d.errback(FillFailed("upstream failed"))
+        return d
+
+    fill.wait = failing_wait  # type: ignore[method-assign]
+    producer.resumeProducing()
+    assert request.aborted and not request.finished
+    assert request.body == data[:READ_SIZE]  # nothing more was read from the failed download

@@ -496,3 +496,26 @@ def test_readers_arriving_while_the_download_is_admitted_wait_for_the_file(
     source.serve_all()
     assert all(w.called for w in waiters)
     assert fill.complete and published(fill) == blob
+
+
+def test_a_reader_does_not_keep_the_download_lock_after_the_fill_failed(tmp_path: Path, blob: bytes) -> None:
+    """Readers have open file descriptions of their own: the flock belongs to the Fill alone."""
+    clock, source = Clock(), FakeSource(blob)
+    first = make_fill(tmp_path, blob, source, clock, connections=1, retry_attempts=0)
+    first.start()
+    source.respond(source.requests[0])
+    reader = first.open_reader()  # a slow client still reading chunk 0
+    try:
+        source.pending()[0].answer.errback(UpstreamError("upstream answered 404", 404))
+        assert first.failure is not None
+        with pytest.raises(FileNotFoundError):
+            first.open_reader()  # a failed download has nothing more to give
+        source2 = FakeSource(blob)
+        second = make_fill(tmp_path, blob, source2, clock, connections=1)
+        second.start()
+        assert not second.following  # it holds the lock and downloads, not waiting for nobody
+        source2.serve_all()
+        assert second.complete and published(second) == blob
+        assert os.pread(reader, 1000, 0) == blob[:1000]
+    finally:
+        os.close(reader)
