@@ -34,7 +34,7 @@ from .fill import Fill, FillFailed
 from .index import CacheIndex
 from .names import ModelName
 from .runner import Runner
-from .store import Store
+from .store import Store, same_file
 
 log = Logger()
 
@@ -221,19 +221,34 @@ class Sweeper(Events):
         return size
 
     def _remove_abandoned(self, protected: set[str], now: float) -> int:
+        """Partial downloads nobody resumed for a while, and temporary files left by a crash.
+
+        A partial file goes only while the sweep holds its download lock (so no worker can be
+        downloading into it, nor lock it between our look and the unlink), and its record with it.
+        A record goes with its file, or alone once it is old and its file is gone.
+        """
         removed = 0
         partial_dir = self.store.partial_dir
-        for entry in _scan(partial_dir):
+        entries = _scan(partial_dir)
+        names = {entry.name for entry in entries}
+        for entry in entries:
             match = _PARTIAL_NAME.fullmatch(entry.name)
-            stale = now - entry.stat().st_mtime >= (PARTIAL_GRACE if match else TEMP_GRACE)
-            if (
-                stale
-                and not (match and match.group(1) in protected)
-                and not staging_in_use(partial_dir, entry.name)
-                and not _downloading(entry.path)
-            ):
-                os.unlink(entry.path)
-                removed += 1
+            try:
+                age = now - entry.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if match is None:
+                if age >= TEMP_GRACE and not staging_in_use(partial_dir, entry.name):
+                    removed += _unlink_counted(entry.path)
+                continue
+            hexdigest, kind = match.group(1), match.group(2)
+            if age < PARTIAL_GRACE or hexdigest in protected:
+                continue
+            if kind == "json":
+                if f"sha256-{hexdigest}.part" not in names:  # (else it goes with its file, below)
+                    removed += _remove_lone_record(self.store.partial_path(hexdigest), entry.path, now)
+                continue
+            removed += _remove_partial(entry.path, self.store.state_path(hexdigest))
         for directory, _, files in os.walk(self.store.manifests_dir):
             for name in files:
                 path = os.path.join(directory, name)
@@ -386,16 +401,41 @@ class CacheLifecycle(MultiService):
         return d
 
 
-def _downloading(path: str) -> bool:
-    """Whether some process (another worker) holds the download lock of this partial file."""
+def _unlink_counted(path: str) -> int:
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
+        os.unlink(path)
+    except FileNotFoundError:
+        return 0
+    return 1
+
+
+def _remove_partial(partial: str, record: str) -> int:
+    """Remove an abandoned partial file and its record while holding the file's download lock;
+    nothing if a worker holds it.  The number of files removed."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        fd = os.open(partial, os.O_RDONLY)
+    except FileNotFoundError:
+        return 0
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0  # a worker is downloading (or resuming) it
+        if not same_file(partial, fd):
+            return 0  # replaced meanwhile by a download that just started
+        return _unlink_counted(partial) + _unlink_counted(record)
     finally:
         os.close(fd)
-    return False
+
+
+def _remove_lone_record(partial: str, record: str, now: float) -> int:
+    """Remove a record whose partial file is gone (a crash between two unlinks), unless a download
+    has started meanwhile (its file exists, or it wrote the record anew)."""
+    if os.path.exists(partial):
+        return 0
+    try:
+        if now - os.stat(record).st_mtime < PARTIAL_GRACE:
+            return 0
+    except FileNotFoundError:
+        return 0
+    return _unlink_counted(record)

@@ -34,7 +34,7 @@ from twisted.web.iweb import IResponse
 
 from .events import Events
 from .runner import Runner
-from .store import PartialState, Store
+from .store import PartialState, Store, same_file
 from .upstream import UpstreamError, content_range_start, discard
 
 log = Logger()
@@ -42,6 +42,7 @@ log = Logger()
 HASH_READ_SIZE = 4 * 2**20
 UPSTREAM_READ_SIZE = 2**20  # bytes per read from an upstream socket (Twisted's default is 64 KiB)
 FOLLOW_INTERVAL = 0.1  # seconds between looks at a download another process runs
+OPEN_ATTEMPTS = 10  # tries to lock the partial file while other processes keep replacing it
 
 
 class BlobSource(Protocol):
@@ -374,9 +375,9 @@ class Fill:
                 await self.admit(self)
             if state is None and not self.ended:
                 await self.runner.run(self._reserve, fd)
-        except BaseException:
-            if opened.created:  # leave the cache as it was
-                _unlink_quietly(self.store.partial_path(self.hexdigest))
+        except BaseException as e:
+            if opened.created or isinstance(e, DiskFull):  # leave the cache as it was (we hold its lock)
+                self.store.discard_partial(self.hexdigest, fd)
             os.close(fd)
             raise
         if self.ended:  # stopped meanwhile: nothing was written; the lock goes with the descriptor
@@ -395,29 +396,41 @@ class Fill:
         The lock is an exclusive ``flock`` on the partial file itself, so that worker processes
         sharing the cache run one download per blob: the holder downloads; the others follow the
         record of finished chunks and take over if the holder goes away (its lock goes with it).
+        Having the lock counts only while the path still names the locked file: a holder that
+        failed may have removed it between our open and our lock (then we try again).
         """
         path = self.store.partial_path(self.hexdigest)
-        try:
-            fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
-        except FileExistsError:
-            fd, created = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), False
-        try:
+        for _ in range(OPEN_ATTEMPTS):
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return _Opened(fd, False, created, self._read_state())
-            if self.store.blob_size(self.hexdigest) is not None:  # the holder published and left
-                if created:
-                    _unlink_quietly(path)
+                fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                fd, created = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), False
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return _Opened(fd, False, created, self._read_state(fd))
+                if not self.store.partial_is(self.hexdigest, fd):  # removed or replaced meanwhile
+                    os.close(fd)
+                    continue
+                if self.store.blob_size(self.hexdigest) is not None:  # the holder published and left
+                    if created:
+                        _unlink_quietly(path)
+                    os.close(fd)
+                    return _Opened(-1, True)
+                state = self._read_state(fd, unbound_ok=not created)
+                if state is None:  # starting afresh: no record may speak for this file's bytes
+                    self.store.forget_partial_state(self.hexdigest)
+                return _Opened(fd, True, created, state)
+            except BaseException:
                 os.close(fd)
-                return _Opened(-1, True)
-            return _Opened(fd, True, created, self._read_state())
-        except BaseException:
-            os.close(fd)
-            raise
+                raise
+        raise FillFailed(f"the partial file of {self.digest} keeps being replaced")
 
-    def _read_state(self) -> PartialState | None:
-        return self.store.read_partial_state(self.hexdigest, self.size, self.chunk_size)
+    def _read_state(self, fd: int, unbound_ok: bool = False) -> PartialState | None:
+        return self.store.read_partial_state(
+            self.hexdigest, self.size, self.chunk_size, fd, unbound_ok=unbound_ok
+        )
 
     def _reserve(self, fd: int) -> None:
         """(thread) A fresh partial file gets its whole size reserved, so that a full disk shows now.
@@ -449,27 +462,39 @@ class Fill:
             self._on_fd(self._look_at_holder).addCallbacks(self._looked, self._fail)
 
     def _look_at_holder(self) -> tuple[str, PartialState | None]:
-        """(thread) What the holder did since the last look: published, failed, went away, or progressed."""
-        if self.store.blob_size(self.hexdigest) is not None:
-            return "published", None
+        """(thread) What the holder did since the last look: published, failed, went away, or progressed.
+
+        Only what concerns our own file counts: its record (bound to its inode), and a published
+        blob that is this very file (a rename keeps the inode).  Anything else means the download
+        we followed is gone, and what we served from it cannot be vouched for: "lost".
+        """
+        seen = self._published()
+        if seen is not None:
+            return seen, None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return "following", self._read_state()
-        if self.store.blob_size(self.hexdigest) is not None:
-            return "published", None
-        try:
-            same = os.stat(self.store.partial_path(self.hexdigest)).st_ino == os.fstat(self.fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:
+            if self.store.partial_is(self.hexdigest, self.fd):
+                return "following", self._read_state(self.fd)
+            return self._published() or "lost", None  # (published between the two looks, or gone)
+        seen = self._published()
+        if seen is not None:
+            return seen, None
+        if not self.store.partial_is(self.hexdigest, self.fd):
             return "lost", None  # the holder failed and discarded its data
-        state = self._read_state()
+        state = self._read_state(self.fd)
         if state is None:  # nothing recorded: start from scratch
             if any(self.done):
                 return "lost", None  # its record went away: what was served here cannot be vouched for
+            self.store.forget_partial_state(self.hexdigest)
             self._reserve(self.fd)
         return "taken over", state
+
+    def _published(self) -> str | None:
+        """(thread) "published" if ``blobs/`` has our file, "lost" if it has another, else None."""
+        if self.store.blob_size(self.hexdigest) is None:
+            return None
+        return "published" if same_file(self.store.blob_path(self.hexdigest), self.fd) else "lost"
 
     def _looked(self, result: tuple[str, PartialState | None]) -> None:
         what, state = result
@@ -700,7 +725,7 @@ class Fill:
                 return
             if actual != self.hexdigest:
                 self.events.digest_mismatch(self)
-                await self.runner.run(self.store.discard_partial, self.hexdigest)
+                await self._on_fd(self.store.discard_partial, self.hexdigest, self.fd)
                 self._fail(
                     Failure(
                         DigestMismatch(f"blob {self.digest} arrived with digest sha256:{actual}; discarded")
@@ -746,7 +771,7 @@ class Fill:
         log.debug("fill {digest}: {error}", digest=self.digest, error=failure.getErrorMessage())
         self.events.fill_ended(self, failure.getErrorMessage())
         if failure.check(DiskFull) and not self._following:  # leave the cache as it was, now
-            self.store.discard_partial(self.hexdigest)
+            self.store.discard_partial(self.hexdigest, self.fd if self.fd >= 0 else None)
         for writer in list(self.writers):
             writer.stop()
         self._close_fd()

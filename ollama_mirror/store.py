@@ -39,6 +39,20 @@ class PartialState:
     done: frozenset[int]
 
 
+class PartialReplaced(Exception):
+    """The partial file's path no longer names the file a download wrote and verified."""
+
+
+def same_file(path: str, fd: int) -> bool:
+    """Whether *path* names the open file *fd* (rename keeps a file's inode; a new file has its own)."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
 class Store:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
@@ -71,20 +85,36 @@ class Store:
     def state_path(self, hexdigest: str) -> str:
         return os.path.join(self.partial_dir, "sha256-" + _check_hex(hexdigest) + ".json")
 
-    def read_partial_state(self, hexdigest: str, size: int, chunk_size: int) -> PartialState | None:
-        """The recorded progress of an earlier download of this blob, if it can be resumed."""
+    def read_partial_state(
+        self, hexdigest: str, size: int, chunk_size: int, fd: int, *, unbound_ok: bool = False
+    ) -> PartialState | None:
+        """The recorded progress of the download in the open partial file *fd*, if it can be used.
+
+        A record counts only for the file it was written for (its inode, kept in the record): a
+        record left by an earlier file of the same blob must never vouch for this one's bytes.
+        *unbound_ok* accepts a record from before records named their file (a lock holder resuming
+        the file it found, only).  The size is checked first, so a record read after it was written
+        for a fully reserved file (whose holder removed any stale record before reserving).
+        """
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return None
+        if st.st_size != size:
+            return None
         try:
             with open(self.state_path(hexdigest), encoding="utf-8") as f:
                 document = json.load(f)
-            partial_size = os.stat(self.partial_path(hexdigest)).st_size
         except (OSError, ValueError):
             return None
         if (
             not isinstance(document, dict)
             or document.get("size") != size
             or document.get("chunk_size") != chunk_size
-            or partial_size != size
         ):
+            return None
+        bound = "inode" in document or not unbound_ok
+        if bound and (document.get("inode"), document.get("device")) != (st.st_ino, st.st_dev):
             return None
         done = document.get("done")
         if not isinstance(done, list) or not all(isinstance(i, int) for i in done):
@@ -94,17 +124,43 @@ class Store:
     def write_partial_state(self, hexdigest: str, fd: int, state: PartialState) -> None:
         """Record finished chunks durably: the data first, then the record of it (thread)."""
         os.fdatasync(fd)
-        document = {"size": state.size, "chunk_size": state.chunk_size, "done": sorted(state.done)}
+        st = os.fstat(fd)
+        document = {
+            "size": state.size,
+            "chunk_size": state.chunk_size,
+            "done": sorted(state.done),
+            "inode": st.st_ino,  # the record is of this file only (see read_partial_state)
+            "device": st.st_dev,
+        }
         _atomic_write(self.state_path(hexdigest), json.dumps(document).encode())
 
+    def forget_partial_state(self, hexdigest: str) -> None:
+        """Remove a record that is not of the current partial file, before it is reserved (thread)."""
+        path = self.state_path(hexdigest)
+        if os.path.exists(path):
+            _unlink(path)
+            _fsync_dir(self.partial_dir)
+
+    def partial_is(self, hexdigest: str, fd: int) -> bool:
+        """Whether the partial file's path still names the open file *fd* (not removed or replaced)."""
+        return same_file(self.partial_path(hexdigest), fd)
+
     def publish_blob(self, hexdigest: str, fd: int) -> None:
-        """Move a verified partial into ``blobs/`` atomically and durably (thread)."""
+        """Move a verified partial into ``blobs/`` atomically and durably (thread).
+
+        The path is renamed, so it must still name the file that was verified through *fd*.
+        """
         os.fsync(fd)
+        if not self.partial_is(hexdigest, fd):
+            raise PartialReplaced(f"the partial file of blob sha256:{hexdigest} was replaced; not published")
         os.replace(self.partial_path(hexdigest), self.blob_path(hexdigest))
         _fsync_dir(self.blobs_dir)
         _unlink(self.state_path(hexdigest))
 
-    def discard_partial(self, hexdigest: str) -> None:
+    def discard_partial(self, hexdigest: str, fd: int | None = None) -> None:
+        """Remove the partial file and its record; with *fd*, only if the path still names that file."""
+        if fd is not None and not self.partial_is(hexdigest, fd):
+            return
         _unlink(self.partial_path(hexdigest))
         _unlink(self.state_path(hexdigest))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -289,3 +290,39 @@ def test_revalidation_and_deletes_are_recorded_in_the_index(tmp_path: Path) -> N
     assert set(cache.index.model_usage()) == {str(kept)}
     assert cache.names() == ["kept:latest"]
     assert result(Deferred.fromCoroutine(cache.sweeper.delete_model(gone))) is None
+
+
+def test_a_partial_download_a_worker_holds_keeps_its_old_record(tmp_path: Path) -> None:
+    """Another worker resumed a download a day later: its file and record both stay."""
+    cache = Cache(tmp_path)
+    partial = Path(cache.store.partial_path("d" * 64))
+    record = Path(cache.store.state_path("d" * 64))
+    partial.write_bytes(b"x")
+    record.write_text("{}")
+    for path in (partial, record):
+        os.utime(path, (cache.clock.seconds() - 2 * DAY,) * 2)
+    holder = os.open(partial, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        report = cache.sweep()
+        assert partial.exists() and record.exists()
+        assert report.removed_partials == 0
+    finally:
+        os.close(holder)
+    report = cache.sweep()  # once nobody holds it, both go
+    assert not partial.exists() and not record.exists()
+    assert report.removed_partials == 2
+
+
+def test_a_young_partial_file_keeps_its_old_record_and_a_lone_record_goes(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    partial = Path(cache.store.partial_path("e" * 64))
+    record = Path(cache.store.state_path("e" * 64))
+    lone = Path(cache.store.state_path("f" * 64))
+    partial.write_bytes(b"x")
+    for path in (record, lone):
+        path.write_text("{}")
+        os.utime(path, (cache.clock.seconds() - 2 * DAY,) * 2)
+    os.utime(partial, (cache.clock.seconds() - 60,) * 2)
+    cache.sweep()
+    assert partial.exists() and record.exists() and not lone.exists()

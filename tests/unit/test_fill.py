@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from twisted.web.http_headers import Headers
 
 from ollama_mirror.fill import FOLLOW_INTERVAL, DigestMismatch, DiskFull, Fill, FillFailed
 from ollama_mirror.runner import InlineRunner
-from ollama_mirror.store import Store
+from ollama_mirror.store import PartialState, Store
 from ollama_mirror.upstream import UpstreamError
 
 CHUNK = 1000
@@ -519,3 +520,120 @@ def test_a_reader_does_not_keep_the_download_lock_after_the_fill_failed(tmp_path
         assert os.pread(reader, 1000, 0) == blob[:1000]
     finally:
         os.close(reader)
+
+
+def test_a_stale_record_never_vouches_for_a_new_partial_file(tmp_path: Path, blob: bytes) -> None:
+    """A record that outlived its file (a crash between two unlinks) says nothing about a new file."""
+    clock, source_a, source_b = Clock(), FakeSource(blob), FakeSource(blob)
+    holder = make_fill(tmp_path, blob, source_a, clock, connections=1)
+    store = holder.store
+    fd = os.open(store.partial_path(holder.hexdigest), os.O_RDWR | os.O_CREAT, 0o644)
+    os.ftruncate(fd, len(blob))
+    store.write_partial_state(holder.hexdigest, fd, PartialState(len(blob), CHUNK, frozenset(range(5))))
+    os.close(fd)
+    os.unlink(store.partial_path(holder.hexdigest))  # (its inode may well be the new file's)
+    holder.start()
+    assert not os.path.exists(store.state_path(holder.hexdigest))
+    follower = make_fill(tmp_path, blob, source_b, clock, connections=1)
+    follower.start()
+    assert follower.following and follower.available(0) == 0
+    clock.advance(FOLLOW_INTERVAL)
+    assert follower.available(0) == 0  # nothing is on disk yet: no fallocated zeros served as data
+    source_a.respond(source_a.requests[0])
+    clock.advance(FOLLOW_INTERVAL)
+    assert follower.available(0) == CHUNK
+    source_a.serve_all()
+    clock.advance(FOLLOW_INTERVAL)
+    assert follower.complete and published(follower) == blob
+
+
+def fail_with_mismatch(source: FakeSource, blob: bytes) -> None:
+    for _ in range(5):
+        request = source.pending()[0]
+        source.respond(request, body=b"x" * ((request.end or len(blob) - 1) - request.start + 1))
+
+
+def test_a_follower_does_not_take_another_file_published_meanwhile_for_its_own(
+    tmp_path: Path, blob: bytes
+) -> None:
+    clock, source_a, source_b, source_c = Clock(), FakeSource(blob), FakeSource(blob), FakeSource(blob)
+    holder = make_fill(tmp_path, blob, source_a, clock, connections=1)
+    follower = make_fill(tmp_path, blob, source_b, clock, connections=1)
+    holder.start()
+    follower.start()
+    done = follower.when_done()
+    fail_with_mismatch(source_a, blob)  # the holder discards its file; the follower still has it open
+    third = make_fill(tmp_path, blob, source_c, clock, connections=1)
+    third.start()  # a new download in a third worker, published before the follower looks again
+    source_c.serve_all()
+    assert third.complete
+    clock.advance(FOLLOW_INTERVAL)
+    assert follower.failure is not None and not follower.complete
+    failures: list[Failure] = []
+    done.addErrback(failures.append)
+    assert failures and failures[0].check(FillFailed)
+
+
+def test_a_follower_ignores_the_record_of_a_file_that_is_not_its_own(tmp_path: Path, blob: bytes) -> None:
+    clock, source_a, source_b, source_c = Clock(), FakeSource(blob), FakeSource(blob), FakeSource(blob)
+    holder = make_fill(tmp_path, blob, source_a, clock, connections=1)
+    follower = make_fill(tmp_path, blob, source_b, clock, connections=1)
+    holder.start()
+    follower.start()
+    fail_with_mismatch(source_a, blob)
+    ghost = os.open(f"/proc/self/fd/{follower.fd}", os.O_RDONLY)  # the old file's lock, still held
+    fcntl.flock(ghost, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        third = make_fill(tmp_path, blob, source_c, clock, connections=1)
+        third.start()
+        source_c.respond(source_c.requests[0])
+        source_c.respond(source_c.pending()[0])  # the new file's chunks 0 and 1 are recorded
+        clock.advance(FOLLOW_INTERVAL)
+        assert follower.available(0) == 0  # the old file's bytes are never served as the new one's
+        assert follower.failure is not None
+    finally:
+        os.close(ghost)
+
+
+def test_a_lock_taken_on_a_file_removed_meanwhile_is_not_a_download(
+    tmp_path: Path, blob: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock, source_a, source_b = Clock(), FakeSource(blob), FakeSource(blob)
+    first = make_fill(tmp_path, blob, source_a, clock, connections=1)
+    first.start()
+    source_a.respond(source_a.requests[0])
+    first.stop()  # a partial file with chunk 0 recorded
+    path = first.store.partial_path(first.hexdigest)
+    real_flock = fcntl.flock
+    calls: list[int] = []
+
+    def racing_flock(fd: int, operation: int) -> None:
+        if not calls:  # another worker discards the file between our open and our lock
+            os.unlink(path)
+        calls.append(fd)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", racing_flock)
+    second = make_fill(tmp_path, blob, source_b, clock, connections=1)
+    second.start()
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    assert len(calls) == 2 and not second.following
+    assert second.store.partial_is(second.hexdigest, second.fd)
+    source_b.serve_all()
+    assert second.complete and published(second) == blob
+
+
+def test_the_holder_never_publishes_a_file_that_replaced_its_own(tmp_path: Path, blob: bytes) -> None:
+    clock, source = Clock(), FakeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock, connections=1)
+    fill.start()
+    for _ in range(4):
+        source.respond(source.pending()[0])
+    path = Path(fill.store.partial_path(fill.hexdigest))
+    other = path.with_name("other")
+    other.write_bytes(b"y" * len(blob))
+    os.replace(other, path)
+    source.serve_all()
+    assert fill.failure is not None and not fill.complete
+    assert not os.path.exists(fill.store.blob_path(fill.hexdigest))
+    assert path.read_bytes() == b"y" * len(blob)  # someone else's file is left alone
