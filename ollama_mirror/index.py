@@ -29,6 +29,8 @@ from .names import ModelName
 log = Logger()
 
 SCHEMA_VERSION = 1
+BUSY_TIMEOUT = 5.0  # seconds a statement waits for another process's lock
+OPEN_WAIT = 30.0  # seconds opening retries while another process holds the database locked
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
     name TEXT PRIMARY KEY,          -- host/namespace/model:tag
@@ -101,7 +103,9 @@ class CacheIndex(Events):
         if self._db is not None:
             return self._db
         try:
-            self._db = self._open()
+            self._db = self._open_waiting()
+        except sqlite3.OperationalError:
+            raise  # locked for too long, or cannot be opened at all: not a damaged file, leave it
         except sqlite3.DatabaseError as e:
             corrupt = f"{self.path}.corrupt-{int(time.time())}"
             log.warn(
@@ -113,11 +117,23 @@ class CacheIndex(Events):
             for suffix in ("", "-wal", "-shm"):
                 if os.path.exists(self.path + suffix):
                     os.replace(self.path + suffix, corrupt + suffix)
-            self._db = self._open()
+            self._db = self._open_waiting()
         return self._db
 
+    def _open_waiting(self) -> sqlite3.Connection:
+        """Open, waiting while other processes (worker processes starting together on a new cache)
+        hold the database locked: SQLite's busy timeout does not cover every step of creating it."""
+        deadline = time.monotonic() + OPEN_WAIT
+        while True:
+            try:
+                return self._open()
+            except sqlite3.OperationalError as e:
+                if not _busy(e) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.05)
+
     def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, check_same_thread=False, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
@@ -221,6 +237,15 @@ class CacheIndex(Events):
             db = self._connect()
             with _transaction(db):
                 db.executemany("DELETE FROM blobs WHERE digest = ?", [(d,) for d in digests])
+
+
+def _busy(error: sqlite3.OperationalError) -> bool:
+    """Whether *error* says another connection holds the database (not that it is damaged)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    message = str(error)
+    return "locked" in message or "busy" in message
 
 
 class _transaction:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from ollama_mirror import index as index_module
 from ollama_mirror.catalog import Catalog
 from ollama_mirror.config import load_config
 from ollama_mirror.events import Events
@@ -326,3 +328,28 @@ def test_a_young_partial_file_keeps_its_old_record_and_a_lone_record_goes(tmp_pa
     os.utime(partial, (cache.clock.seconds() - 60,) * 2)
     cache.sweep()
     assert partial.exists() and record.exists() and not lone.exists()
+
+
+def test_an_index_another_worker_holds_locked_is_waited_for_not_set_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers starting together on a new cache: "database is locked" is not corruption."""
+    monkeypatch.setattr(index_module, "BUSY_TIMEOUT", 0.01)
+    path = str(tmp_path / "index.sqlite3")
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN EXCLUSIVE")  # another worker creating the database
+    try:
+        monkeypatch.setattr(index_module, "OPEN_WAIT", 0.2)
+        with pytest.raises(sqlite3.OperationalError):
+            CacheIndex(path, Clock()).model_usage()  # locked for too long: an error, nothing moved
+        assert not list(tmp_path.glob("index.sqlite3.corrupt-*"))
+        monkeypatch.setattr(index_module, "OPEN_WAIT", 10.0)
+        release = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+        release.start()
+        index = CacheIndex(path, Clock())
+        assert index.model_usage() == {}  # waited until the other worker was done
+        release.join()
+        index.close()
+    finally:
+        other.close()
+    assert not list(tmp_path.glob("index.sqlite3.corrupt-*"))
