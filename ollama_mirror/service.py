@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import MultiService, Service
+from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 from twisted.web.server import Site
 
@@ -84,6 +87,25 @@ class MirrorService(MultiService):
         return result
 
 
+class AdoptedUnixPort(unix.Port):
+    """A listening Unix socket a worker inherited: the supervisor made its file and owns it.
+
+    Twisted's Port would set the file's mode to its own default (0666, over the endpoint's
+    ``mode=``) when it starts and unlink the file when it stops, so one worker stopping would take
+    the socket away from every other; this one leaves the file as it is.
+    """
+
+    def startListening(self) -> None:
+        try:  # what Twisted's chmod applies: the mode the file already has
+            self.mode = stat.S_IMODE(os.stat(self._bindPath).st_mode)
+        except OSError as e:
+            raise CannotListenError(None, self._bindPath, e) from None
+        super().startListening()
+
+    def connectionLost(self, reason: Failure) -> None:
+        tcp.Port.connectionLost(self, reason)  # (unix.Port's would unlink the supervisor's socket file)
+
+
 class AdoptedPortService(Service):
     """Serve *site* on a listening socket inherited from the supervisor (``server.workers``)."""
 
@@ -96,7 +118,13 @@ class AdoptedPortService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._port = self._reactor.adoptStreamPort(self._fd, socket.AddressFamily(self._family), self._site)
+        if self._family == socket.AF_UNIX:
+            self._port = AdoptedUnixPort._fromListeningDescriptor(self._reactor, self._fd, self._site)
+            self._port.startListening()
+        else:
+            self._port = self._reactor.adoptStreamPort(
+                self._fd, socket.AddressFamily(self._family), self._site
+            )
         os.close(self._fd)  # the port has its own copy
 
     def stopService(self) -> Deferred[Any] | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock
@@ -76,3 +78,31 @@ def test_embedders_can_inject_the_http_client_and_runner(tmp_path: Path) -> None
     service = build_service(config_for(tmp_path), MemoryReactorClock(), agent=agent, runner=runner)
     assert service.mirror.runner is runner
     assert service.mirror.upstream.agent is agent
+
+
+def test_a_worker_leaves_an_inherited_unix_socket_file_as_the_supervisor_made_it(tmp_path: Path) -> None:
+    """Its mode stays (no 0666 over ``mode=``), and a worker stopping does not remove it."""
+    from twisted.internet import reactor
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from ollama_mirror.service import AdoptedPortService
+
+    path = str(tmp_path / "mirror.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(5)
+    listener.setblocking(False)
+    os.chmod(path, 0o660)  # the endpoint's mode=660, applied by the supervisor
+    try:
+        service = AdoptedPortService(reactor, os.dup(listener.fileno()), socket.AF_UNIX, Site(Resource()))
+        service.startService()
+        port: Any = service._port
+        assert oct(os.stat(path).st_mode & 0o777) == oct(0o660)
+        port.stopReading()
+        port.connectionLost(Failure(ConnectionDone()))  # what stopListening leads to
+        assert os.path.exists(path)  # the other workers and the supervisor still listen on it
+    finally:
+        listener.close()
