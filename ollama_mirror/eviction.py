@@ -34,7 +34,7 @@ from .fill import Fill, FillFailed
 from .index import CacheIndex
 from .names import ModelName
 from .runner import Runner
-from .store import Store, same_file
+from .store import Store, pid_alive, same_file
 
 log = Logger()
 
@@ -46,6 +46,7 @@ TEMP_GRACE = 3600.0  # temporary files left by a crash during an atomic write
 INDEX_FLUSH_INTERVAL = 5.0
 _BLOB_NAME = re.compile(r"sha256-([0-9a-f]{64})")
 _PARTIAL_NAME = re.compile(r"sha256-([0-9a-f]{64})\.(part|json)")
+_WANTS_NAME = re.compile(r"sha256-[0-9a-f]{64}\.part\.wants\.([0-9]{1,10})-[0-9]{1,10}")
 
 
 class NoRoom(FillFailed):
@@ -236,6 +237,11 @@ class Sweeper(Events):
             try:
                 age = now - entry.stat().st_mtime
             except FileNotFoundError:
+                continue
+            wants = _WANTS_NAME.fullmatch(entry.name)
+            if wants is not None:  # a follower's list of wanted chunks: kept while its process lives
+                if not pid_alive(int(wants.group(1))):
+                    removed += _unlink_counted(entry.path)
                 continue
             if match is None:
                 if age >= TEMP_GRACE and not staging_in_use(partial_dir, entry.name):

@@ -17,13 +17,14 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet import tcp
-from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol as TxProtocol
 from twisted.internet.task import deferLater
@@ -38,10 +39,12 @@ from .store import PartialState, Store, same_file
 from .upstream import UpstreamError, content_range_start, discard
 
 log = Logger()
+_serial = itertools.count(1)  # tells apart the Fills of one process in the names of their files
 
 HASH_READ_SIZE = 4 * 2**20
 UPSTREAM_READ_SIZE = 2**20  # bytes per read from an upstream socket (Twisted's default is 64 KiB)
 FOLLOW_INTERVAL = 0.1  # seconds between looks at a download another process runs
+WANTS_INTERVAL = 0.25  # seconds between the holder's looks at what followers' readers wait on
 OPEN_ATTEMPTS = 10  # tries to lock the partial file while other processes keep replacing it
 
 
@@ -217,6 +220,12 @@ class Fill:
         self._following = False  # another process (worker) holds the download: we read its record
         self.followed = False  # this Fill followed another process's download (for its log line)
         self._follow_timer: IDelayedCall | None = None
+        # Followers list the chunks their readers wait on in a small file; the holder reads them.
+        self._wants_tag = f"{os.getpid()}-{next(_serial)}"
+        self._wants_published: frozenset[int] = frozenset()  # (as a follower) last listed
+        self._wants_lock = DeferredLock()  # one write of that list at a time, in order
+        self._remote_wants: frozenset[int] = frozenset()  # (as the holder) what followers wait on
+        self._wants_timer: IDelayedCall | None = None
 
     # --- what readers use ----------------------------------------------------------------------
 
@@ -337,6 +346,7 @@ class Fill:
                     )
                     self._schedule()
                     self._advance_hash()
+                    self._watch_wants()
         except Exception as e:
             self._fail(Failure(e))
         if not self.ended:
@@ -459,7 +469,40 @@ class Fill:
     def _follow(self) -> None:
         self._follow_timer = None
         if not self.ended:
+            self._publish_wants(frozenset(i for i in self._waiters if not self.done[i]))
             self._on_fd(self._look_at_holder).addCallbacks(self._looked, self._fail)
+
+    def _publish_wants(self, wanted: frozenset[int]) -> None:
+        """(as a follower) Tell the holder which chunks our readers wait on, when that changed: it
+        fetches them first, as it does for its own readers."""
+        if wanted == self._wants_published:
+            return
+        self._wants_published = wanted
+        write = self.store.write_wants
+        d = self._wants_lock.run(self.runner.run, write, self.hexdigest, self._wants_tag, wanted)
+        d.addErrback(self._wants_error)
+
+    def _watch_wants(self) -> None:
+        """(as the holder) Look at what followers' readers wait on, now and every WANTS_INTERVAL."""
+        self._wants_timer = None
+        if self.ended or self._following or self._stopping:
+            return
+        d = self.runner.run(self.store.read_wants, self.hexdigest)
+        d.addCallbacks(self._got_wants, self._wants_unread)
+
+    def _got_wants(self, wanted: frozenset[int]) -> None:
+        if self.ended:
+            return
+        self._remote_wants = frozenset(i for i in wanted if 0 <= i < self.nchunks)
+        self._schedule()
+        self._wants_timer = self.clock.callLater(WANTS_INTERVAL, self._watch_wants)
+
+    def _wants_unread(self, failure: Failure) -> None:
+        self._wants_error(failure)
+        self._got_wants(self._remote_wants)  # (and look again later)
+
+    def _wants_error(self, failure: Failure) -> None:
+        log.warn("fill {digest}: wanted chunks: {error}", digest=self.digest, error=failure.getErrorMessage())
 
     def _look_at_holder(self) -> tuple[str, PartialState | None]:
         """(thread) What the holder did since the last look: published, failed, went away, or progressed.
@@ -511,14 +554,17 @@ class Fill:
                 log.info(
                     "fill {digest}: taking over the download of a worker that stopped", digest=self.digest
                 )
+                self._publish_wants(frozenset())
                 self._schedule()
                 self._advance_hash()
+                self._watch_wants()
             else:
                 self._follow_timer = self.clock.callLater(FOLLOW_INTERVAL, self._follow)
 
     def _next_chunk(self) -> int | None:
-        """The chunk a reader waits on first, else the lowest one nobody is fetching."""
-        for index in sorted(self._waiters):
+        """The chunk a reader (here or in a follower) waits on first, else the lowest one nobody is
+        fetching."""
+        for index in sorted(self._waiters.keys() | self._remote_wants):
             if not self.done[index] and index not in self.inflight:
                 return index
         for index in range(self.nchunks):
@@ -546,7 +592,7 @@ class Fill:
         ``max_connections``."""
         if not self._ranged:
             return 1
-        wanted = self.inflight.union(i for i in self._waiters if not self.done[i])
+        wanted = self.inflight.union(i for i in self._waiters.keys() | self._remote_wants if not self.done[i])
         return max(self.connections, min(self.max_connections, len(wanted)))
 
     async def _worker(self) -> None:
@@ -750,6 +796,7 @@ class Fill:
         """The verified blob is in ``blobs/`` (published here or by the worker this Fill followed)."""
         self.complete = True
         self._following = False
+        self._end_timers()
         self._close_fd()
         self.events.fill_ended(self, None)
         self._wake()
@@ -765,9 +812,7 @@ class Fill:
         if not failure.check(FillFailed):
             failure = Failure(FillFailed(f"download of {self.digest} failed: {failure.getErrorMessage()}"))
         self.failure = failure
-        if self._follow_timer is not None and self._follow_timer.active():
-            self._follow_timer.cancel()
-        self._follow_timer = None
+        self._end_timers()
         log.debug("fill {digest}: {error}", digest=self.digest, error=failure.getErrorMessage())
         self.events.fill_ended(self, failure.getErrorMessage())
         if failure.check(DiskFull) and not self._following:  # leave the cache as it was, now
@@ -780,12 +825,22 @@ class Fill:
         for d in [d for waiting in waiters.values() for _, d in waiting] + finished:
             d.errback(failure)
 
+    def _end_timers(self) -> None:
+        """No more looks at the holder or at followers; our own list of wanted chunks goes."""
+        for timer in (self._follow_timer, self._wants_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._follow_timer = self._wants_timer = None
+        self._publish_wants(frozenset())
+
     def stop(self) -> Deferred[None]:
         """Stop downloading (daemon shutdown); what is on disk stays for the next start."""
         self._stopping = True
         if not self.ended:  # _fail also cuts the transfers in flight
             self._fail(Failure(FillFailed(f"download of {self.digest} stopped (shutting down)")))
-        return self._state_lock.run(_nothing_deferred)
+        return DeferredList(
+            [self._state_lock.run(_nothing_deferred), self._wants_lock.run(_nothing_deferred)]
+        ).addCallback(lambda _: None)
 
     def _close_fd(self) -> None:
         if self._fd_users:

@@ -22,6 +22,7 @@ from typing import Any
 from .names import ModelName, is_digest
 
 _HEX = re.compile(r"[0-9a-f]{64}")
+_WANTS_TAG = re.compile(r"[0-9]{1,10}-[0-9]{1,10}")
 
 
 def _check_hex(hexdigest: str) -> str:
@@ -51,6 +52,17 @@ def same_file(path: str, fd: int) -> bool:
         return False
     own = os.fstat(fd)
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process *pid* exists (worker processes of one daemon see each other's pids)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Store:
@@ -144,6 +156,56 @@ class Store:
     def partial_is(self, hexdigest: str, fd: int) -> bool:
         """Whether the partial file's path still names the open file *fd* (not removed or replaced)."""
         return same_file(self.partial_path(hexdigest), fd)
+
+    def wants_path(self, hexdigest: str, tag: str) -> str:
+        """Where a process following a download lists the chunks its readers wait on (*tag*:
+        ``<pid>-<n>``, one file per following Fill)."""
+        if not _WANTS_TAG.fullmatch(tag):
+            raise ValueError(f"not a wants tag: {tag!r}")
+        return self.partial_path(hexdigest) + ".wants." + tag
+
+    def write_wants(self, hexdigest: str, tag: str, chunks: frozenset[int]) -> None:
+        """Replace this follower's list of wanted chunks, or remove it when empty (thread).
+
+        Not fsynced: it only steers a running download, and means nothing after a crash.
+        """
+        path = self.wants_path(hexdigest, tag)
+        if not chunks:
+            _unlink(path)
+            return
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(sorted(chunks), f)
+        os.replace(tmp, path)
+
+    def read_wants(self, hexdigest: str) -> frozenset[int]:
+        """Every chunk of this blob that readers in other processes wait on (thread).
+
+        The lists of processes that are gone are removed, so a crashed follower steers nothing.
+        """
+        prefix = "sha256-" + _check_hex(hexdigest) + ".part.wants."
+        wanted: set[int] = set()
+        try:
+            with os.scandir(self.partial_dir) as entries:
+                names = [e.name for e in entries if e.name.startswith(prefix)]
+        except FileNotFoundError:
+            return frozenset()
+        for name in names:
+            tag = name[len(prefix) :]
+            if not _WANTS_TAG.fullmatch(tag):
+                continue
+            path = os.path.join(self.partial_dir, name)
+            if not pid_alive(int(tag.split("-")[0])):
+                _unlink(path)
+                continue
+            try:
+                with open(path, encoding="utf-8") as f:
+                    chunks = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if isinstance(chunks, list):
+                wanted.update(i for i in chunks if isinstance(i, int) and not isinstance(i, bool))
+        return frozenset(wanted)
 
     def publish_blob(self, hexdigest: str, fd: int) -> None:
         """Move a verified partial into ``blobs/`` atomically and durably (thread).

@@ -353,3 +353,14 @@ def test_an_index_another_worker_holds_locked_is_waited_for_not_set_aside(
     finally:
         other.close()
     assert not list(tmp_path.glob("index.sqlite3.corrupt-*"))
+
+
+def test_a_following_workers_list_of_wanted_chunks_stays_while_it_lives(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    mine = Path(cache.store.wants_path("a" * 64, f"{os.getpid()}-1"))
+    gone = Path(cache.store.wants_path("a" * 64, "999999999-1"))  # (above any pid_max)
+    for path in (mine, gone):
+        path.write_text("[3]")
+        os.utime(path, (cache.clock.seconds() - 2 * DAY,) * 2)
+    cache.sweep()
+    assert mine.exists() and not gone.exists()

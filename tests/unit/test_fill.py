@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
-from ollama_mirror.fill import FOLLOW_INTERVAL, DigestMismatch, DiskFull, Fill, FillFailed
+from ollama_mirror.fill import FOLLOW_INTERVAL, WANTS_INTERVAL, DigestMismatch, DiskFull, Fill, FillFailed
 from ollama_mirror.runner import InlineRunner
 from ollama_mirror.store import PartialState, Store
 from ollama_mirror.upstream import UpstreamError
@@ -637,3 +637,29 @@ def test_the_holder_never_publishes_a_file_that_replaced_its_own(tmp_path: Path,
     assert fill.failure is not None and not fill.complete
     assert not os.path.exists(fill.store.blob_path(fill.hexdigest))
     assert path.read_bytes() == b"y" * len(blob)  # someone else's file is left alone
+
+
+def test_the_holder_fetches_first_what_readers_in_a_following_worker_wait_on(tmp_path: Path) -> None:
+    """A far range served by another worker is not starved by the holder's lowest-first order."""
+    blob = os.urandom(10 * CHUNK)
+    clock, source_a, source_b = Clock(), FakeSource(blob), FakeSource(blob)
+    holder = make_fill(tmp_path, blob, source_a, clock, connections=1, max_connections=4)
+    follower = make_fill(tmp_path, blob, source_b, clock, connections=1, max_connections=4)
+    holder.start()
+    follower.start()
+    source_a.respond(source_a.requests[0])  # ranges work; chunk 1 is next
+    assert [r.start for r in source_a.pending()] == [CHUNK]
+    waiting = follower.wait(8 * CHUNK + 10)  # a client of the other worker wants chunk 8
+    clock.advance(WANTS_INTERVAL)  # the follower lists it; the holder reads the list
+    assert [r.start for r in source_a.pending()] == [CHUNK, 8 * CHUNK]  # a connection of its own, now
+    source_a.respond(source_a.pending()[1])
+    assert [r.start for r in source_a.pending()] == [CHUNK]  # back to one connection
+    clock.advance(FOLLOW_INTERVAL)
+    assert waiting.called and follower.available(8 * CHUNK) == CHUNK
+    clock.advance(FOLLOW_INTERVAL)
+    wants = [p for p in os.listdir(holder.store.partial_dir) if ".wants." in p]
+    assert wants == []  # nothing waited on any more: the list went
+    source_a.serve_all()
+    clock.advance(FOLLOW_INTERVAL)
+    assert follower.complete and published(follower) == blob
+    assert source_b.requests == [] and len(source_a.requests) == 10  # every chunk fetched once
