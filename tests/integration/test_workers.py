@@ -13,8 +13,10 @@ from pathlib import Path
 from tests.support.daemon import MirrorDaemon, MirrorFactory
 from tests.support.faultproxy import FaultProxy
 from tests.support.models import PushedModel
+from tests.support.puller import pull_blob_ranged
 
 from .helpers import (
+    CHUNK,
     CLIENT_TIMEOUT,
     UPSTREAM_SETTINGS,
     assert_blob_served,
@@ -128,6 +130,57 @@ def test_workers_share_the_port_and_download_a_blob_once_between_them(
     log = mirror.log_text()
     assert "another worker downloads it" in log and "downloaded by another worker, verified" in log
     assert "taking over" not in log
+
+
+def test_an_ollama_style_pull_spread_over_workers_gets_every_part_and_one_download(
+    mirror_factory: MirrorFactory, proxy: FaultProxy, big_model: PushedModel, tmp_path: Path
+) -> None:
+    """Go's 16 ranged parts land on whichever worker accepts them.  One worker starts the download
+    (a reader of the first chunk); the other, following it, is asked for the far end of the blob,
+    which nobody on the downloading worker waits for.  Every answer must hold the right bytes, no
+    part may stall, and the blob must cross the upstream once.  (That the holder fetches a
+    follower's chunks first is shown on a fake clock in test_fill.py.)"""
+    mirror = start_workers(mirror_factory, proxy)
+    wait_until(lambda: len(worker_pids(mirror)) == 2, 15.0, "two workers running")
+    holder, follower = one_connection_per_worker(mirror, 2)
+    blob = big_model.model_layer
+    proxy.throttle(512 * 2**10)  # per connection: the download lasts seconds, so everything overlaps it
+    path = f"/v2/{big_model.repo}/blobs/{blob.digest}"
+    far = (blob.size - 512 * 2**10, blob.size - 1)
+    answers: dict[str, bytes] = {}
+
+    def get(name: str, conn: http.client.HTTPConnection, first: int, last: int) -> None:
+        conn.request("GET", path, headers={"Range": f"bytes={first}-{last}"})
+        response = conn.getresponse()
+        answers[name] = response.read() if response.status == 206 else b""
+
+    threads = [threading.Thread(target=get, args=("holder", holder, 0, CHUNK - 1))]
+    threads[0].start()
+    time.sleep(0.3)  # the first worker holds the download before the other is asked
+    threads.append(threading.Thread(target=get, args=("follower", follower, *far)))
+    threads[1].start()
+    result = pull_blob_ranged(
+        f"{mirror.url}{path}",
+        blob.size,
+        tmp_path / "blob",
+        part_size_min=blob.size // 16,
+        stall_timeout=15.0,
+        max_stalls=0,  # a part starved for 15 s fails the test
+        expected_digest=blob.digest,
+        timeout=120.0,
+    )
+    for thread in threads:
+        thread.join(timeout=60)
+    holder.close()
+    follower.close()
+    assert all(part.completed == part.size and part.stalls == 0 for part in result.parts)
+    content = (tmp_path / "blob").read_bytes()
+    assert answers["holder"] == content[:CHUNK]
+    assert answers["follower"] == content[far[0] :]
+    wait_cached(mirror, blob)
+    assert blob_records_bytes(proxy, blob) <= 1.05 * blob.size
+    log = mirror.log_text()
+    assert "another worker downloads it" in log and "taking over" not in log
 
 
 def test_a_worker_that_dies_is_started_again_and_the_daemon_stops_them_all(
