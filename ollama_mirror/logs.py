@@ -150,7 +150,10 @@ RequestListener = Callable[[RequestRecord], None]
 
 def _printable(text: str) -> str:
     """A client-controlled string made safe for one log line."""
-    cleaned = "".join(c if " " <= c < "\x7f" else f"\\x{ord(c):02x}" for c in text)
+    if text.isascii() and text.isprintable():  # the usual case: nothing to escape (" " to "~")
+        cleaned = text
+    else:
+        cleaned = "".join(c if " " <= c < "\x7f" else f"\\x{ord(c):02x}" for c in text)
     return cleaned if len(cleaned) <= MAX_LOGGED_PATH else cleaned[:MAX_LOGGED_PATH] + "..."
 
 

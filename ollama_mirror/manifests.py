@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -36,11 +37,11 @@ class Manifest:
     media_type: str
     source: str  # "cache", "upstream" or "stale" (cached, served because upstream failed)
 
-    @property
+    @cached_property
     def hexdigest(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
-    @property
+    @cached_property
     def digest(self) -> str:
         return "sha256:" + self.hexdigest
 
@@ -63,6 +64,9 @@ class ManifestCache:
         self._ttl = ttl
         self._confirmed: dict[ModelName, float] = {}  # when a cached tag last matched upstream
         self._revalidating: dict[ModelName, _Shared] = {}
+        # The last cached manifest read per tag, with the file's stamp when it was read: a fresh hit is a
+        # stat and a dict lookup, not a read, a JSON parse and a sha256 per request.
+        self._read: dict[ModelName, tuple[tuple[int, int, int], Manifest]] = {}
         self.blob_sizes: dict[str, int] = {}  # hex digest -> size, from every manifest seen
 
     def _upstream(self, name: ModelName) -> Upstream:
@@ -77,14 +81,35 @@ class ManifestCache:
             if digest.startswith("sha256:"):
                 self.blob_sizes[digest[7:]] = size
 
+    def fresh(self, name: ModelName) -> Manifest | None:
+        """The cached manifest of a tag confirmed upstream less than ``cache.manifest_ttl`` ago, at once
+        (``None``: :meth:`by_tag` must look further).  The file is stat'ed on every call, so a manifest
+        another worker rewrote or the sweeper removed is never served from memory."""
+        confirmed = self._confirmed.get(name)
+        if confirmed is None or self._clock.seconds() - confirmed >= self._ttl:
+            return None
+        stamp = self._store.manifest_stamp(name)
+        if stamp is None:
+            self._read.pop(name, None)
+            return None
+        known = self._read.get(name)
+        if known is not None and known[0] == stamp:
+            return known[1]
+        data = self._store.read_manifest(name)
+        if data is None:
+            return None
+        self._remember_sizes(data)
+        manifest = Manifest(data, media_type_of(data, ""), "cache")
+        self._read[name] = (stamp, manifest)
+        return manifest
+
     async def by_tag(
         self, name: ModelName, accept: list[str] | None = None, user_agent: str | None = None
     ) -> Manifest:
+        hit = self.fresh(name)
+        if hit is not None:
+            return hit
         cached = self._store.read_manifest(name)
-        confirmed = self._confirmed.get(name)
-        if cached is not None and confirmed is not None and self._clock.seconds() - confirmed < self._ttl:
-            self._remember_sizes(cached)
-            return Manifest(cached, media_type_of(cached, ""), "cache")
         shared = self._revalidating.get(name)
         if shared is None:  # the first asker fetches; everyone asking meanwhile shares its answer
             shared = self._revalidating[name] = _Shared(self._revalidate(name, cached, accept, user_agent))

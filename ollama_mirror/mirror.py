@@ -30,7 +30,7 @@ from .manifests import ManifestCache
 from .ollama_api import OllamaApi
 from .prefetch import PrefetchService
 from .proxy import InferenceProxy
-from .registry import RegistryApi
+from .registry import FreshManifests, RegistryApi
 from .runner import InlineRunner, Runner, ThreadRunner
 from .store import Store
 from .upstreams import LoopGuard, build_upstreams, cache_marker
@@ -135,7 +135,9 @@ class Mirror:
 
     def resource(self) -> IResource:
         """The whole HTTP tree, every request timed, logged, counted and judged by ``security.*``."""
-        return self.observability.observe(LoopGuard(self.access.wrap(self.root.resource()), self.marker))
+        return self.observability.observe(
+            LoopGuard(self.access.wrap(FreshManifests(self.registry, self.root.resource())), self.marker)
+        )
 
     def services(self, maintenance: bool = True) -> list[IService]:
         """Services to run beside the listening endpoints (*maintenance*: the eviction sweep and the

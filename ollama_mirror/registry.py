@@ -18,8 +18,8 @@ from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
-from twisted.web.server import Request
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from .blobstream import BlobProducer, StreamingResource
@@ -104,6 +104,9 @@ class RegistryApi:
             self._events.model_used(name, request.method == b"GET")
         else:
             raise RegistryError(400, "TAG_INVALID", f"invalid tag or digest {reference!r}")
+        return self._manifest_answer(request, found)
+
+    def _manifest_answer(self, request: IRequest, found: Manifest) -> bytes:
         request.setHeader(*API_VERSION)
         request.setHeader(b"content-type", found.media_type.encode())
         request.setHeader(b"docker-content-digest", found.digest.encode())
@@ -112,6 +115,36 @@ class RegistryApi:
         request.setHeader(b"x-mirror-cache", found.source.encode())
         self._events.manifest_served(found.source)
         return found.data
+
+    def fresh_manifest(self, request: IRequest) -> bytes | None:
+        """The answer to a GET or HEAD of a tag whose cached manifest is fresh, given at once, without
+        the routers or a coroutine: the same status, headers, body and events as :meth:`manifest`.
+        ``None``: anything else (the routes answer it, errors included)."""
+        if request.method not in (b"GET", b"HEAD"):
+            return None
+        parts = request.path.split(b"/")  # "", "v2", namespace, model, "manifests", tag
+        if len(parts) != 6 or parts[0] or parts[1] != b"v2" or parts[4] != b"manifests":
+            return None
+        try:
+            namespace, model, reference = (part.decode("ascii") for part in parts[2:4] + parts[5:])
+        except UnicodeDecodeError:
+            return None
+        # Only names that read the same raw and unquoted (no "%"): the routes would see the same.
+        if is_digest(reference) or not (is_namespace(namespace) and is_model(model) and is_tag(reference)):
+            return None
+        upstream = self._upstream(request)
+        name = ModelName(upstream.host, namespace, model, reference)
+        try:
+            found = self._manifests.fresh(name)
+        except OSError:
+            return None  # the route reports it
+        if found is None:
+            return None
+        user_agent = _header(request, b"user-agent")
+        if user_agent and user_agent.startswith("ollama/"):
+            upstream.user_agent = user_agent
+        self._events.model_used(name, request.method == b"GET")
+        return self._manifest_answer(request, found)
 
     # --- blobs ---------------------------------------------------------------------------------
 
@@ -274,3 +307,24 @@ class RegistryApi:
     def _internal(self, request: IRequest, failure: Failure) -> bytes:
         log.failure("registry route failed", failure)
         return registry_error(request, 500, "UNKNOWN", "internal error")
+
+
+class FreshManifests(Resource):
+    """A leaf wrapper around the root: fresh cached manifests (the requests a fleet repeats most) are
+    answered by :meth:`RegistryApi.fresh_manifest` without two Klein routers; everything else goes on
+    to the wrapped tree.  It sits inside the access control, so every rule still applies."""
+
+    isLeaf = True
+
+    def __init__(self, registry: RegistryApi, wrapped: IResource) -> None:
+        super().__init__()
+        self._registry = registry
+        self._wrapped = wrapped
+
+    def render(self, request: Request) -> Any:
+        body = self._registry.fresh_manifest(request)
+        if body is None:
+            return self._wrapped.render(request)
+        request.write(body)  # as Klein ends an answer (a HEAD's body is dropped by twisted.web)
+        request.finish()
+        return NOT_DONE_YET

@@ -238,6 +238,14 @@ class Store:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
+    def manifest_stamp(self, name: ModelName) -> tuple[int, int, int] | None:
+        """Inode, size and mtime of a tag's manifest file (a new write is a new file), or ``None``."""
+        try:
+            st = os.stat(self.manifest_path(name))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
     def write_manifest(self, name: ModelName, data: bytes) -> None:
         """Store a tag's manifest bytes verbatim, atomically (thread)."""
         path = self.manifest_path(name)
