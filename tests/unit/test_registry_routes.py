@@ -297,3 +297,53 @@ def test_concurrent_requests_for_a_tag_share_one_upstream_request(
     registry.hold_manifests = False
     h.settle(Deferred.fromCoroutine(h.mirror.manifests.by_tag(name)))  # done: the next ask goes upstream
     assert len([s for s in registry.seen if "/manifests/" in s.path]) == 2
+
+
+def headers(response: Any) -> list[tuple[bytes, list[bytes]]]:
+    return sorted((k, v) for k, v in response.headers.getAllRawHeaders() if k.lower() != b"date")
+
+
+def test_a_fresh_cached_tag_gets_the_routes_answer_and_follows_its_file(
+    tmp_path: Path, registry: FakeRegistry
+) -> None:
+    """A fresh tag is answered without the routers (registry.FreshManifests): the same status, headers
+    and body as the route's cache answer; a manifest rewritten or removed on disk (by another worker,
+    or the sweeper) is never served from memory."""
+    path = "/v2/library/tiny/manifests/latest"
+    routed = Harness(tmp_path / "routed", registry, **{"cache.manifest_ttl": "0"})  # always the route
+    routed.request("GET", path)
+    routes = {method: routed.request(method, path) for method in ("GET", "HEAD")}
+    route_body = routes["GET"][1]
+    h = Harness(tmp_path / "fast", registry, **{"cache.manifest_ttl": "60"})
+    h.request("GET", path)
+    served: list[str] = []
+
+    class Served(Events):
+        def manifest_served(self, source: str) -> None:
+            served.append(source)
+
+    h.mirror.events.listen(Served())
+    for method in ("GET", "HEAD"):
+        answer, body = h.request(method, path, headers={"User-Agent": "ollama/0.9.0"})
+        assert answer.code == 200
+        assert body == (route_body if method == "GET" else b"")
+        assert headers(answer) == headers(routes[method][0])
+    assert served == ["cache", "cache"]
+    assert h.mirror.upstream.user_agent == "ollama/0.9.0"
+    assert (
+        len([s for s in registry.seen if "/manifests/" in s.path]) == 4
+    )  # 3 routed (ttl 0), 1 to fill the fast one
+    stored = tmp_path / "fast" / "cache" / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest"
+    other = json.dumps({"schemaVersion": 2, "mediaType": "application/x-test", "layers": []}).encode()
+    (stored.parent / "new").write_bytes(other)
+    (stored.parent / "new").replace(stored)  # as another worker's atomic write
+    answer, body = h.request("GET", path)
+    assert body == other
+    assert answer.headers.getRawHeaders("content-type") == ["application/x-test"]
+    assert answer.headers.getRawHeaders("docker-content-digest") == [
+        "sha256:" + hashlib.sha256(other).hexdigest()
+    ]
+    stored.unlink()
+    answer, body = h.request("GET", path)
+    assert body == route_body and answer.headers.getRawHeaders("x-mirror-cache") == ["upstream"]
+    assert len([s for s in registry.seen if "/manifests/" in s.path]) == 5
