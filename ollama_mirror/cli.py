@@ -407,7 +407,7 @@ def _prefetch_direct(
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
 
-    from .logs import log_observer
+    from .logfiles import log_observer
     from .mirror import Mirror
     from .pulling import PullFailed
 

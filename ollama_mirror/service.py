@@ -1,7 +1,9 @@
 """The service tree: everything the daemon runs, built from a :class:`Config` and a reactor.
 
 ``build_service(config, reactor)`` is the one entry point for twistd, ``python -m
-ollama_mirror`` and applications that embed the mirror; tests pass a fake reactor.
+ollama_mirror`` and applications that embed the mirror; tests pass a fake reactor.  With
+``server.workers`` above 1 the daemon's own process is :func:`ollama_mirror.workers.build_supervisor`
+instead, which imports none of this.
 """
 
 from __future__ import annotations
@@ -21,20 +23,16 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 from twisted.web.server import Site
 
-from . import __version__
 from .cachelock import CacheBusy, CacheLock
-from .config import Config, ConfigError, inactive_settings
+from .config import Config, ConfigError
 from .hardening import harden
 from .logs import MirrorSite
 from .mirror import Mirror
 from .runner import Runner
+from .startup import StartupError, log_start
 from .tls import ServerTLS, is_managed_tls, listener
 
 log = Logger()
-
-
-class StartupError(Exception):
-    """The daemon cannot start (for instance, its port is taken); the message says why."""
 
 
 class ListeningService(MultiService):
@@ -179,42 +177,8 @@ def build_service(
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"server.metrics_listen: cannot use endpoint {description!r}: {e}") from None
     listening.setServiceParent(top)
-    _log_start(config, tls)
+    log_start(config, tls)
     return top
-
-
-def build_supervisor(
-    config: Config, reactor: Any, config_file: str | None = None, overrides: dict[str, str] | None = None
-) -> MultiService:
-    """With ``server.workers`` above 1: the supervisor, which binds the endpoints and runs the workers.
-
-    The workers load their configuration as *config* was loaded: from *config_file*, the
-    environment (theirs is the supervisor's) and the command line's *overrides*.
-    """
-    from .workers import WorkerPool
-
-    top = MultiService()
-    WorkerPool(config, reactor, config_file, overrides or {}).setServiceParent(top)
-    _log_start(config, None)
-    return top
-
-
-def _log_start(config: Config, tls: ServerTLS | None) -> None:
-    log.info(
-        "ollama-mirror {version} serving {cache} from {upstream} on {endpoints}",
-        version=__version__,
-        cache=os.path.abspath(config.cache.directory),
-        upstream=", ".join(
-            u.url if u.host == config.upstream.host else f"{u.host}={u.url}" for u in config.upstreams()
-        ),
-        endpoints=", ".join(config.listen_endpoints()),
-    )
-    if tls is not None:
-        log.info(
-            "serving TLS as {subject} (valid until {not_after})", subject=tls.subject, not_after=tls.not_after
-        )
-    for key in inactive_settings(config):
-        log.warn("{key} is set, but this version of ollama-mirror does not act on it yet", key=key)
 
 
 def _server_tls(config: Config) -> ServerTLS | None:

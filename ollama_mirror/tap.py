@@ -100,7 +100,7 @@ class _Daemon(MultiService):
             parent.setComponent(ILogObserver, self._log_observer)
 
     def privilegedStartService(self) -> None:
-        from .service import StartupError
+        from .startup import StartupError
 
         try:
             super().privilegedStartService()
@@ -133,13 +133,15 @@ class _Daemon(MultiService):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor  # twistd has installed the chosen reactor by now
 
-    from .service import build_service, build_supervisor
-
     assert options.config is not None
     try:
         if options.config.server.workers > 1:
+            from .workers import build_supervisor  # the supervisor imports no web stack
+
             mirror: IService = build_supervisor(options.config, reactor, *options.sources)
         else:
+            from .service import build_service
+
             mirror = build_service(options.config, reactor)
     except ConfigError as e:
         fail(f"configuration error: {e}")
@@ -149,8 +151,8 @@ def makeService(options: Options) -> IService:
 
 
 def _log_observer(options: Options) -> ILogObserver | None:
-    """The observer for ``logging.*``, writing where twistd would have (see ``logs.twistd_destination``)."""
-    from .logs import log_observer, twistd_destination
+    """The observer for ``logging.*``, writing where twistd would have (``logfiles.twistd_destination``)."""
+    from .logfiles import log_observer, twistd_destination
 
     assert options.config is not None
     twistd_options = getattr(options, "parent", None)  # twistd's own options (--logfile, -n, --syslog)

@@ -29,7 +29,7 @@ import socket
 import sys
 from typing import Any
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet import error
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import serverFromString
@@ -39,6 +39,7 @@ from twisted.logger import Logger, LogLevel, eventAsText
 from twisted.python.failure import Failure
 
 from .config import Config, ConfigError
+from .startup import StartupError, log_start
 
 log = Logger()
 
@@ -98,7 +99,6 @@ class WorkerPool(Service):
 
     def privilegedStartService(self) -> None:
         """Bind every endpoint now (before twistd drops privileges); a taken port stops start-up."""
-        from .service import StartupError
 
         super().privilegedStartService()
         roles = [("main", d) for d in self.config.listen_endpoints()]
@@ -279,7 +279,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     from twisted.internet import reactor, stdio
     from twisted.logger import globalLogBeginner
 
-    from .logs import log_observer
+    from .logfiles import log_observer
     from .service import build_service
 
     observer = log_observer(config.logging, sys.stdout, _line_for_supervisor)
@@ -300,3 +300,18 @@ def worker_main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(worker_main())
+
+
+def build_supervisor(
+    config: Config, reactor: Any, config_file: str | None = None, overrides: dict[str, str] | None = None
+) -> MultiService:
+    """With ``server.workers`` above 1: the supervisor, which binds the endpoints and runs the workers.
+
+    The workers load their configuration as *config* was loaded: from *config_file*, the
+    environment (theirs is the supervisor's) and the command line's *overrides*.  It imports no
+    web stack (each process's memory counts: see README, Performance).
+    """
+    top = MultiService()
+    WorkerPool(config, reactor, config_file, overrides or {}).setServiceParent(top)
+    log_start(config)
+    return top
