@@ -23,7 +23,9 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     PredicateResult,
     formatEvent,
-    textFileLogObserver,
+    formatEventAsClassicLogText,
+    formatTime,
+    timeFormatRFC3339,
 )
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
@@ -50,7 +52,7 @@ def json_line(event: dict[str, Any]) -> str:
         "time": datetime.fromtimestamp(event.get("log_time", 0.0), tz=UTC).isoformat(timespec="milliseconds"),
         "level": getattr(event.get("log_level"), "name", "info"),
         "logger": event.get("log_namespace", ""),
-        "message": formatEvent(event),
+        "message": event[TEXT_KEY] if isinstance(event.get(TEXT_KEY), str) else formatEvent(event),
     }
     for key, value in event.items():
         if key.startswith("log_") or key in document or key in ("format", "message", "isError"):
@@ -61,6 +63,40 @@ def json_line(event: dict[str, Any]) -> str:
     if isinstance(failure, Failure):
         document["traceback"] = failure.getTraceback()
     return json.dumps(document, default=str) + "\n"
+
+
+TEXT_KEY = "log_text"  # an event's message, already made by its emitter (the access log, per request)
+
+
+class ClassicText:
+    """Twisted's classic text line (``formatEventAsClassicLogText``: ``time [namespace#level] message``),
+    made cheaply: the time is formatted once per second, and a message its emitter already made
+    (``log_text``) is used as it is instead of being formatted again from ``log_format``."""
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._stamp = "-"
+
+    def _time(self, when: float | None) -> str:
+        if when is None:
+            return "-"
+        second = int(when // 1)
+        if second != self._second:
+            self._stamp = formatTime(second, timeFormatRFC3339)
+            self._second = second
+        return self._stamp
+
+    def __call__(self, event: dict[str, Any]) -> str | None:
+        text = event.get(TEXT_KEY)
+        if not isinstance(text, str) or "log_failure" in event:
+            return formatEventAsClassicLogText(event, formatTime=self._time)
+        if not text:
+            return None
+        system = event.get("log_system")
+        if system is None:
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{level.name if level is not None else '-'}"
+        return f"{self._time(event.get('log_time'))} [{system}] {text}".replace("\n", "\n\t") + "\n"
 
 
 def open_log_file(path: str, config: LoggingConfig) -> LogFile:
@@ -86,7 +122,7 @@ def log_observer(
     elif config.format == "json":
         observer = FileLogObserver(destination, json_line)
     else:
-        observer = textFileLogObserver(destination)
+        observer = FileLogObserver(destination, ClassicText())
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[config.level])
     return FilteringLogObserver(observer, [predicate, _QuietConnectionFactories()])
 

@@ -227,21 +227,29 @@ def human_bytes(count: float) -> str:
 
 
 class AccessLog:
-    """One line per request: method, path, status, bytes, duration, cache outcome, client."""
+    """One line per request: method, path, status, bytes, duration, cache outcome, client.
+
+    The line is made here once (``log_text``, what ``logfiles.ClassicText`` and ``json_line`` print)
+    as well as carried as a format with its fields, for any other observer."""
 
     def __call__(self, record: RequestRecord) -> None:
+        status = record.status if record.status is not None else "-"
+        cache = record.cache or "-"
+        ending = "" if record.complete else " (not completed)"
         access_log.info(
             "{client} {method} {uri} {status} {sent} B {duration:.3f} s cache={cache}{ending}",
             client=record.client,
             method=record.method,
             uri=record.uri,
-            status=record.status if record.status is not None else "-",
+            status=status,
             sent=record.sent,
             duration=record.duration,
-            cache=record.cache or "-",
-            ending="" if record.complete else " (not completed)",
+            cache=cache,
+            ending=ending,
             route=record.route,
             complete=record.complete,
+            log_text=f"{record.client} {record.method} {record.uri} {status} {record.sent} B "
+            f"{record.duration:.3f} s cache={cache}{ending}",
         )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder
@@ -48,6 +48,7 @@ class MirrorMetrics(Events):
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = (), unit: str = "") -> Counter:
             return Counter(PREFIX + name, doc, labels, unit=unit, registry=registry)
@@ -153,17 +154,27 @@ class MirrorMetrics(Events):
 
     # --- requests ------------------------------------------------------------------------------
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once (labels() locks and validates on every call;
+        a label set's child never changes, none is ever removed)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def request_finished(self, record: RequestRecord) -> None:
-        self.requests.labels(record.route, record.status_class).inc()
-        self.request_duration.labels(record.route).observe(record.duration)
+        route = record.route
+        self._child(self.requests, route, record.status_class).inc()
+        self._child(self.request_duration, route).observe(record.duration)
         if not record.complete:
-            self.requests_interrupted.labels(record.route).inc()
+            self._child(self.requests_interrupted, route).inc()
         source, kind = record.source, record.kind
         if source is None or kind is None:
             return
         if record.sent:
-            self.served_bytes.labels(source).inc(record.sent)
-        (self.cache_hits if record.hit else self.cache_misses).labels(kind).inc()
+            self._child(self.served_bytes, source).inc(record.sent)
+        self._child(self.cache_hits if record.hit else self.cache_misses, kind).inc()
 
     # --- events --------------------------------------------------------------------------------
 

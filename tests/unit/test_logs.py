@@ -298,3 +298,33 @@ def test_pooled_connection_chatter_is_filtered_but_warnings_are_not() -> None:
         }
     )
     assert "Starting factory" not in out.getvalue() and "something wrong" in out.getvalue()
+
+
+def test_the_cheap_text_line_is_twisteds_classic_line() -> None:
+    """logfiles.ClassicText (the daemon's text log) writes exactly what Twisted's classic formatter
+    writes, for a message given as a format, as a ready line (the access log), with a system, a
+    multi-line message and a failure, across seconds."""
+    from twisted.logger import formatEventAsClassicLogText
+
+    from ollama_mirror.logfiles import ClassicText
+
+    failure = Failure(ZeroDivisionError("boom"))
+    base = {"log_namespace": "ollama_mirror.access", "log_level": LogLevel.info}
+    events: list[dict[str, Any]] = [
+        {**base, "log_time": 1_800_000_000.25, "log_format": "{a} and {b:.3f}", "a": "x", "b": 1.5},
+        {**base, "log_time": 1_800_000_000.75, "log_format": "{a} {b}", "a": 1, "b": "-", "log_text": "1 -"},
+        {**base, "log_time": 1_800_000_001.0, "log_format": "two\nlines", "log_text": "two\nlines"},
+        {"log_time": 1_800_000_002.5, "log_system": "worker 1", "log_format": "hi", "log_text": "hi"},
+        {"log_format": "no time", "log_text": "no time"},
+        {
+            **base,
+            "log_time": 1_800_000_003.0,
+            "log_format": "boom",
+            "log_text": "boom",
+            "log_failure": failure,
+        },
+        {**base, "log_time": 1_800_000_003.0, "log_format": "", "log_text": ""},
+    ]
+    text = ClassicText()
+    for event in events:
+        assert text(event) == formatEventAsClassicLogText(event), event
