@@ -183,13 +183,15 @@ def settle(max_wait: float) -> float:
 
 
 class InfoRegistry(RegistryProcess):
-    """The registry with ``log.level: info``: each response gets a ``response completed`` line carrying
-    ``http.response.written`` (at ``warn`` only the combined access log has byte counts)."""
+    """The registry as it is normally run (Debian's packaged configuration): ``log.level: info`` with its
+    access log (each response gets a ``response completed`` line carrying ``http.response.written``,
+    which gives the upstream byte counts), and the ``inmemory`` blob descriptor cache."""
 
     def _write_config(self) -> None:
         super()._write_config()
         config = json.loads(self.config_path.read_text())
         config["log"]["level"] = "info"
+        config["storage"]["cache"] = {"blobdescriptor": "inmemory"}
         self.config_path.write_text(json.dumps(config, indent=2) + "\n")
 
     def log_offset(self) -> int:
