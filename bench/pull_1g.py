@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -145,6 +145,20 @@ def proc_cpu_s(pid: int | None) -> float | None:
         return None
     fields = text.rsplit(")", 1)[1].split()  # fields 3.. of proc(5); utime and stime are 14 and 15
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_total(pid: int | None, measure: Callable[[int | None], float | None]) -> float | None:
+    """``measure`` summed over the daemon and its children (the workers, with ``server.workers``)."""
+    if pid is None:
+        return None
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    pids.append(int(entry.name))
+    values = [v for v in (measure(p) for p in pids) if v is not None]
+    return sum(values) if values else None
 
 
 def children_cpu_s() -> float:
@@ -402,7 +416,7 @@ class Bench:
         layer = model.model_layer
         busy = settle(self.args.quiet_wait)
         offset = self.registry.log_offset()
-        daemon_cpu0 = proc_cpu_s(daemon.pid if daemon is not None else None)
+        daemon_cpu0 = tree_total(daemon.pid if daemon is not None else None, proc_cpu_s)
         registry_cpu0 = proc_cpu_s(self.registry.pid)
         children_cpu0 = children_cpu_s()
         started = time.monotonic()
@@ -429,7 +443,7 @@ class Bench:
             # An upper bound: the cache is looked at only once the client is done.
             sample.extra["published_seen_after_s"] = published - started
             sample.rss_mb = vm_hwm_mb(daemon.pid)
-            daemon_cpu1 = proc_cpu_s(daemon.pid)
+            daemon_cpu1 = tree_total(daemon.pid, proc_cpu_s)
             if daemon_cpu0 is not None and daemon_cpu1 is not None:
                 sample.daemon_cpu_s = daemon_cpu1 - daemon_cpu0
         registry_cpu1 = proc_cpu_s(self.registry.pid)

@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +60,7 @@ from pull_1g import (  # noqa: E402
     proc_cpu_s,
     settle,
     top_processes,
+    tree_total,
     vm_hwm_mb,
 )
 
@@ -70,20 +71,6 @@ from tests.support.registry import free_port  # noqa: E402
 MiB = 2**20
 MANIFEST_ACCEPT = "application/vnd.docker.distribution.manifest.v2+json"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-
-
-def tree_total(pid: int | None, measure: Callable[[int | None], float | None]) -> float | None:
-    """``measure`` summed over the daemon and its children (the workers, with ``server.workers``)."""
-    if pid is None:
-        return None
-    pids = [pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    pids.append(int(entry.name))
-    values = [v for v in (measure(p) for p in pids) if v is not None]
-    return sum(values) if values else None
 
 
 @dataclass
