@@ -4,7 +4,7 @@ One command, one run, loopback only::
 
     python bench/pull_1g.py [--size-mib 1024] [--wan-size-mib 256] [--out results.json]
 
-What it does (see ``/work/shared/design.md``, "How we test"):
+What it does (every figure a ratio against a baseline measured in the same run):
 
 1. builds a real GGUF model whose model layer is ``--size-mib`` MiB and pushes it into a fresh
    ``docker-registry`` (``tests.support.registry.RegistryProcess``, logging at ``info`` so that every response

@@ -9,7 +9,8 @@ are pulled as plain ``NAME``: the mirror maps the default host ``registry.ollama
 - the inference proxy towards a backend Ollama (:class:`tests.support.backend.OllamaBackend`): streams
   relayed chunk by chunk, a client hanging up closes the backend connection, a dead backend is a quick 502.
 
-What the answers must look like is in ``/work/shared/protocol.md`` ("The REST API").
+What the answers must look like is what Ollama's own server answers (its ``api/types.go`` and
+``server/routes.go``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A test puller that requests exactly what the Go Ollama server requests when it pulls (classic path).
 
-It follows ``/work/shared/protocol.md`` ("What the Go server requests when it pulls") and Ollama's
-``server/download.go`` / ``server/images.go``:
+It follows what the Go server requests when it pulls, as in Ollama's ``server/download.go`` /
+``server/images.go``:
 
 1. ``GET {base}/v2/{repo}/manifests/{tag}`` with
    ``Accept: application/vnd.docker.distribution.manifest.v2+json``, ``Accept-Encoding: gzip`` (added by

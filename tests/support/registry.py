@@ -3,7 +3,7 @@
 ``RegistryProcess`` runs ``/usr/bin/docker-registry serve CONFIG`` (Debian package ``docker-registry``,
 distribution 2.8.x) with filesystem storage in a private temporary directory, bound to ``127.0.0.1`` only.
 
-Behaviour of this registry that the mirror must cope with (see ``/work/shared/protocol.md``):
+Behaviour of this registry that the mirror must cope with (as Ollama's client meets it):
 
 - a manifest GET *by tag* without ``Accept: application/vnd.docker.distribution.manifest.v2+json`` answers
   ``400 MANIFEST_INVALID`` (the registry would have to down-convert to schema 1, which it cannot);
