@@ -105,7 +105,9 @@ class Observability:
         for listener in (self.metrics, self.tally, self.fill_log):
             mirror.events.listen(listener)
         self.survey = CacheSurvey(mirror.store, mirror.catalog, mirror.runner, clock)
-        self.upstream_probe = ReachabilityProbe("upstream", config.upstream.url + "/v2/", agent, clock)
+        self.upstream_probe = ReachabilityProbe(
+            "upstream", config.upstream.url + "/v2/", agent, clock, via=mirror.marker
+        )
         self.backend_probe: ReachabilityProbe | None = None
         if config.features.enable_api_proxy and backend_agent is not None:
             self.backend_probe = ReachabilityProbe(

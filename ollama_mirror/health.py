@@ -34,7 +34,7 @@ from . import __version__
 from .runner import Runner
 from .stats import SharedRun
 from .store import Store
-from .upstream import discard
+from .upstream import LOOP_HEADER, LOOP_STATUS, discard
 
 log = Logger()
 
@@ -86,20 +86,28 @@ class ReachabilityProbe:
         *,
         ok_statuses: range = range(100, 500),
         timeout: float = PROBE_TIMEOUT,
+        via: str = "",
     ) -> None:
+        """*via*: the mirror's ``Via`` marker, so that a probe that reaches this mirror itself (an
+        upstream that loops back, as in transparent mode without ``upstream.address``) says so."""
         self.name = name
         self.url = url
         self._agent = agent
         self._clock = clock
         self._ok_statuses = ok_statuses
         self._timeout = timeout
+        self._via = via.encode("latin-1")
         self._asking: Deferred[None] | None = None
         self.state = ProbeState()
 
     async def _ask(self) -> tuple[str, str]:
         headers = Headers({b"user-agent": [f"ollama-mirror/{__version__} (health probe)".encode()]})
+        if self._via:
+            headers.setRawHeaders(b"via", [self._via])
         response = await self._agent.request(b"GET", self.url.encode("ascii"), headers, None)
         await discard(response)
+        if response.code == LOOP_STATUS and response.headers.hasHeader(LOOP_HEADER):
+            return DEGRADED, "request loop: this address leads back to this mirror (set upstream.address)"
         if response.code in self._ok_statuses:
             return OK, f"answered {response.code}"
         return DEGRADED, f"answered {response.code}"

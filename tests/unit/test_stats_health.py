@@ -190,6 +190,23 @@ def test_health_is_degraded_when_the_upstream_is_down(tmp_path: Path, registry: 
     assert refused.state.status == "degraded" and "refused" in refused.state.detail
 
 
+def test_the_upstream_probe_says_when_the_upstream_leads_back_to_this_mirror(
+    tmp_path: Path, registry: FakeRegistry
+) -> None:
+    """Transparent mode without ``upstream.address``: the upstream's name resolves to the mirror, so
+    a probe would get the mirror's own answer and call the upstream up."""
+    h = Harness(tmp_path, registry)
+    h.settle(h.mirror.observability.upstream_probe.check())
+    assert [s.via for s in registry.seen if s.path == "/v2/"] == [h.mirror.marker]  # the probe is marked
+    h.upstream = RequestTraversalAgent(h.mirror.resource())  # the "upstream" is this mirror
+    looped = ReachabilityProbe(
+        "upstream", "http://registry.example/v2/", h.upstream, h.clock, via=h.mirror.marker
+    )
+    h.settle(looped.check())
+    assert looped.state.status == "degraded"
+    assert looped.state.detail.startswith("request loop: this address leads back to this mirror")
+
+
 def test_a_probe_that_gets_no_answer_times_out(tmp_path: Path) -> None:
     @implementer(IAgent)
     class Silent:
