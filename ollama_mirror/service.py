@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,17 +87,27 @@ class MirrorService(MultiService):
 class AdoptedUnixPort(unix.Port):
     """A listening Unix socket a worker inherited: the supervisor made its file and owns it.
 
-    Twisted's Port would set the file's mode to its own default (0666, over the endpoint's
-    ``mode=``) when it starts and unlink the file when it stops, so one worker stopping would take
-    the socket away from every other; this one leaves the file as it is.
+    Twisted's Port would chmod the file when it starts (to its own default 0666, over the endpoint's
+    ``mode=``; and a worker that twistd has moved to another ``--uid`` may not chmod a file the
+    supervisor made as root at all) and unlink it when it stops, so one worker stopping would take the
+    socket away from every other.  This one starts listening on the inherited socket as it is and
+    leaves the file alone.
     """
 
     def startListening(self) -> None:
-        try:  # what Twisted's chmod applies: the mode the file already has
-            self.mode = stat.S_IMODE(os.stat(self._bindPath).st_mode)
-        except OSError as e:
-            raise CannotListenError(None, self._bindPath, e) from None
-        super().startListening()
+        skt = self._preexistingSocket
+        if skt is None:
+            raise CannotListenError(None, self._bindPath, "no inherited socket to listen on")
+        self._preexistingSocket = None
+        tcp._reservedFD.reserve()  # as Port.startListening: the spare descriptor for EMFILE
+        assert self.factory is not None
+        self.factory.doStart()
+        skt.listen(self.backlog)
+        self.connected = True
+        self.socket = skt
+        self.fileno = skt.fileno  # type: ignore[method-assign]  # as Port.startListening does
+        self.numberAccepts = 100
+        self.startReading()
 
     def connectionLost(self, reason: Failure) -> None:
         tcp.Port.connectionLost(self, reason)  # (unix.Port's would unlink the supervisor's socket file)

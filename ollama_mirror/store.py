@@ -56,6 +56,8 @@ def same_file(path: str, fd: int) -> bool:
 
 def pid_alive(pid: int) -> bool:
     """Whether process *pid* exists (worker processes of one daemon see each other's pids)."""
+    if not 0 < pid < 2**22:  # Linux's pid_max limit; a made-up name must not stop the sweep
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

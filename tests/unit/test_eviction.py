@@ -359,8 +359,9 @@ def test_a_following_workers_list_of_wanted_chunks_stays_while_it_lives(tmp_path
     cache = Cache(tmp_path)
     mine = Path(cache.store.wants_path("a" * 64, f"{os.getpid()}-1"))
     gone = Path(cache.store.wants_path("a" * 64, "999999999-1"))  # (above any pid_max)
-    for path in (mine, gone):
+    absurd = Path(cache.store.wants_path("b" * 64, "9999999999-1"))  # os.kill would overflow
+    for path in (mine, gone, absurd):
         path.write_text("[3]")
         os.utime(path, (cache.clock.seconds() - 2 * DAY,) * 2)
     cache.sweep()
-    assert mine.exists() and not gone.exists()
+    assert mine.exists() and not gone.exists() and not absurd.exists()

@@ -81,7 +81,8 @@ def test_embedders_can_inject_the_http_client_and_runner(tmp_path: Path) -> None
 
 
 def test_a_worker_leaves_an_inherited_unix_socket_file_as_the_supervisor_made_it(tmp_path: Path) -> None:
-    """Its mode stays (no 0666 over ``mode=``), and a worker stopping does not remove it."""
+    """Its mode stays (no chmod at all: not 0666 over ``mode=``, nor a chmod a worker running as
+    another user may not make), and a worker stopping does not remove it."""
     from twisted.internet import reactor
     from twisted.internet.error import ConnectionDone
     from twisted.python.failure import Failure
@@ -96,10 +97,17 @@ def test_a_worker_leaves_an_inherited_unix_socket_file_as_the_supervisor_made_it
     listener.listen(5)
     listener.setblocking(False)
     os.chmod(path, 0o660)  # the endpoint's mode=660, applied by the supervisor
+
+    def no_chmod(*args: object) -> None:  # a worker under twistd --uid may not chmod the root-owned file
+        raise PermissionError(1, "Operation not permitted")
+
     try:
-        service = AdoptedPortService(reactor, os.dup(listener.fileno()), socket.AF_UNIX, Site(Resource()))
-        service.startService()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, "chmod", no_chmod)
+            service = AdoptedPortService(reactor, os.dup(listener.fileno()), socket.AF_UNIX, Site(Resource()))
+            service.startService()
         port: Any = service._port
+        assert port.connected
         assert oct(os.stat(path).st_mode & 0o777) == oct(0o660)
         port.stopReading()
         port.connectionLost(Failure(ConnectionDone()))  # what stopListening leads to
