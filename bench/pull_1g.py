@@ -771,6 +771,23 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def run_and_clean_up(run: Callable[[], None], workdir: Path) -> str | None:
+    """Run a benchmark, always removing its work directory; the error it ended with, if any."""
+    error: str | None = None
+    try:
+        run()
+    except (BenchError, KeyboardInterrupt) as exc:
+        error = str(exc) or type(exc).__name__
+        print(f"\nbenchmark FAILED: {error}", file=sys.stderr)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+        print(f"\nbenchmark FAILED: {error}", file=sys.stderr)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return error
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if shutil.which("curl") is None:
@@ -786,18 +803,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: the machine is {busy_at_start:.0%} busy before the benchmark:")
         print("\n".join("  " + line for line in top_at_start))
     started = time.monotonic()
-    error: str | None = None
-    try:
-        bench.run()
-    except (BenchError, KeyboardInterrupt) as exc:
-        error = str(exc) or type(exc).__name__
-        print(f"\nbenchmark FAILED: {error}", file=sys.stderr)
-    except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        traceback.print_exc()
-        print(f"\nbenchmark FAILED: {error}", file=sys.stderr)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    error = run_and_clean_up(bench.run, workdir)
     rows = summarize(bench.samples)
     if rows:
         print("\n" + render_table(rows))

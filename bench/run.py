@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +57,7 @@ from pull_1g import (  # noqa: E402
     machine_busy,
     machine_info,
     proc_cpu_s,
+    run_and_clean_up,
     settle,
     top_processes,
     tree_total,
@@ -506,17 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     if busy_at_start > 0.15:
         print(f"warning: the machine is {busy_at_start:.0%} busy before the benchmark: compare ratios only")
     started = time.monotonic()
-    error: str | None = None
-    try:
-        bench.run()
-    except (BenchError, KeyboardInterrupt) as exc:
-        error = str(exc) or type(exc).__name__
-        print(f"\nbenchmark FAILED: {error}", file=sys.stderr)
-    except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        traceback.print_exc()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    error = run_and_clean_up(bench.run, workdir)
     peak = max(bench.peak_rss) if bench.peak_rss else None
     if bench.rows:
         print("\n" + render(bench.rows, peak))
