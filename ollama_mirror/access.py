@@ -9,7 +9,11 @@ the request against that address's rate limit, then applies the rule of the rout
   ``OLLAMA_API_KEY``);
 - ``/v2``: ``security.registry_access`` (open, client networks, or per-client Ollama keys, see
   :mod:`ollama_mirror.registryauth`), and ``/v2/token`` for the key flow;
-- model rules on ``/api/pull``, ``/api/show`` and the ``/v2`` manifest and blob routes.
+- model rules on ``/api/pull``, ``/api/show`` and the ``/v2`` manifest and blob routes;
+- the rate limit, which charges only what sends the mirror upstream (a tag not fresh in the cache and
+  not already being fetched, a blob neither held nor listed in a manifest the mirror served, a pull by
+  name) and failed credentials: what the mirror holds is served to any number of clients behind one
+  address, a fleet behind a NAT pulling one model costs one unit, and guessing keys or tokens is slowed.
 
 Refusals use the dialect of the route: ``{"error": ...}`` or the registry's ``{"errors": [...]}``.
 A path with an encoded slash (``%2F``) or an empty segment (``//``, other than a trailing ``/``) is
@@ -24,7 +28,7 @@ import hmac
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from twisted.logger import Logger
@@ -35,15 +39,37 @@ from twisted.web.server import Request
 from .config import ConfigError, SecurityConfig
 from .errors import ollama_error, registry_error
 from .modelrules import ModelRules
-from .names import InvalidName, ModelName, is_digest, is_model, is_namespace, is_tag
+from .names import InvalidName, ModelName, is_digest, is_model, is_namespace, is_tag, parse_digest
 from .ratelimit import RateLimiter, client_address, in_networks, parse_networks
 from .registryauth import AuthFailed, AuthorizedKeys, Signer, TokenIssuer, load_secret
 
 log = Logger()
 
 TOKEN_PATH = "/v2/token"
-PART_COST = 1 / 16  # a ranged blob GET: one of the 16 parts a pull fetches at once
 _PEEK_LIMIT = 1 << 20
+
+
+class Holdings(Protocol):
+    """What the mirror holds or is already fetching (:class:`ollama_mirror.holdings.CacheHoldings`)."""
+
+    def has_tag(self, name: ModelName) -> bool: ...
+
+    def has_blob(self, hexdigest: str) -> bool: ...
+
+    def has_manifest(self, hexdigest: str) -> bool: ...
+
+
+class _HoldsNothing:
+    """Without holdings to ask, every manifest, blob and pull request counts."""
+
+    def has_tag(self, name: ModelName) -> bool:
+        return False
+
+    def has_blob(self, hexdigest: str) -> bool:
+        return False
+
+    def has_manifest(self, hexdigest: str) -> bool:
+        return False
 
 
 @dataclass(frozen=True)
@@ -82,6 +108,18 @@ def _bearer(request: IRequest) -> str | None:
     return credential.strip() if scheme.lower() == "bearer" and credential.strip() else None
 
 
+def _model_in_body(request: Request) -> ModelName | None:
+    """The model a ``/api/pull`` or ``/api/show`` body names (``model``, or the older ``name``)."""
+    body = _peek_json(request)
+    text = None if body is None else body.get("model") or body.get("name")
+    if not isinstance(text, str):
+        return None
+    try:
+        return ModelName.parse(text)
+    except InvalidName:
+        return None
+
+
 def _peek_json(request: Request) -> dict[str, Any] | None:
     """The JSON body, read without consuming it (the route reads it again); ``None`` if unusable."""
     content = request.content
@@ -117,13 +155,20 @@ class AccessControl:
     """The ``security.*`` settings, in force."""
 
     def __init__(
-        self, config: SecurityConfig, clock: Any, work_dir: str, registry_host: Callable[[str | None], str]
+        self,
+        config: SecurityConfig,
+        clock: Any,
+        work_dir: str,
+        registry_host: Callable[[str | None], str],
+        holdings: Holdings | None = None,
     ) -> None:
         """*registry_host* gives the model host a ``/v2`` request means, from its ``Host`` header (the
-        mirror may serve several upstreams, by virtual host)."""
+        mirror may serve several upstreams, by virtual host); *holdings* tells which requests the
+        mirror answers without going upstream (those cost nothing against the rate limit)."""
         self.config = config
         self._clock = clock
         self._registry_host = registry_host
+        self._holdings: Holdings = holdings or _HoldsNothing()
         self._api_keys = [k.encode() for k in (config.api_key, *config.api_keys) if k]
         self._trusted = parse_networks(config.trusted_proxies)
         self._networks = parse_networks(config.registry_networks)
@@ -167,38 +212,74 @@ class AccessControl:
         return client_address(peer, [v.decode("latin-1") for v in forwarded], self._trusted)
 
     def check(self, request: Request, path: str) -> Refusal | None:
-        client = self.client(request)
         if path == "/mirror/health":
             return None
-        target = _registry_path(path) if path.startswith("/v2/") else None
-        ranged = (
-            target is not None
-            and target.kind == "blobs"
-            and request.method == b"GET"
-            and request.getHeader(b"range") is not None
-        )
-        wait = self.limiter.take(client, PART_COST if ranged else 1.0)
-        if wait is not None:
-            seconds = max(1, int(wait + 0.999))
-            return Refusal(
-                429,
-                f"too many requests from {client}: security.rate_limit_requests is "
-                f"{self.limiter.requests} per {self.limiter.window:g} s; retry in {seconds} s",
-                "TOOMANYREQUESTS",
-                ((b"retry-after", str(seconds).encode()),),
-            )
+        client = self.client(request)
         if path == "/v2" or path.startswith("/v2/"):
-            return self._check_registry(request, path, client)
+            refusal = self._check_registry(request, path, client)
+        else:
+            refusal = self._check_api(request, path, client)
+        if refusal is not None:
+            return refusal
+        cost = self._upstream_cost(request, path)
+        return self._charge(client, cost) if cost else None
+
+    def _check_api(self, request: Request, path: str, client: str) -> Refusal | None:
         family = path.split("/", 2)[1] if path.count("/") >= 1 else ""
         if family in ("api", "v1", "mirror") or (path == "/metrics" and self.config.protect_metrics):
-            refusal = self._check_api_key(request)
+            refusal = self._check_api_key(request, client)
             if refusal is not None:
                 return refusal
         if path in ("/api/pull", "/api/show") and self.rules.active and request.method == b"POST":
             return self._check_api_model(request)
         return None
 
-    def _check_api_key(self, request: IRequest) -> Refusal | None:
+    # --- the rate limit ------------------------------------------------------------------------
+
+    def _charge(self, client: str, cost: float = 1.0) -> Refusal | None:
+        """Count *cost* against the client's allowance: ``None``, or the 429 to answer."""
+        wait = self.limiter.take(client, cost)
+        if wait is None:
+            return None
+        seconds = max(1, int(wait + 0.999))
+        return Refusal(
+            429,
+            f"too many requests from {client}: security.rate_limit_requests is "
+            f"{self.limiter.requests} per {self.limiter.window:g} s; retry in {seconds} s",
+            "TOOMANYREQUESTS",
+            ((b"retry-after", str(seconds).encode()),),
+        )
+
+    def _failed_credentials(self, client: str, refusal: Refusal) -> Refusal:
+        """A wrong key or token costs one unit: guessing is slowed to the rate limit."""
+        return self._charge(client) or refusal
+
+    def _upstream_cost(self, request: Request, path: str) -> float:
+        """1 if answering this request may send the mirror upstream, else 0."""
+        if not self.limiter.requests:
+            return 0.0
+        if path == "/api/pull" and request.method == b"POST":
+            name = _model_in_body(request)
+            return 0.0 if name is not None and self._holdings.has_tag(name) else 1.0
+        target = _registry_path(path) if path.startswith("/v2/") else None
+        if target is None or request.method not in (b"GET", b"HEAD"):
+            return 0.0
+        if not (is_namespace(target.namespace) and is_model(target.model)):
+            return 0.0  # the route answers NAME_INVALID
+        if target.kind == "blobs":
+            try:
+                return 0.0 if self._holdings.has_blob(parse_digest(target.reference)) else 1.0
+            except InvalidName:
+                return 0.0
+        if is_digest(target.reference):
+            return 0.0 if self._holdings.has_manifest(parse_digest(target.reference)) else 1.0
+        if not is_tag(target.reference):
+            return 0.0
+        host = self._registry_host(_header(request, b"host") or None)
+        held = self._holdings.has_tag(ModelName(host, target.namespace, target.model, target.reference))
+        return 0.0 if held else 1.0
+
+    def _check_api_key(self, request: IRequest, client: str) -> Refusal | None:
         if not self._api_keys:
             return None
         given = _bearer(request)
@@ -208,19 +289,14 @@ class AccessControl:
         matched = False
         for key in self._api_keys:  # every key is compared, so timing tells nothing
             matched |= hmac.compare_digest(candidate, key)
-        return None if matched else Refusal(401, "unauthorized: wrong API key")
+        if matched:
+            return None
+        return self._failed_credentials(client, Refusal(401, "unauthorized: wrong API key"))
 
     def _check_api_model(self, request: Request) -> Refusal | None:
-        body = _peek_json(request)
-        if body is None:
+        name = _model_in_body(request)
+        if name is None:
             return None  # the route answers the bad body itself
-        text = body.get("model") or body.get("name")
-        if not isinstance(text, str):
-            return None
-        try:
-            name = ModelName.parse(text)
-        except InvalidName:
-            return None
         reason = self.rules.check(name)
         return Refusal(403, reason) if reason else None
 
@@ -260,16 +336,19 @@ class AccessControl:
             if query and self.signer.check_path(request.path.decode("latin-1"), query):
                 return None
         token = _bearer(request)
+        reason = "authentication required"
         if token is not None:
             try:
                 self.signer.check_token(token, repository)
                 return None
             except AuthFailed as e:
                 reason = str(e)
-        else:
-            reason = "authentication required"
         scope = f"repository:{repository}:pull" if repository else ""
-        return Refusal(401, reason, "UNAUTHORIZED", ((b"www-authenticate", self._challenge(request, scope)),))
+        refusal = Refusal(
+            401, reason, "UNAUTHORIZED", ((b"www-authenticate", self._challenge(request, scope)),)
+        )
+        # The first request of every pull has no token (the normal challenge); a wrong one costs a unit.
+        return refusal if token is None else self._failed_credentials(client, refusal)
 
     def _origin(self, request: Request) -> tuple[str, str]:
         """The scheme and ``host[:port]`` the client asked for (the Go client wants the realm there)."""
@@ -291,22 +370,22 @@ class AccessControl:
             value += f',scope="{scope}"'
         return value.encode("latin-1")
 
-    def issue_token(self, request: Request) -> tuple[int, dict[str, Any]]:
-        """``GET /v2/token``: the status and JSON document to answer."""
+    def issue_token(self, request: Request) -> Refusal | dict[str, Any]:
+        """``GET /v2/token``: the token document, or the refusal to answer (a refused key costs a unit
+        against the rate limit)."""
         assert self.issuer is not None
         _scheme, host = self._origin(request)
         uri = request.uri.decode("latin-1")
         urls = [f"{scheme}://{host}{uri}" for scheme in ("http", "https")]
         query = uri.partition("?")[2]
+        client = self.client(request)
         try:
             token, who = self.issuer.issue(_header(request, b"authorization"), urls, query)
         except AuthFailed as e:
-            log.warn(
-                "registry token refused to {client}: {reason}", client=self.client(request), reason=str(e)
-            )
-            return 401, {"errors": [{"code": "UNAUTHORIZED", "message": str(e)}]}
-        log.info("registry token issued to {who} at {client}", who=who, client=self.client(request))
-        return 200, {"token": token, "access_token": token, "expires_in": int(self.issuer.lifetime)}
+            log.warn("registry token refused to {client}: {reason}", client=client, reason=str(e))
+            return self._failed_credentials(client, Refusal(401, str(e), "UNAUTHORIZED"))
+        log.info("registry token issued to {who} at {client}", who=who, client=client)
+        return {"token": token, "access_token": token, "expires_in": int(self.issuer.lifetime)}
 
 
 def _refuse(request: Request, path: str, refusal: Refusal) -> bytes:
@@ -315,6 +394,19 @@ def _refuse(request: Request, path: str, refusal: Refusal) -> bytes:
     if path == "/v2" or path.startswith("/v2/"):
         return registry_error(request, refusal.status, refusal.code or "DENIED", refusal.message)
     return ollama_error(request, refusal.status, refusal.message)
+
+
+def _refuse_token(request: Request, refusal: Refusal) -> bytes:
+    """A refused token request, in plain text: Ollama prints the body of a failed token request as it
+    is (``Error: pull model manifest: 401: <body>``), so words read better there than JSON."""
+    for name, value in refusal.headers:
+        request.setHeader(name, value)
+    body = refusal.message.encode() + b"\n"
+    request.setResponseCode(refusal.status)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"content-length", str(len(body)).encode())
+    return body
 
 
 class _GuardedResource(Resource):
@@ -357,9 +449,10 @@ class _GuardedResource(Resource):
                 )
             return _refuse(request, path, refusal)
         if path == TOKEN_PATH and self._access.issuer is not None and request.method in (b"GET", b"HEAD"):
-            status, document = self._access.issue_token(request)
-            body = json.dumps(document, separators=(",", ":")).encode()
-            request.setResponseCode(status)
+            answer = self._access.issue_token(request)
+            if isinstance(answer, Refusal):
+                return _refuse_token(request, answer)
+            body = json.dumps(answer, separators=(",", ":")).encode()
             request.setHeader(b"content-type", b"application/json; charset=utf-8")
             request.setHeader(b"cache-control", b"no-store")
             request.setHeader(b"content-length", str(len(body)).encode())

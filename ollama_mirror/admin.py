@@ -124,6 +124,7 @@ class Observability:
             min_free_bytes=int(config.cache.min_free_gb * 10**9),
             upstream=self.upstream_probe,
             backend=self.backend_probe,
+            backend_asked=lambda: mirror.proxy.asked,
         )
         self.stats = StatsReport(
             survey=self.survey,

@@ -99,7 +99,7 @@ def run(options: argparse.Namespace) -> int:
         _error(f"configuration error: {e}")
         return EXIT_USAGE
     except CacheBusy as e:
-        _error(f"{e}; try again when it is done")
+        _error(f"{e}; {_busy_hint(options.command, str(e))}")
         return EXIT_FAILED
     except KeyboardInterrupt:
         _error("interrupted")
@@ -114,6 +114,17 @@ def run(options: argparse.Namespace) -> int:
         return EXIT_FAILED
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _busy_hint(command: str, reason: str) -> str:
+    """What to do instead when the cache is locked: go through the daemon where the command can."""
+    if "daemon" not in reason:
+        return "try again when it is done"
+    if command in ("prefetch", "rm"):
+        return f"to {command} through the running daemon, add --mirror URL (e.g. --mirror http://127.0.0.1:11434)"
+    if command == "gc":
+        return "the running daemon sweeps by itself every cache.cleanup_interval seconds"
+    return "stop the daemon, or try again when the import is done"
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -174,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--from", dest="from_file", metavar="FILE", help="read model names from FILE, one a line ('-': stdin)"
     )
     _remote_options(prefetch)
-    _cache_options(prefetch)
+    cache = _cache_options(prefetch)
+    cache.add_argument("--upstream-url", metavar="URL", help="the registry to pull from (upstream.url)")
     _quiet_option(prefetch)
     prefetch.set_defaults(func=cmd_prefetch)
 
@@ -251,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cache_options(parser: argparse.ArgumentParser) -> None:
+def _cache_options(parser: argparse.ArgumentParser) -> Any:
+    """The options naming the cache and its configuration; the group, for a command to add to it."""
     group = parser.add_argument_group("the cache (as the daemon is configured)")
     group.add_argument("-c", "--config", metavar="FILE", help="the daemon's JSON configuration file")
     group.add_argument("--cache-dir", metavar="DIR", help="the cache directory (cache.directory)")
@@ -262,6 +275,7 @@ def _cache_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="any configuration key (repeatable)",
     )
+    return group
 
 
 def _remote_options(parser: argparse.ArgumentParser) -> None:
@@ -285,6 +299,8 @@ def _config(options: argparse.Namespace) -> Config:
         overrides[key.strip()] = value
     if options.cache_dir:
         overrides["cache.directory"] = options.cache_dir
+    if getattr(options, "upstream_url", None):
+        overrides["upstream.url"] = options.upstream_url
     return load_config(options.config, os.environ, overrides)
 
 
@@ -323,8 +339,10 @@ def cmd_prefetch(options: argparse.Namespace) -> int:
     progress = _progress(options)
     if options.mirror:
         _check_mirror(options.mirror)
-        if options.config or options.cache_dir or options.set:
-            raise CommandError("--mirror pulls through the mirror: leave out --config, --cache-dir, --set", 2)
+        if options.config or options.cache_dir or options.set or options.upstream_url:
+            raise CommandError(
+                "--mirror pulls through the mirror: leave out --config, --cache-dir, --upstream-url, --set", 2
+            )
         results = _prefetch_remote(options.mirror, _api_key(options), names, progress)
     else:
         results = _prefetch_direct(_config(options), names, progress)
@@ -347,13 +365,18 @@ def _read_list(path: str) -> list[str]:
     return [text for line in lines if (text := line.split("#", 1)[0].strip())]
 
 
+_QUIET_STATUSES = ("success", "verifying sha256 digest", "writing manifest")  # the model's own line says it
+
+
 class _PullView:
-    """Turns the ``/api/pull`` progress lines into a bar per blob."""
+    """Turns the ``/api/pull`` progress lines into a bar per blob, and the lines without a blob (``pulling
+    manifest``, a wait for the upstream) into notes."""
 
     def __init__(self, progress: Progress, name: ModelName) -> None:
         self._progress = progress
         self._name = name
         self._digest: str | None = None
+        self._finished: set[str] = set()  # a blob's last line may come twice (done, then present)
 
     def line(self, line: dict[str, Any]) -> None:
         if "error" in line:
@@ -361,6 +384,15 @@ class _PullView:
             raise CommandError(str(line["error"]))
         digest = line.get("digest")
         if not isinstance(digest, str):
+            status = line.get("status")
+            if isinstance(status, str) and status not in (
+                "success",
+                "verifying sha256 digest",
+                "writing manifest",
+            ):
+                self._progress.note(f"{self._name.display()}: {status}")
+            return
+        if digest in self._finished:
             return
         total = int(line.get("total") or 0)
         completed = int(line.get("completed") or 0)
@@ -371,6 +403,7 @@ class _PullView:
         if completed >= total:
             self._progress.finish()
             self._digest = None
+            self._finished.add(digest)
 
 
 def _prefetch_remote(

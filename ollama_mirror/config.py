@@ -339,8 +339,9 @@ class SecurityConfig:
     rate_limit_requests: int = setting(
         100,
         "RATE_LIMIT_REQUESTS",
-        "Requests one client address may make per window (a blob's ranged part GETs count 1/16 each); "
-        "0: no limit.",
+        "Requests per window and client address that send the mirror upstream (a tag not fresh in the "
+        "cache, a blob no served manifest lists) or fail authentication; what the mirror holds or is "
+        "already fetching is free. 0: no limit.",
         "int",
     )
     rate_limit_window: float = setting(
@@ -750,8 +751,16 @@ def _default_text(key: Key) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     if key.kind == "size":
-        return f"{value // 2**20}MiB" if value % 2**20 == 0 else f"{value // 10**6}MB"
+        return size_text(value)
     return str(value) if value != "" else "(empty)"
+
+
+def size_text(value: int) -> str:
+    """A size as the configuration accepts it, exactly: ``64MiB``, ``16KiB``, ``10MB``, or bytes."""
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("GB", 10**9), ("MB", 10**6)):
+        if value >= factor and value % factor == 0:
+            return f"{value // factor}{unit}"
+    return str(value)
 
 
 def reference_table() -> str:

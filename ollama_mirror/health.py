@@ -7,7 +7,9 @@ Checks and what they mean for the answer:
 - ``disk_space`` — free space against ``cache.min_free_gb``.  Too little: ``degraded`` (downloads
   will be refused, cached models are still served).
 - ``upstream`` — the upstream registry answers HTTP.  Down: ``degraded`` (cached models still work).
-- ``backend`` — the backend Ollama answers, when the inference proxy is on.  Down: ``degraded``.
+- ``backend`` — the backend Ollama answers, when the inference proxy is on.  Down: ``degraded`` once
+  the proxy is in use (the backend answered since start, or a client asked for inference); before
+  that, ``absent``, which leaves the answer alone: a cache-only mirror is healthy.
 
 The disk checks run per request in a worker thread (cheap, and they must see a disk that just
 went read-only), one at a time however many probes arrive, and bounded in time.  The network
@@ -19,12 +21,14 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import TimeoutError as NetworkTimeout
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -34,12 +38,12 @@ from . import __version__
 from .runner import Runner
 from .stats import SharedRun
 from .store import Store
-from .upstream import LOOP_HEADER, LOOP_STATUS, discard
+from .upstream import LOOP_HEADER, LOOP_STATUS, as_timeout, discard, network_reason
 
 log = Logger()
 
-OK, DEGRADED, FAILING, PENDING = "ok", "degraded", "failing", "pending"
-_RANK = {OK: 0, PENDING: 0, DEGRADED: 1, FAILING: 2}
+OK, DEGRADED, FAILING, PENDING, ABSENT = "ok", "degraded", "failing", "pending", "absent"
+_RANK = {OK: 0, PENDING: 0, ABSENT: 0, DEGRADED: 1, FAILING: 2}
 PROBE_INTERVAL = 30.0
 PROBE_TIMEOUT = 10.0
 DISK_CHECK_TIMEOUT = 5.0
@@ -99,6 +103,7 @@ class ReachabilityProbe:
         self._via = via.encode("latin-1")
         self._asking: Deferred[None] | None = None
         self.state = ProbeState()
+        self.answered_once = False  # the service answered OK at least once since start
 
     async def _ask(self) -> tuple[str, str]:
         headers = Headers({b"user-agent": [f"ollama-mirror/{__version__} (health probe)".encode()]})
@@ -116,7 +121,7 @@ class ReachabilityProbe:
         """Probe once and record the result; never fails.  Cancelling it (at shutdown) records nothing."""
         started = self._clock.seconds()
         asking = Deferred.fromCoroutine(self._ask())
-        asking.addTimeout(self._timeout, self._clock)
+        asking.addTimeout(self._timeout, self._clock, onTimeoutCancel=as_timeout)
 
         def record(result: tuple[str, str]) -> None:
             status, detail = result
@@ -125,12 +130,10 @@ class ReachabilityProbe:
         def failed(failure: Failure) -> None:
             if failure.check(CancelledError):
                 return
-            if failure.check(TimeoutError):
+            if failure.check(TimeoutError, NetworkTimeout):
                 detail = f"no answer within {self._timeout:g} s"
             else:
-                detail = (
-                    f"unreachable: {failure.getErrorMessage() or getattr(failure.type, '__name__', 'error')}"
-                )
+                detail = f"unreachable: {network_reason(failure.value)}"
             self._record(DEGRADED, detail, started)
 
         def done(result: object) -> None:
@@ -159,6 +162,7 @@ class ReachabilityProbe:
         now = self._clock.seconds()
         was = self.state.status
         self.state = ProbeState(status, detail, now, now - started)
+        self.answered_once |= status == OK
         if status != was and not (was == PENDING and status == OK):
             (log.info if status == OK else log.warn)(
                 "{name} {url} {change}: {detail}",
@@ -254,8 +258,11 @@ class HealthCheck:
         min_free_bytes: int,
         upstream: ReachabilityProbe,
         backend: ReachabilityProbe | None = None,
+        backend_asked: Callable[[], bool] = lambda: False,
     ) -> None:
+        """*backend_asked*: whether a client asked for inference since start (the proxy is in use)."""
         self._store = store
+        self._backend_asked = backend_asked
         self._clock = clock
         self._min_free = min_free_bytes
         self._disk: SharedRun[DiskState] = SharedRun(runner, lambda: inspect_cache(store))
@@ -291,9 +298,20 @@ class HealthCheck:
             checks["disk_space"] = self._space(disk.free_bytes)
         checks["upstream"] = self.upstream.state.document(self.upstream.url)
         if self.backend is not None:
-            checks["backend"] = self.backend.state.document(self.backend.url)
+            checks["backend"] = self._backend_check(self.backend)
         worst = max((check["status"] for check in checks.values()), key=lambda s: _RANK.get(s, 0))
         return HealthReport(OK if worst == PENDING else worst, checks)
+
+    def _backend_check(self, backend: ReachabilityProbe) -> dict[str, Any]:
+        document = backend.state.document(backend.url)
+        in_use = backend.answered_once or self._backend_asked()
+        if document["status"] == DEGRADED and not in_use:
+            document["status"] = ABSENT
+            document["detail"] = (
+                f"no backend Ollama: {document['detail']} (pulls and the cache do not need one; the "
+                "inference routes answer 502 until one runs)"
+            )
+        return document
 
     def _space(self, free: int | None) -> dict[str, Any]:
         if free is None:

@@ -103,6 +103,15 @@ class ManifestCache:
         self._read[name] = (stamp, manifest)
         return manifest
 
+    def in_hand(self, name: ModelName) -> bool:
+        """Whether a request for this tag needs no upstream request of its own: it was confirmed upstream
+        less than ``cache.manifest_ttl`` ago, or a fetch of it is under way (the request shares its
+        answer).  No disk access: this is asked of every request, before it is answered."""
+        if name in self._revalidating:
+            return True
+        confirmed = self._confirmed.get(name)
+        return confirmed is not None and self._clock.seconds() - confirmed < self._ttl
+
     async def by_tag(
         self, name: ModelName, accept: list[str] | None = None, user_agent: str | None = None
     ) -> Manifest:

@@ -17,7 +17,6 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource
 
-from . import __version__
 from .access import AccessControl
 from .admin import Observability
 from .catalog import Catalog
@@ -25,6 +24,7 @@ from .config import Config
 from .events import EventHub
 from .eviction import CacheLifecycle, Sweeper
 from .fills import FillManager
+from .holdings import CacheHoldings
 from .index import CacheIndex
 from .manifests import ManifestCache
 from .ollama_api import OllamaApi
@@ -74,6 +74,7 @@ class Mirror:
             reactor,
             self.store.work_dir,
             registry_host=lambda host_header: self.upstreams.for_request_host(host_header).host,
+            holdings=CacheHoldings(self.store, self.manifests, self.fills),
         )
         self.registry = RegistryApi(
             self.store, self.manifests, self.fills, self.upstreams, reactor, self.events
@@ -120,12 +121,6 @@ class Mirror:
             self, agent=agent or self.upstream.agent, backend_agent=backend_agent, registry=metrics_registry
         )
         self.root = RootApi(
-            {
-                "name": "ollama-mirror",
-                "version": __version__,
-                "upstream": config.upstream.url,
-                "cache_directory": os.path.abspath(config.cache.directory),
-            },
             registry=self.registry.resource(),
             api=self.api.resource(),
             openai=self.proxy.resource(),

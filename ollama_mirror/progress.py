@@ -38,9 +38,12 @@ class Progress:
         self._started = 0.0
         self._drawn = 0.0
         self._open = False
+        self._note = ""
+        self._note_since = 0.0
 
     def start(self, label: str, total: int) -> None:
         self.finish()
+        self._end_note()
         self._label, self._total, self._done = label, total, 0
         self._started = self._drawn = time.monotonic()
         self._open = True
@@ -77,10 +80,37 @@ class Progress:
             self._stream.write("\r\033[K")
         self._line(text)
 
+    def note(self, text: str) -> None:
+        """A state with no bytes to count (``pulling manifest``, waiting for the upstream): on a terminal
+        drawn in place with the seconds it has lasted; elsewhere a line when it changes, then one about
+        every ten seconds while it lasts."""
+        now = time.monotonic()
+        if text != self._note:
+            self.finish()
+            self._note, self._note_since, self._drawn = text, now, 0.0
+        elif now - self._drawn < (TTY_INTERVAL if self._tty else PLAIN_INTERVAL):
+            return
+        self._drawn = now
+        waited = now - self._note_since
+        shown = f"{text} ({waited:.0f} s)" if waited >= 1 else text
+        if self._quiet:
+            return
+        if self._tty:
+            self._stream.write(f"\r\033[K{shown}")
+            self._stream.flush()
+        else:
+            self._line(shown)
+
     def message(self, text: str) -> None:
         """A line of its own (a model done, a summary)."""
         self.finish()
+        self._end_note()
         self._line(text)
+
+    def _end_note(self) -> None:
+        if self._note and self._tty and not self._quiet:
+            self._stream.write("\r\033[K")
+        self._note = ""
 
     def _percent(self) -> str:
         return f"{100 * self._done / self._total:.0f}%" if self._total else "100%"

@@ -8,6 +8,8 @@ that hangs up closes the backend connection, which makes Ollama stop generating.
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -23,7 +25,7 @@ from twisted.web.iweb import IAgent, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from .errors import ollama_error
+from .errors import json_body, ollama_error
 
 log = Logger()
 
@@ -41,6 +43,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length"}
+MAX_UNLOAD_BODY = 64 * 1024
 
 
 class InferenceProxy:
@@ -52,14 +55,18 @@ class InferenceProxy:
         self._enabled = enabled
         self._timeout = timeout
         self._clock = clock
+        self.asked = False  # a client asked for inference since start (health: the proxy is in use)
 
     def resource(self) -> Resource:
         """A leaf that forwards whatever request renders it."""
         return _ProxyResource(self)
 
     async def forward(self, request: Request) -> None:
+        if _unload_of(request) is None:  # unloading asks for nothing to run
+            self.asked = True
         if not self._enabled or self._agent is None:
-            _answer(request, 502, "the inference proxy is disabled (features.enable_api_proxy)")
+            if not _answered_unload(request):
+                _answer(request, 502, "the inference proxy is disabled (features.enable_api_proxy)")
             return
         headers = Headers()
         for name, values in request.requestHeaders.getAllRawHeaders():
@@ -86,7 +93,8 @@ class InferenceProxy:
                 _answer(request, 504, f"the backend Ollama at {self._base} did not answer in time")
             return
         except (ConnectError, DNSLookupError, TxTimeoutError, ResponseFailed) as e:
-            _answer(request, 502, f"the backend Ollama at {self._base} is unreachable: {e}")
+            if not _answered_unload(request):
+                _answer(request, 502, f"the backend Ollama at {self._base} is unreachable: {e}")
             return
         if getattr(request, "_disconnected", False):
             response.deliverBody(_Discard())
@@ -96,6 +104,50 @@ class InferenceProxy:
             if name.lower() not in HOP_BY_HOP:
                 request.responseHeaders.setRawHeaders(name, values)
         response.deliverBody(_Relay(request))
+
+
+def _unload_of(request: Request) -> dict[str, Any] | None:
+    """Ollama's answer to *request* if it only asks to unload a model (``POST /api/generate`` or
+    ``/api/chat`` with nothing to generate and ``keep_alive`` 0, which ``ollama rm`` and ``ollama stop``
+    send first), else ``None``."""
+    if request.method != b"POST" or request.path not in (b"/api/generate", b"/api/chat"):
+        return None
+    content = request.content
+    if content is None:
+        return None
+    content.seek(0)
+    try:
+        body = json.loads(content.read(MAX_UNLOAD_BODY) or b"null")
+    except (ValueError, RecursionError):
+        return None
+    finally:
+        content.seek(0)
+    if not isinstance(body, dict) or body.get("keep_alive") not in (0, "0", "0s", "0m"):
+        return None
+    if body.get("prompt") or body.get("messages") or not isinstance(body.get("model"), str):
+        return None
+    answer: dict[str, Any] = {
+        "model": body["model"],
+        "created_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        "done": True,
+        "done_reason": "unload",
+    }
+    if request.path == b"/api/chat":
+        answer["message"] = {"role": "assistant", "content": ""}
+    else:
+        answer["response"] = ""
+    return answer
+
+
+def _answered_unload(request: Request) -> bool:
+    """Answer an unload request for a backend that is not running: nothing is loaded there, so the
+    model is unloaded (a cache-only mirror lets ``ollama rm`` through without a warning)."""
+    answer = _unload_of(request)
+    if answer is None or getattr(request, "_disconnected", False) or request.finished:
+        return False
+    request.write(json_body(request, 200, answer))
+    request.finish()
+    return True
 
 
 def _answer(request: Request, code: int, message: str) -> None:

@@ -8,9 +8,10 @@ One code path for ``/api/pull``, the daemon's prefetch list and ``ollama-mirror 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall, deferLater
 
 from .events import Events
 from .fill import FillFailed
@@ -23,6 +24,9 @@ from .upstreams import Upstreams
 
 PROGRESS_INTERVAL = 0.1  # Ollama reports about every 60 ms; clients redraw at this pace
 HEARTBEAT = 1.0  # a line at least this often, even when nothing moved
+WAIT_NOTICE = 5.0  # while the manifest is awaited: a line this often, after the first such wait
+
+T = TypeVar("T")
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -62,7 +66,11 @@ class ModelPuller:
             raise PullFailed(f"no upstream is configured for {name.host} (this mirror serves {served})")
         emit({"status": "pulling manifest"})
         try:
-            manifest = await self._manifests.by_tag(name)
+            manifest = await self._while_waiting(
+                Deferred.fromCoroutine(self._manifests.by_tag(name)),
+                {"status": f"pulling manifest: waiting for {upstream.url} to answer"},
+                emit,
+            )
         except ManifestUnknown:
             raise PullFailed("pull model manifest: file does not exist") from None
         except UpstreamError as e:
@@ -84,6 +92,17 @@ class ModelPuller:
         emit({"status": "writing manifest"})
         emit({"status": "success"})
         return fetched
+
+    async def _while_waiting(self, work: Deferred[T], notice: dict[str, Any], emit: Emit) -> T:
+        """*work*'s result; meanwhile, after a few seconds and then every few seconds, *notice*: a slow
+        or silent upstream shows as a wait (Ollama's CLI shows the status; proxies see a live stream)."""
+        ticker = LoopingCall(emit, notice)
+        ticker.clock = self._clock
+        ticker.start(WAIT_NOTICE, now=False)
+        try:
+            return await work
+        finally:
+            ticker.stop()
 
     async def _report_blob(
         self, name: ModelName, upstream: Upstream, digest: str, size: int, emit: Emit

@@ -1,10 +1,16 @@
-"""The ``Range`` request header, for blobs (one range is what Ollama and every registry client sends)."""
+"""The ``Range`` request header, for blobs (one range is what Ollama and every registry client sends).
+
+Parsing is werkzeug's (a dependency through Klein), which follows RFC 9110: the unit is
+case-insensitive (``Bytes=0-3``) and whitespace around the parts is allowed.
+"""
 
 from __future__ import annotations
 
 import re
 
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+from werkzeug.http import parse_range_header
+
+_EMPTY_SUFFIX = re.compile(r"\s*-\s*0+\s*")
 
 
 class InvalidRange(ValueError):
@@ -24,26 +30,21 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """
     if header is None:
         return None
-    text = header.strip()
-    if not text.lower().startswith("bytes="):
+    unit, sep, spec = header.partition("=")
+    if not sep or unit.strip().lower() != "bytes":
         return None  # RFC 9110 14.2: a range unit we don't know is ignored
-    if "," in text:
-        parts = text.removeprefix("bytes=").split(",")
-        if not text.startswith("bytes=") or not all(re.fullmatch(r"\s*\d*-\d*\s*", p) for p in parts):
-            raise InvalidRange(f"invalid range {header!r}")
+    if _EMPTY_SUFFIX.fullmatch(spec):
+        raise UnsatisfiableRange(header)  # "the last 0 bytes"
+    parsed = parse_range_header(header)
+    if parsed is None:
+        raise InvalidRange(f"invalid range {header!r}")
+    if len(parsed.ranges) != 1:
         return None
-    match = _RANGE.fullmatch(text)
-    if match is None or match.group(1) == match.group(2) == "":
-        raise InvalidRange(f"invalid range {header!r}")
-    first_text, last_text = match.groups()
-    if first_text == "":
-        suffix = int(last_text)
-        if suffix == 0 or size == 0:
+    start, stop = parsed.ranges[0]  # stop is exclusive; a negative start is a suffix length
+    if start < 0:
+        if size == 0:
             raise UnsatisfiableRange(header)
-        return max(0, size - suffix), size - 1
-    first = int(first_text)
-    if last_text and int(last_text) < first:
-        raise InvalidRange(f"invalid range {header!r}")
-    if first >= size:
+        return max(0, size + start), size - 1
+    if start >= size:
         raise UnsatisfiableRange(header)
-    return first, min(int(last_text), size - 1) if last_text else size - 1
+    return start, size - 1 if stop is None else min(stop - 1, size - 1)

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 from twisted.logger import Logger
 
 from .cachefiles import read_or_create
@@ -117,21 +118,25 @@ class AuthorizedKey:
     comment: str
 
 
-def _parse_ssh_ed25519(blob: bytes) -> bytes:
-    """The 32 raw key bytes of an SSH ``ssh-ed25519`` public key blob."""
-    fields = []
-    rest = blob
-    for _ in range(2):
-        if len(rest) < 4:
-            raise ValueError("truncated key")
-        n = int.from_bytes(rest[:4], "big")
-        fields.append(rest[4 : 4 + n])
-        rest = rest[4 + n :]
-        if len(fields[-1]) != n:
-            raise ValueError("truncated key")
-    if fields[0] != b"ssh-ed25519" or len(fields[1]) != 32 or rest:
+def fingerprint(blob: bytes) -> str:
+    """``SHA256:...`` as ``ssh-keygen -lf`` prints it, so an operator can match a refused key to a line."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def parse_public_key(line: str) -> AuthorizedKey:
+    """An ``ssh-ed25519 <base64> [comment]`` line (``~/.ollama/id_ed25519.pub``), or ``ValueError``."""
+    fields = line.split(None, 2)
+    if len(fields) < 2 or fields[0] != "ssh-ed25519":
+        raise ValueError("expected 'ssh-ed25519 <base64 key> [comment]' (Ollama keys are ed25519)")
+    try:
+        key = load_ssh_public_key(f"{fields[0]} {fields[1]}".encode())
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise ValueError(f"not a valid ssh-ed25519 key ({e})") from None
+    if not isinstance(key, Ed25519PublicKey):
         raise ValueError("not an ssh-ed25519 key")
-    return fields[1]
+    blob = base64.b64decode(fields[1])
+    comment = fields[2].strip() if len(fields) > 2 else fingerprint(blob)
+    return AuthorizedKey(blob, key, comment)
 
 
 class AuthorizedKeys:
@@ -157,19 +162,14 @@ class AuthorizedKeys:
         keys: dict[bytes, AuthorizedKey] = {}
         with open(self.path, encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, 1):
-                fields = line.split(None, 2)
-                if not fields or fields[0].startswith("#"):
+                if not line.strip() or line.lstrip().startswith("#"):
                     continue
                 try:
-                    if fields[0] != "ssh-ed25519" or len(fields) < 2:
-                        raise ValueError("expected 'ssh-ed25519 <base64 key> [comment]'")
-                    blob = base64.b64decode(fields[1], validate=True)
-                    raw = _parse_ssh_ed25519(blob)
-                except (ValueError, binascii.Error) as e:
+                    key = parse_public_key(line)
+                except ValueError as e:
                     log.warn("{path}:{n}: skipped: {error}", path=self.path, n=number, error=str(e))
                     continue
-                comment = fields[2].strip() if len(fields) > 2 else fields[1][:16]
-                keys[blob] = AuthorizedKey(blob, Ed25519PublicKey.from_public_bytes(raw), comment)
+                keys[key.blob] = key
         self._keys, self._stamp = keys, stamp
         log.info("{n} registry keys authorized by {path}", n=len(keys), path=self.path)
 
@@ -204,7 +204,10 @@ class TokenIssuer:
             raise AuthFailed("malformed Authorization header") from None
         key = self._keys.find(blob)
         if key is None:
-            raise AuthFailed("this key is not authorized on the mirror")
+            raise AuthFailed(
+                f"the key {fingerprint(blob)} is not authorized on this mirror: add the Ollama server's "
+                "~/.ollama/id_ed25519.pub to the file in security.registry_authorized_keys"
+            )
         for url in urls:
             try:
                 key.key.verify(signature, f"GET,{url},{EMPTY_BODY_HASH}".encode())

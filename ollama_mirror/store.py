@@ -19,10 +19,24 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+from .config import ConfigError
 from .names import ModelName, is_digest
 
 _HEX = re.compile(r"[0-9a-f]{64}")
 _WANTS_TAG = re.compile(r"[0-9]{1,10}-[0-9]{1,10}")
+
+
+def _os_reason(error: OSError) -> str:
+    """Why a directory cannot be used, in words (``NotADirectoryError`` names the part that is a file)."""
+    where = error.filename or ""
+    if isinstance(error, NotADirectoryError | FileExistsError):
+        while where and os.path.isdir(where) is False and os.path.dirname(where) != where:
+            if os.path.exists(where):
+                return f"{where} is a file, not a directory"
+            where = os.path.dirname(where)
+    if isinstance(error, PermissionError):
+        return f"{where}: permission denied (the daemon runs as uid {os.geteuid()})"
+    return f"{where}: {error.strerror or error}" if where else str(error.strerror or error)
 
 
 def _check_hex(hexdigest: str) -> str:
@@ -77,9 +91,16 @@ class Store:
         self.digest_manifests_dir = os.path.join(self.work_dir, "manifests")
 
     def create(self) -> None:
-        """Make the directories (at start-up, before the reactor runs)."""
-        for path in (self.blobs_dir, self.manifests_dir, self.partial_dir, self.digest_manifests_dir):
-            os.makedirs(path, exist_ok=True)
+        """Make the directories and check that files can be written there (at start-up, before the
+        reactor runs); :class:`ConfigError` naming ``cache.directory`` when they cannot be used, so that
+        the daemon stops with one line and exit status 2 (systemd does not restart it in a loop)."""
+        try:
+            for path in (self.blobs_dir, self.manifests_dir, self.partial_dir, self.digest_manifests_dir):
+                os.makedirs(path, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.work_dir):
+                pass
+        except OSError as e:
+            raise ConfigError(f"cache.directory: cannot use {self.root}: {_os_reason(e)}") from None
 
     # --- blobs ---------------------------------------------------------------------------------
 

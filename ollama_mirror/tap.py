@@ -58,11 +58,21 @@ class Options(usage.Options):
             raise usage.UsageError(f"--set wants SECTION.KEY=VALUE, not {assignment!r}")
         self.overrides[key.strip()] = value
 
+    def opt_version(self) -> NoReturn:
+        """Print the version of ollama-mirror (and of the Twisted it runs on), then exit."""
+        import twisted
+
+        from . import __version__
+
+        sys.stdout.write(f"ollama-mirror {__version__} (Twisted {twisted.__version__})\n")
+        raise SystemExit(0)
+
     def opt_listen(self, endpoint: str) -> None:
         """Listen on a Twisted endpoint, e.g. tcp:11434:interface=127.0.0.1 (repeatable)."""
         self.listen.append(endpoint)
 
     def postOptions(self) -> None:
+        self._no_pidfile_in_the_foreground()
         overrides = {_FLAGS[flag]: self[flag] for flag in _FLAGS if self[flag] is not None}
         if self.listen:
             overrides["server.listen"] = ",".join(self.listen)
@@ -72,6 +82,14 @@ class Options(usage.Options):
             self.config = load_config(self["config"], os.environ, overrides)
         except ConfigError as e:
             fail(f"configuration error: {e}")
+
+    def _no_pidfile_in_the_foreground(self) -> None:
+        """``twistd -n`` writes ``twistd.pid`` into the working directory by default, where it is of no
+        use (the process is in the foreground; systemd tracks it itself) and is left behind: without an
+        explicit ``--pidfile``, a foreground daemon writes none.  A daemonized one keeps it."""
+        server = getattr(self, "parent", None)
+        if server is not None and server.get("nodaemon") and server.get("pidfile") == "twistd.pid":
+            server["pidfile"] = ""
 
 
 def fail(message: str) -> NoReturn:

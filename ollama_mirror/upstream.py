@@ -22,6 +22,7 @@ from OpenSSL.SSL import Error as SSLError
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
@@ -33,6 +34,17 @@ log = Logger()
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MANIFEST_TYPES = frozenset(
+    {
+        MANIFEST_V2,
+        OCI_MANIFEST,
+        OCI_INDEX,
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+        "application/vnd.docker.distribution.manifest.v1+json",
+    }
+)
 DEFAULT_ACCEPT = (MANIFEST_V2, OCI_MANIFEST)
 MAX_MANIFEST_BYTES = 4 * 2**20
 MAX_REDIRECTS = 5
@@ -100,11 +112,13 @@ class Upstream:
         if self._via:
             headers[b"via"] = [self._via]
         d = self.agent.request(method.encode("ascii"), url.encode("ascii"), Headers(headers), None)
-        d.addTimeout(self._timeout, self._clock)
+        # A timeout that fires after the request went out fails the Agent with ResponseNeverReceived
+        # (not CancelledError): say it was the clock, whatever the cancellation turned into.
+        d.addTimeout(self._timeout, self._clock, onTimeoutCancel=as_timeout)
         try:
             response: IResponse = await d
         except NETWORK_ERRORS as e:
-            raise _network_error(url, e) from None
+            raise _network_error(url, e, self._timeout) from None
         if response.code == LOOP_STATUS and response.headers.hasHeader(LOOP_HEADER):
             await discard(response)
             raise UpstreamError(
@@ -297,18 +311,34 @@ class UpstreamError(Exception):
         return self.status is None or self.status >= 500 or self.status in (408, 429)
 
 
-def _network_error(url: str, error: Exception) -> UpstreamError:
-    if isinstance(error, CancelledError | TimeoutError):
-        return UpstreamError(f"upstream {_origin(url)} did not answer in time", kind="timeout")
+def as_timeout(result: Any, timeout: float) -> Any:
+    """``addTimeout``'s *onTimeoutCancel*: a request cut short by its timeout failed by timing out (an
+    Agent whose request went out fails with ``ResponseNeverReceived``, not ``CancelledError``)."""
+    if isinstance(result, Failure):
+        return Failure(TimeoutError(timeout))
+    return result
+
+
+def network_reason(error: BaseException | None) -> str:
+    """A network failure in words (``ResponseFailed`` holds a list of Failures, whose repr is no reason)."""
     if isinstance(error, ResponseFailed):
-        reasons = (
-            ", ".join(
-                f"TLS failed: {_tls_reason(r.value)}" if isinstance(r.value, SSLError) else str(r.value)
-                for r in error.reasons
-            )
-            or "connection lost"
-        )
-        return UpstreamError(f"upstream {_origin(url)} failed: {reasons}")
+        reasons = [
+            f"TLS failed: {_tls_reason(r.value)}"
+            if isinstance(r.value, SSLError)
+            else r.getErrorMessage() or type(r.value).__name__
+            for r in error.reasons
+            if not isinstance(r.value, CancelledError)
+        ]
+        return ", ".join(reasons) or "connection lost"
+    return str(error) or type(error).__name__ if error is not None else "unknown error"
+
+
+def _network_error(url: str, error: Exception, timeout: float | None = None) -> UpstreamError:
+    if isinstance(error, CancelledError | TimeoutError):
+        within = f" within {timeout:g} s (upstream.timeout)" if timeout is not None else " in time"
+        return UpstreamError(f"upstream {_origin(url)} did not answer{within}", kind="timeout")
+    if isinstance(error, ResponseFailed):
+        return UpstreamError(f"upstream {_origin(url)} failed: {network_reason(error)}")
     return UpstreamError(f"upstream {_origin(url)} is unreachable: {error}")
 
 
@@ -324,14 +354,26 @@ def _origin(url: str) -> str:
 
 
 def media_type_of(data: bytes, content_type: str) -> str:
-    """The manifest's own ``mediaType`` (registry.ollama.ai sends ``text/plain``), else the header."""
+    """The Content-Type a manifest is served with: its own ``mediaType`` (what a registry answers for
+    it; registry.ollama.ai's ``text/plain`` is not a manifest type), else the upstream's header when it
+    names a manifest type, else what its shape says: a manifest without ``mediaType`` is OCI (Docker's
+    schema 2 requires the field), an index when it lists ``manifests``.  A cached manifest (no header)
+    is thus served with the type its registry gave it."""
     try:
-        declared = json.loads(data).get("mediaType")
-    except (ValueError, AttributeError):
-        declared = None
+        document = json.loads(data)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        return content_type.split(";", maxsplit=1)[0].strip() or MANIFEST_V2
+    declared = document.get("mediaType")
     if isinstance(declared, str) and declared:
         return declared
-    return content_type.split(";", maxsplit=1)[0].strip() or MANIFEST_V2
+    header = content_type.split(";", maxsplit=1)[0].strip()
+    if header in MANIFEST_TYPES:
+        return header
+    if document.get("schemaVersion") == 2:
+        return OCI_INDEX if "manifests" in document else OCI_MANIFEST
+    return header or MANIFEST_V2
 
 
 def content_range_total(response: IResponse) -> int | None:

@@ -6,8 +6,6 @@ class mounts them and owns the errors nothing else catches, so that every answer
 
 from __future__ import annotations
 
-from typing import Any
-
 from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -15,9 +13,11 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from .errors import json_body, ollama_error
+from .errors import ollama_error
 
 log = Logger()
+
+ROOT_ANSWER = b"Ollama is running"
 
 
 class RootApi:
@@ -27,7 +27,6 @@ class RootApi:
 
     def __init__(
         self,
-        info: dict[str, Any],
         *,
         registry: IResource,
         api: IResource,
@@ -35,7 +34,6 @@ class RootApi:
         admin: IResource | None = None,
         metrics: IResource | None = None,
     ) -> None:
-        self._info = info
         self._registry = registry
         self._api = api
         self._openai = openai
@@ -44,7 +42,11 @@ class RootApi:
 
     @app.route("/", methods=["GET", "HEAD"])
     def root(self, request: IRequest) -> bytes:
-        return json_body(request, 200, {"message": "Ollama is running", **self._info})
+        """Exactly Ollama's answer (clients and health checks compare the text); the mirror's own
+        details are in ``/mirror/stats``, behind the API key when one is set."""
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"content-length", str(len(ROOT_ANSWER)).encode())
+        return ROOT_ANSWER
 
     @app.route("/v2/", branch=True)
     def registry(self, request: IRequest) -> IResource:

@@ -4,6 +4,7 @@ model rules, rate limits), plain HTTP, and the Go-style puller signing with an O
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -12,9 +13,10 @@ from typing import Any
 import ollama
 import pytest
 
+from ollama_mirror.config import SecurityConfig
 from tests.integration.helpers import go_pull
 from tests.support.daemon import MirrorDaemon, MirrorFactory
-from tests.support.models import PushedModel, http_request
+from tests.support.models import MiB, ModelFactory, PushedModel, http_request
 from tests.support.ollamakey import OllamaKey
 from tests.support.puller import PullError, pull
 from tests.support.registry import free_port
@@ -180,6 +182,12 @@ def test_registry_networks(mirror_factory: MirrorFactory, small_model: PushedMod
     assert go_pull(open_to_us, small_model, tmp_path / "b").manifest_bytes == small_model.manifest
 
 
+def _unknown_manifest(mirror: MirrorDaemon, i: int, headers: dict[str, str] | None = None) -> int:
+    """Ask for a model nobody has: every such request sends the mirror upstream, so each one counts."""
+    accept = {"Accept": "application/vnd.docker.distribution.manifest.v2+json", **(headers or {})}
+    return http(mirror, f"/v2/library/nothing-{i}/manifests/latest", headers=accept)[0]
+
+
 def test_rate_limit_and_trusted_proxies(
     mirror_factory: MirrorFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -189,31 +197,31 @@ def test_rate_limit_and_trusted_proxies(
         }
     )
     forwarded = {"X-Forwarded-For": "203.0.113.7"}
-    assert [http(mirror, "/api/version", headers=forwarded)[0] for _ in range(5)] == [200] * 5
-    status, headers, document = http(mirror, "/api/version", headers=forwarded)
-    assert status == 429 and int(headers["retry-after"]) == 12 and "203.0.113.7" in document["error"]
+    assert [_unknown_manifest(mirror, i, forwarded) for i in range(5)] == [404] * 5
+    status, headers, document = http(
+        mirror, "/v2/library/nothing-5/manifests/latest", headers={**forwarded, "Accept": "*/*"}
+    )
+    assert status == 429 and int(headers["retry-after"]) == 12 and "203.0.113.7" in json.dumps(document)
+    assert http(mirror, "/api/version", headers=forwarded)[0] == 200  # nothing upstream: never limited
     # another client behind the same proxy has its own allowance
-    assert http(mirror, "/api/version", headers={"X-Forwarded-For": "203.0.113.8"})[0] == 200
+    assert _unknown_manifest(mirror, 6, {"X-Forwarded-For": "203.0.113.8"}) == 404
     # a client cannot dodge the limit by forging the header in front of the proxy's own entry
-    forged = {"X-Forwarded-For": "1.2.3.4, 203.0.113.7"}
-    assert http(mirror, "/api/version", headers=forged)[0] == 429
+    assert _unknown_manifest(mirror, 7, {"X-Forwarded-For": "1.2.3.4, 203.0.113.7"}) == 429
     ollama_client = client(mirror, monkeypatch, None)
-    for _ in range(6):
+    for i in range(6):
         try:
-            ollama_client.list()
+            ollama_client.pull(f"nothing-{i}")
         except ollama.ResponseError as e:
-            assert e.status_code == 429
-            break
+            if e.status_code == 429:
+                break
     else:
         pytest.fail("the official client was never limited")
 
 
 def test_an_untrusted_peer_cannot_choose_its_address(mirror_factory: MirrorFactory) -> None:
     mirror = mirror_factory(config={"security": {"rate_limit_requests": 3}})
-    statuses = [
-        http(mirror, "/api/version", headers={"X-Forwarded-For": f"198.51.100.{i}"})[0] for i in range(4)
-    ]
-    assert statuses[0] == 200 and statuses[-1] == 429  # (the start-up probe used one of the three)
+    statuses = [_unknown_manifest(mirror, i, {"X-Forwarded-For": f"198.51.100.{i}"}) for i in range(4)]
+    assert statuses == [404, 404, 404, 429]
 
 
 def test_default_limits_never_refuse_ordinary_pulls(
@@ -226,7 +234,9 @@ def test_default_limits_never_refuse_ordinary_pulls(
 ) -> None:
     """Go-style pulls (a manifest, HEADs, discovery GETs, 16 ranged parts per blob) of three models, cold
     and warm, plus a pull through the official client, from one address, under the default limits."""
-    mirror = mirror_factory()
+    mirror = mirror_factory(
+        config={"security": {"rate_limit_requests": SecurityConfig().rate_limit_requests}}
+    )
     requests = 0
     for round_ in ("cold", "warm"):
         for model in (small_model, medium_model, big_model):
@@ -239,3 +249,30 @@ def test_default_limits_never_refuse_ordinary_pulls(
     assert client(mirror, monkeypatch, None).pull("tiny").status == "success"
     print(f"default limits: {requests} requests from one address, none refused")
     assert requests > 100  # more requests than the limit counts, none refused
+
+
+def test_a_fleet_of_32_pullers_behind_one_address_on_default_settings(
+    mirror_factory: MirrorFactory, model_factory: ModelFactory, tmp_path: Path
+) -> None:
+    """32 Ollama-style pullers on 127.0.0.1 pull one cold model at once (a GPU fleet behind a NAT),
+    with the rate limit as shipped: all 32 succeed (the real binary: ``test_real_ollama.py``)."""
+    model = model_factory("library/fleet", "latest", 2 * MiB, 32)
+    mirror = mirror_factory(
+        config={"security": {"rate_limit_requests": SecurityConfig().rate_limit_requests}}
+    )
+    results: dict[int, Any] = {}
+
+    def one(i: int) -> None:
+        try:
+            results[i] = go_pull(mirror, model, tmp_path / f"puller-{i}")
+        except PullError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    failed = {i: str(r) for i, r in results.items() if isinstance(r, PullError)}
+    assert len(results) == 32 and not failed, failed
+    assert all(r.manifest_bytes == model.manifest for r in results.values())

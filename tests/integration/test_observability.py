@@ -172,11 +172,20 @@ def test_health_is_degraded_when_the_upstream_is_down(mirror_factory: MirrorFact
 
 
 def test_health_watches_the_backend_when_the_proxy_is_on(mirror_factory: MirrorFactory) -> None:
+    """A cache-only mirror (no backend ever answered) is healthy and says so; once a client asks for
+    inference, the missing backend degrades it."""
     mirror = mirror_factory(config={"backend": {"url": f"http://127.0.0.1:{free_port()}"}})
+    code, health = health_when_probed(mirror, "upstream", "backend")
+    assert code == 200 and health["status"] == "ok", health
+    assert health["checks"]["backend"]["status"] == "absent"
+    assert health["checks"]["upstream"]["status"] == "ok"
+    asked = http_request(
+        "POST", mirror.url + "/api/chat", body=b'{"model": "tiny", "messages": [{"role": "user"}]}'
+    )
+    assert asked.status == 502
     code, health = health_when_probed(mirror, "upstream", "backend")
     assert code == 200 and health["status"] == "degraded", health
     assert health["checks"]["backend"]["status"] == "degraded"
-    assert health["checks"]["upstream"]["status"] == "ok"
 
 
 # --- logs -----------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -23,6 +24,7 @@ import pytest
 from tests.integration.helpers import go_pull, sha256_file, wait_until
 from tests.support.cli import cli_command, cli_env, run_cli, stderr_lines
 from tests.support.daemon import MirrorDaemon, MirrorFactory
+from tests.support.filesystems import read_only
 from tests.support.models import MiB, ModelFactory, PushedModel
 from tests.support.registry import RegistryProcess, free_port
 
@@ -101,9 +103,23 @@ def test_prefetch_on_a_cache_directory_then_ls(
     registry: RegistryProcess, small_model: PushedModel, second_model: PushedModel, tmp_path: Path
 ) -> None:
     cache = tmp_path / "cache"
-    result = run_cli("prefetch", short(small_model), short(second_model), *on_cache(cache, registry))
+    result = run_cli(
+        "prefetch",
+        short(small_model),
+        short(second_model),
+        "--cache-dir",
+        str(cache),
+        "--upstream-url",
+        registry.url,
+    )
     assert result.returncode == 0, result.stderr
-    assert "prefetch: 2 of 2 models cached" in result.stderr.decode()
+    progress = result.stderr.decode().splitlines()
+    assert "prefetch: 2 of 2 models cached" in progress
+    for model in (small_model, second_model):  # each blob reported done once, on a pipe as in a log
+        for blob in model.blobs:
+            label = f"{model.short_name} {blob.hex[:12]}: done"
+            assert len([line for line in progress if line.startswith(label)]) == 1, progress
+        assert f"{model.short_name}: pulling manifest" in progress
     assert_holds(cache, small_model)
     assert_holds(cache, second_model)
     assert cache_files(cache)["partial"] == []
@@ -134,7 +150,10 @@ def test_prefetch_through_a_running_mirror(mirror: MirrorDaemon, small_model: Pu
     result = run_cli("prefetch", short(small_model), "--mirror", mirror.url)
     assert result.returncode == 0, result.stderr
     assert_holds(mirror.cache_dir, small_model)
-    assert "tiny:latest: cached on" in result.stderr.decode()
+    progress = result.stderr.decode().splitlines()
+    assert "tiny:latest: cached on " + mirror.url in progress
+    for blob in small_model.blobs:
+        assert len([line for line in progress if line.startswith(f"tiny:latest {blob.hex[:12]}: done")]) == 1
 
     partial = run_cli("prefetch", short(small_model), "no-such-model", "--mirror", mirror.url)
     assert partial.returncode == 3, partial.stderr  # some models failed, the others are cached
@@ -365,6 +384,27 @@ def test_a_bad_name_in_the_prefetch_list_stops_start_up(mirror_factory: MirrorFa
     daemon.start(wait=False)
     assert daemon.wait_exit() == 2
     assert 'cache.prefetch = ["../etc"]' in daemon.stderr_text() + daemon.stdout_text()
+
+
+@pytest.mark.parametrize("where", ["a file", "below a file", "read-only"])
+def test_an_unusable_cache_directory_stops_start_up_with_one_line(
+    mirror_factory: MirrorFactory, tmp_path: Path, where: str
+) -> None:
+    """Exit status 2, as for every configuration error (systemd's RestartPreventExitStatus=2 then does
+    not restart the daemon in a loop), and one line naming the key and the reason, no traceback."""
+    a_file = tmp_path / "cache-file"
+    a_file.write_text("not a directory")
+    read_only_dir = tmp_path / "ro"
+    read_only_dir.mkdir()
+    cache = {"a file": a_file, "below a file": a_file / "cache", "read-only": read_only_dir}[where]
+    daemon = mirror_factory(cache_dir=cache, start=False)
+    with read_only(read_only_dir) if where == "read-only" else contextlib.nullcontext():
+        daemon.start(wait=False)
+        assert daemon.wait_exit() == 2
+    output = (daemon.stderr_text() + daemon.stdout_text()).strip()
+    assert output.startswith("ollama-mirror: configuration error: cache.directory: cannot use"), output
+    assert "Traceback" not in output and len(output.splitlines()) == 1
+    assert {"a file": "is a file", "below a file": "is a file", "read-only": "Read-only"}[where] in output
 
 
 def test_gc_rm_and_health_beside_a_running_daemon(mirror: MirrorDaemon, small_model: PushedModel) -> None:

@@ -151,6 +151,59 @@ def test_manifest_verbatim_and_exact_head_sizes(
         assert head.header("docker-content-digest") == blob.digest
 
 
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def test_manifests_carry_the_upstream_content_type_cold_and_cached(
+    start_mirror: MirrorStarter, proxy: FaultProxy, registry: RegistryProcess, small_model: PushedModel
+) -> None:
+    """Docker v2 and OCI manifests, with and without their ``mediaType`` field (OCI makes it optional):
+    the mirror answers each with the Content-Type its registry gives it: fetched, fresh in the cache, and
+    read back from disk after a restart with the upstream gone."""
+    body = json.loads(small_model.manifest)
+    oci = {**body, "mediaType": OCI_MANIFEST}
+    bare = {k: v for k, v in oci.items() if k != "mediaType"}
+    variants = {
+        "latest": small_model.manifest,
+        "oci": json.dumps(oci).encode(),
+        "bare": json.dumps(bare).encode(),
+    }
+    for tag in ("oci", "bare"):
+        put = http_request(
+            "PUT",
+            f"{registry.url}/v2/library/tiny/manifests/{tag}",
+            headers={"Content-Type": OCI_MANIFEST},
+            body=variants[tag],
+        )
+        assert put.status == 201, put.body
+    accept = {"Accept": f"{MANIFEST_V2}, {OCI_MANIFEST}"}
+    upstream_types = {
+        tag: http_request("GET", f"{registry.url}/v2/library/tiny/manifests/{tag}", headers=accept).header(
+            "content-type"
+        )
+        for tag in variants
+    }
+    assert upstream_types == {"latest": MANIFEST_V2, "oci": OCI_MANIFEST, "bare": OCI_MANIFEST}
+    mirror = start_mirror(cache={"manifest_ttl": 3600})
+
+    def check(expected_source: str) -> None:
+        for tag, data in variants.items():
+            for method in ("GET", "HEAD"):
+                got = http_request(method, f"{mirror.url}/v2/library/tiny/manifests/{tag}", headers=accept)
+                assert got.status == 200, (tag, got.body)
+                assert got.header("content-type") == upstream_types[tag], (tag, method, expected_source)
+                if expected_source != "upstream":
+                    assert got.header("x-mirror-cache") == expected_source
+                if method == "GET":
+                    assert got.body == data
+
+    check("upstream")
+    check("cache")
+    proxy.down()
+    mirror.restart()
+    check("stale")
+
+
 # --- 3. ranges, cold and warm --------------------------------------------------------------------
 
 
@@ -520,6 +573,7 @@ def test_hanging_upstream_times_out(
             assert response.status in (502, 503), (url, response.status)
             assert time.monotonic() - started < timeout + 3
             registry_error_code(response)
+            assert f"did not answer within {timeout:g} s (upstream.timeout)" in response.body.decode()
 
 
 # --- 10. blob redirects to another host -----------------------------------------------------------

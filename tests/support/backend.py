@@ -3,6 +3,8 @@
 :class:`OllamaBackend` serves, from a thread on ``127.0.0.1`` (port 0 by default), enough of Ollama's
 inference API for the official ``ollama`` Python client (0.6.x) and OpenAI-style clients:
 
+- ``POST /api/generate`` without a prompt and with ``keep_alive`` 0 (an unload, as ``ollama rm`` sends):
+  ``{"done": true, "done_reason": "unload"}`` in one JSON object, as Ollama answers.
 - ``POST /api/chat`` and ``POST /api/generate``: with ``"stream"`` true (the default, as in Ollama) an
   ``application/x-ndjson`` stream in chunked transfer encoding, one token per line, each chunk flushed and
   separated by ``delay`` seconds, then a final ``{"done": true, "done_reason": "stop", ...}`` line; with
@@ -381,6 +383,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _generate(self, document: dict[str, Any]) -> None:
         model, tokens = document["model"], self._tokens(document)
+        if not document.get("prompt") and document.get("keep_alive") in (0, "0", "0s"):
+            # Ollama's unload request (what `ollama stop` and `ollama rm` send): one JSON answer
+            self._send_json(
+                200,
+                {
+                    "model": model,
+                    "created_at": _now_rfc3339(),
+                    "response": "",
+                    "done": True,
+                    "done_reason": "unload",
+                },
+            )
+            return
         if document.get("stream", True) is False:
             self._send_json(
                 200,

@@ -21,8 +21,14 @@ BASE = "http://mirror.test"
 
 class Harness:
     def __init__(
-        self, tmp_path: Path, registry: FakeRegistry, backend_agent: Any = None, **settings: str
+        self,
+        tmp_path: Path,
+        registry: FakeRegistry,
+        backend_agent: Any = None,
+        upstream_agent: Any = None,
+        **settings: str,
     ) -> None:
+        """*upstream_agent* replaces the fake registry as the upstream (a network that misbehaves)."""
         self.clock = Clock()
         self.registry = registry
         self.upstream = RequestTraversalAgent(registry)
@@ -35,7 +41,11 @@ class Harness:
         }
         self.config = load_config(None, {}, overrides)
         self.mirror = Mirror(
-            self.config, self.clock, agent=self.upstream, runner=InlineRunner(), backend_agent=backend_agent
+            self.config,
+            self.clock,
+            agent=upstream_agent or self.upstream,
+            runner=InlineRunner(),
+            backend_agent=backend_agent,
         )
         self.client = StubTreq(self.mirror.resource())
 

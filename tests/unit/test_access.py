@@ -3,7 +3,9 @@ rate limits, through the whole HTTP tree on a fake clock (StubTreq), plus the pa
 
 from __future__ import annotations
 
+import base64
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,7 +17,14 @@ from ollama_mirror.config import ConfigError
 from ollama_mirror.modelrules import ModelRules
 from ollama_mirror.names import ModelName
 from ollama_mirror.ratelimit import RateLimiter, client_address, parse_networks
-from ollama_mirror.registryauth import AuthFailed, AuthorizedKeys, Signer, TokenIssuer
+from ollama_mirror.registryauth import (
+    AuthFailed,
+    AuthorizedKeys,
+    Signer,
+    TokenIssuer,
+    fingerprint,
+    parse_public_key,
+)
 from tests.support.ollamakey import OllamaKey, parse_challenge, token_url
 
 from .fakeregistry import FakeRegistry
@@ -41,7 +50,7 @@ def test_rate_limiter_allows_the_allowance_then_says_how_long_to_wait() -> None:
     assert limiter.take("b") is None  # per client
     clock.advance(20)
     assert limiter.take("a") is None and limiter.take("a") is not None
-    assert all(limiter.take("c", 1 / 16) is None for _ in range(48))  # 16 parts cost one request
+    assert all(limiter.take("c", 1 / 16) is None for _ in range(48))  # fractions add up
     assert limiter.take("c", 1 / 16) is not None
     assert RateLimiter(clock, 0, 60).take("a") is None  # 0: no limit
 
@@ -158,6 +167,54 @@ def test_token_requests_signed_like_ollama(tmp_path: Path) -> None:
         issuer.issue("Bearer nonsense", [url2], urlsplit(url2).query)
 
 
+def test_the_authorized_keys_file_takes_ed25519_keys_only_and_names_refused_ones(tmp_path: Path) -> None:
+    alice = OllamaKey("alice@gpu1")
+    bare = OllamaKey()
+    rsa = subprocess.run(
+        ["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(tmp_path / "rsa")],
+        capture_output=True,
+        check=False,
+    )
+    keyfile = tmp_path / "authorized_keys"
+    lines = [
+        alice.public_line(),
+        f"ssh-ed25519 {bare.public_b64}",  # no comment: named by its fingerprint
+        f"ssh-ed25519 {alice.public_b64[:-8]}",  # truncated
+        "ssh-ed25519 not-base64!",
+    ]
+    if rsa.returncode == 0:
+        lines.append((tmp_path / "rsa.pub").read_text().strip())  # Ollama keys are ed25519: skipped
+    keyfile.write_text("\n".join(lines) + "\n")
+    keys = AuthorizedKeys(str(keyfile))
+    assert len(keys) == 2
+    found = keys.find(base64.b64decode(bare.public_b64))
+    assert found is not None and found.comment == fingerprint(base64.b64decode(bare.public_b64))
+    pub = tmp_path / "bare.pub"
+    pub.write_text(f"ssh-ed25519 {bare.public_b64} x\n")
+    listed = subprocess.run(["ssh-keygen", "-lf", str(pub)], capture_output=True, text=True, check=False)
+    if listed.returncode == 0:  # the fingerprint the refusal names is the one ssh-keygen prints
+        assert listed.stdout.split()[1] == found.comment
+    with pytest.raises(ValueError, match="ed25519"):
+        parse_public_key("ssh-rsa AAAAB3NzaC1yc2E comment")
+
+
+def test_a_refused_key_is_named_by_its_fingerprint(tmp_path: Path) -> None:
+    issuer, clock = issuer_for(tmp_path, OllamaKey("alice"))
+    stranger = OllamaKey()
+    challenge = {
+        "realm": "http://mirror:11434/v2/token",
+        "service": "mirror:11434",
+        "scope": "repository:a/b:pull",
+    }
+    url = token_url(challenge, now=clock.seconds())
+    with pytest.raises(AuthFailed) as refused:
+        issuer.issue(stranger.token_request_authorization(url), [url], urlsplit(url).query)
+    assert str(refused.value) == (
+        f"the key {fingerprint(base64.b64decode(stranger.public_b64))} is not authorized on this mirror: add "
+        "the Ollama server's ~/.ollama/id_ed25519.pub to the file in security.registry_authorized_keys"
+    )
+
+
 # --- through the HTTP tree -----------------------------------------------------------------------
 
 
@@ -256,32 +313,60 @@ def test_allowed_models_only(tmp_path: Path, registry: FakeRegistry) -> None:
     assert h.request("GET", "/v2/library/gemma/manifests/latest", headers=ACCEPT)[0].code == 403
 
 
-def test_rate_limit_answers_429_with_retry_after(tmp_path: Path, registry: FakeRegistry) -> None:
+def test_rate_limit_charges_only_requests_that_go_upstream(tmp_path: Path, registry: FakeRegistry) -> None:
+    """A tag the mirror must fetch costs one unit; what it holds, or is fetching, and everything that
+    never goes upstream costs nothing, however often one address asks."""
+    for tag in ("a", "b", "c", "d"):
+        registry.add_model("library/tiny", tag, [b"weights-" + tag.encode(), b"tmpl"])
     h = Harness(
         tmp_path, registry, **{"security.rate_limit_requests": "3", "security.rate_limit_window": "30"}
     )
-    assert [h.request("GET", "/api/version")[0].code for _ in range(3)] == [200] * 3
-    response, body = h.request("GET", "/api/version")
-    assert response.code == 429 and "rate_limit_requests" in error(body)
-    assert response.headers.getRawHeaders("retry-after") == ["10"]
-    response, body = h.request("GET", MANIFEST, headers=ACCEPT)
+    assert all(h.request("GET", "/api/version")[0].code == 200 for _ in range(20))
+    assert [h.request("GET", f"/v2/library/tiny/manifests/{t}", headers=ACCEPT)[0].code for t in "abc"] == [
+        200
+    ] * 3
+    response, body = h.request("GET", "/v2/library/tiny/manifests/d", headers=ACCEPT)
     assert response.code == 429 and error(body) == "TOOMANYREQUESTS"
-    assert h.request("GET", "/mirror/health")[0].code != 429  # load balancers are not limited
+    assert response.headers.getRawHeaders("retry-after") == ["10"]
+    # a fresh tag, and the blobs its manifest lists, are served to this address as often as it asks
+    for _ in range(20):
+        assert h.request("GET", "/v2/library/tiny/manifests/a", headers=ACCEPT)[0].code == 200
+        for digest in registry.digests("library/tiny", "a"):
+            ranged = {"Range": ["bytes=0-1"]}
+            assert h.request("GET", f"/v2/library/tiny/blobs/{digest}", headers=ranged)[0].code == 206
+    assert h.request("GET", "/mirror/health")[0].code != 429
+    response, body = h.request("POST", "/api/pull", data=b'{"model":"tiny:d","stream":false}')
+    assert response.code == 429 and "rate_limit_requests" in error(body)
+    assert h.request("POST", "/api/pull", data=b'{"model":"tiny:a","stream":false}')[0].code == 200
     h.clock.advance(10)
-    assert h.request("GET", "/api/version")[0].code == 200
+    assert h.request("GET", "/v2/library/tiny/manifests/d", headers=ACCEPT)[0].code == 200
 
 
-def test_only_ranged_blob_gets_are_charged_as_parts(tmp_path: Path, registry: FakeRegistry) -> None:
-    """A Range header on any other request must not buy sixteen times the allowance."""
+def test_a_blob_no_served_manifest_lists_costs_a_unit(tmp_path: Path, registry: FakeRegistry) -> None:
+    """Asking for blobs by digest, without their manifest, is how one would make the mirror download
+    arbitrary things: each new one is charged (the limit would stop a scan)."""
+    registry.add_model("library/tiny", "x", [b"one", b"two", b"three", b"four"])
     h = Harness(
         tmp_path, registry, **{"security.rate_limit_requests": "3", "security.rate_limit_window": "30"}
     )
-    ranged = {**ACCEPT, "Range": ["bytes=0-0"]}
-    assert [h.request("GET", MANIFEST, headers=ranged)[0].code for _ in range(4)] == [200, 200, 200, 429]
+    codes = [
+        h.request("GET", f"/v2/library/tiny/blobs/{d}")[0].code for d in registry.digests("library/tiny", "x")
+    ]
+    assert codes[:3] == [200] * 3 and codes[3] == 429
+
+
+def test_wrong_credentials_are_charged_right_ones_are_not(tmp_path: Path, registry: FakeRegistry) -> None:
+    h = Harness(
+        tmp_path,
+        registry,
+        **{"security.api_key": "k", "security.rate_limit_requests": "3", "security.rate_limit_window": "30"},
+    )
+    good = {"Authorization": ["Bearer k"]}
+    bad = {"Authorization": ["Bearer guess"]}
+    assert [h.request("GET", "/api/tags", headers=bad)[0].code for _ in range(4)] == [401, 401, 401, 429]
+    assert h.request("GET", "/api/tags")[0].code == 401  # no key at all: a plain 401, never charged
     h.clock.advance(30)
-    digest = registry.digests("library/tiny")[0]
-    codes = [h.request("GET", f"/v2/library/tiny/blobs/{digest}", headers=ranged)[0].code for _ in range(20)]
-    assert 429 not in codes
+    assert all(h.request("GET", "/api/tags", headers=good)[0].code == 200 for _ in range(10))
 
 
 def test_registry_networks(tmp_path: Path, registry: FakeRegistry) -> None:

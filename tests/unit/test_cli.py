@@ -10,6 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -99,3 +101,38 @@ def test_serve_serves_head_slash(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_version_is_ours_under_serve_and_twistd(tmp_path: Path) -> None:
+    from ollama_mirror import __version__
+
+    for result in (
+        twistd("--version", cwd=tmp_path),
+        subprocess.run(
+            [sys.executable, "-m", "ollama_mirror", "serve", "--version"],
+            cwd=tmp_path,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ),
+    ):
+        assert result.returncode == 0
+        assert result.stdout.startswith(f"ollama-mirror {__version__} (Twisted "), result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "pidfile"),
+    [
+        (["-n", "ollama-mirror"], ""),  # in the foreground: no twistd.pid left in the working directory
+        (["--nodaemon", "ollama-mirror"], ""),
+        (["-n", "--pidfile=/run/m.pid", "ollama-mirror"], "/run/m.pid"),  # asked for: kept
+        (["ollama-mirror"], os.path.abspath("twistd.pid")),  # daemonized: twistd's default stays
+    ],
+)
+def test_a_foreground_daemon_writes_no_pidfile_unless_asked(args: list[str], pidfile: str) -> None:
+    from twisted.scripts.twistd import ServerOptions
+
+    options = ServerOptions()
+    options.parseOptions([*args, "--cache-dir", "/nonexistent/cache"])
+    assert options["pidfile"] == pidfile

@@ -20,6 +20,7 @@ from twisted.internet.testing import MemoryReactorClock
 from ollama_mirror import cli
 from ollama_mirror.bundle import BundleError, export_bundle, import_bundle
 from ollama_mirror.cachelock import CacheLock
+from ollama_mirror.cli import _PullView
 from ollama_mirror.config import load_config
 from ollama_mirror.names import ModelName
 from ollama_mirror.prefetch import PrefetchService
@@ -288,10 +289,16 @@ def test_maintenance_commands_wait_for_no_daemon_and_the_daemon_for_no_command(
     daemon_lock = CacheLock(store.work_dir)
     daemon_lock.acquire(exclusive=False)  # as a running daemon holds it
     try:
+        hints = {
+            "gc": "the running daemon sweeps by itself every cache.cleanup_interval seconds",
+            "rm": "to rm through the running daemon, add --mirror URL",
+            "prefetch": "to prefetch through the running daemon, add --mirror URL",
+        }
         for args in (("gc",), ("rm", "tiny"), ("prefetch", "tiny")):
             status, _, err = command(capsys, *args, "--cache-dir", str(tmp_path))
             assert status == 1
             assert "a running ollama-mirror daemon or import is using this cache" in err
+            assert hints[args[0]] in err and len(err.strip().splitlines()) == 1
     finally:
         daemon_lock.release()
     maintenance = CacheLock(store.work_dir)
@@ -331,6 +338,24 @@ def test_progress_on_a_pipe_is_one_line_per_item() -> None:
     progress.finish()
     progress.message("done")
     assert out.getvalue().splitlines() == ["sha256:abc: done (2.0 MB)", "done"]
+
+
+def test_a_pull_shown_on_a_pipe_says_done_once_per_blob_and_shows_waits() -> None:
+    """The mirror repeats a blob's last line (completed, then present once verified): one "done"."""
+    out = io.StringIO()
+    view = _PullView(Progress(out, tty=False), ModelName.parse("tiny"))
+    view.line({"status": "pulling manifest"})
+    view.line({"status": "pulling manifest: waiting for http://registry.example to answer"})
+    digest = "sha256:" + "ab" * 32
+    for completed in (0, 5, 10, 10):
+        view.line({"status": "pulling abababababab", "digest": digest, "total": 10, "completed": completed})
+    view.line({"status": "verifying sha256 digest"})
+    view.line({"status": "success"})
+    assert out.getvalue().splitlines() == [
+        "tiny:latest: pulling manifest",
+        "tiny:latest: pulling manifest: waiting for http://registry.example to answer",
+        "tiny:latest abababababab: done (10 B)",
+    ]
 
 
 # --- the prefetch list ---------------------------------------------------------------------------------

@@ -12,12 +12,14 @@ import pytest
 from ollama_mirror.config import (
     Config,
     ConfigError,
+    _default_text,
     inactive_settings,
     keys,
     load_config,
     parse_size,
     reference_table,
     sample_document,
+    size_text,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -223,3 +225,19 @@ def test_readme_documents_every_key_exactly_as_the_code_defines_it() -> None:
     )
     for key in keys():
         assert f"`{key.dotted}`" in readme and f"`{key.env}`" in readme
+
+
+def test_the_reference_shows_every_size_default_as_a_value_that_reads_back_the_same() -> None:
+    """``server.max_header_size`` (16384) once showed as ``0MB``."""
+    sizes = [key for key in keys() if key.kind == "size"]
+    assert sizes
+    for key in sizes:
+        shown = _default_text(key)
+        assert parse_size(shown) == key.default, (key.dotted, shown)
+    assert [size_text(v) for v in (16384, 64 * 2**20, 10**7, 1000, 1536)] == [
+        "16KiB",
+        "64MiB",
+        "10MB",
+        "1000",
+        "1536",
+    ]

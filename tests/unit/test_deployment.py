@@ -26,3 +26,26 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr
+
+
+def test_the_install_steps_work_on_a_fresh_machine(tmp_path: Path) -> None:
+    """The ``install`` lines of the unit's header and of the README, run as written but under a scratch
+    root: on a fresh machine ``/etc/ollama-mirror`` does not exist yet (``install -D`` makes it)."""
+    readme = (ROOT / "README.md").read_text()
+    header = [
+        line.removeprefix("#").strip() for line in UNIT.read_text().splitlines() if line.startswith("#")
+    ]
+    for source in (header, readme.splitlines()):
+        steps = [line.split("#", 1)[0].strip() for line in source if line.strip().startswith("install ")]
+        assert len(steps) == 2, steps
+        root = tmp_path / f"root-{len(list(tmp_path.iterdir()))}"
+        for step in steps:
+            command = step.replace(" /etc/", f" {root}/etc/")
+            result = subprocess.run(
+                ["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, check=False
+            )
+            assert result.returncode == 0, (command, result.stderr)
+        assert (root / "etc/ollama-mirror/mirror.json").read_bytes() == (
+            ROOT / "etc/mirror.json"
+        ).read_bytes()
+        assert (root / "etc/systemd/system/ollama-mirror.service").read_bytes() == UNIT.read_bytes()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ollama_mirror.names import InvalidName, ModelName, parse_digest
 from ollama_mirror.ranges import InvalidRange, UnsatisfiableRange, parse_range
@@ -74,22 +76,51 @@ def test_digests() -> None:
         ("bytes=-500", (0, 99)),
         ("bytes=90-200", (90, 99)),
         ("bytes=0-1,5-6", None),
+        ("Bytes=0-3", (0, 3)),  # RFC 9110: the unit is case-insensitive
+        ("BYTES=-5", (95, 99)),
+        ("bytes = 2-4", (2, 4)),
+        ("bytes=2-4 ", (2, 4)),
+        ("bytes=0-1, 5-6", None),
+        ("items=0-3", None),  # an unknown unit is ignored
+        ("bytes=0-99999999999999999999", (0, 99)),
+        ("bytes=007-008", (7, 8)),
     ],
 )
 def test_ranges(header: str | None, expected: tuple[int, int] | None) -> None:
     assert parse_range(header, 100) == expected
 
 
-@pytest.mark.parametrize("header", ["bytes=100-", "bytes=100-200", "bytes=-0"])
+@pytest.mark.parametrize("header", ["bytes=100-", "bytes=100-200", "bytes=-0", "Bytes=-00"])
 def test_unsatisfiable_ranges(header: str) -> None:
     with pytest.raises(UnsatisfiableRange):
         parse_range(header, 100)
 
 
-@pytest.mark.parametrize("header", ["bytes=5-1", "bytes=-", "bytes=a-b", "bytes=1-2,x", "bytes=1--2"])
+@pytest.mark.parametrize(
+    "header",
+    ["bytes=5-1", "bytes=-", "bytes=a-b", "bytes=1-2,x", "bytes=1--2", "bytes=", "bytes=0-3,", "bytes=1-2-3"],
+)
 def test_malformed_ranges(header: str) -> None:
     with pytest.raises(InvalidRange):
         parse_range(header, 100)
+
+
+@given(
+    first=st.integers(0, 300),
+    last=st.integers(0, 300),
+    size=st.integers(0, 200),
+    unit=st.sampled_from(["bytes", "Bytes", "BYTES"]),
+)
+def test_a_range_is_what_rfc_9110_says(first: int, last: int, size: int, unit: str) -> None:
+    header = f"{unit}={first}-{last}"
+    if last < first:
+        with pytest.raises(InvalidRange):
+            parse_range(header, size)
+    elif first >= size:
+        with pytest.raises(UnsatisfiableRange):
+            parse_range(header, size)
+    else:
+        assert parse_range(header, size) == (first, min(last, size - 1))
 
 
 def test_manifest_blobs_refuses_manifests_with_unsafe_digests_or_sizes() -> None:

@@ -9,6 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.error import ConnectionRefusedError
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
+from twisted.web.iweb import IAgent
+from zope.interface import implementer
 
 from .fakeregistry import FakeRegistry
 from .harness import Harness
@@ -193,6 +199,57 @@ def test_a_disabled_proxy_is_a_502_naming_the_setting(tmp_path: Path, registry: 
         response, body = h.request("POST" if path != "/api/ps" else "GET", path, data=b"{}")
         assert response.code == 502
         assert "features.enable_api_proxy" in json.loads(body)["error"]
+
+
+@implementer(IAgent)
+class SilentUpstream:
+    """Accepts the request and never answers; when the timeout cancels it, fails as twisted's Agent does
+    once a request went out (ResponseNeverReceived, not CancelledError)."""
+
+    def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        return Deferred(lambda d: d.errback(ResponseNeverReceived([Failure(CancelledError())])))
+
+
+def test_a_silent_upstream_shows_as_a_wait_then_a_timeout(tmp_path: Path, registry: FakeRegistry) -> None:
+    h = Harness(tmp_path, registry, upstream_agent=SilentUpstream(), **{"upstream.timeout": "30"})
+    response, body = h.request("POST", "/api/pull", step=1, data=b'{"model": "tiny"}')
+    assert response.code == 200  # the stream had started: the error is its last line, as in Ollama
+    got = lines(body)
+    waiting = {"status": "pulling manifest: waiting for http://registry.example to answer"}
+    assert got[0] == {"status": "pulling manifest"}
+    assert got[1:-1] == [waiting] * 5  # one every 5 s of the 30
+    assert got[-1] == {
+        "error": "pull model manifest: upstream http://registry.example did not answer within 30 s "
+        "(upstream.timeout)"
+    }
+
+
+class RefusingBackend:
+    def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        return fail(ConnectionRefusedError("Connection refused"))
+
+
+@pytest.mark.parametrize("backend", ["down", "disabled"])
+def test_an_unload_needs_no_backend(tmp_path: Path, registry: FakeRegistry, backend: str) -> None:
+    """``ollama rm`` and ``ollama stop`` first ask to unload the model; with no backend Ollama nothing is
+    loaded, so the mirror answers as Ollama does (the CLI then prints no warning)."""
+    settings = {"features.enable_api_proxy": "false"} if backend == "disabled" else {}
+    h = Harness(tmp_path, registry, backend_agent=RefusingBackend(), **settings)
+    response, body = h.request("POST", "/api/generate", data=b'{"model": "tiny", "keep_alive": 0}')
+    answer = json.loads(body)
+    assert response.code == 200 and answer["done"] is True and answer["done_reason"] == "unload"
+    assert answer["model"] == "tiny" and answer["response"] == "" and answer["created_at"].endswith("Z")
+    response, body = h.request(
+        "POST", "/api/chat", data=b'{"model": "tiny", "messages": [], "keep_alive": "0s"}'
+    )
+    assert response.code == 200 and json.loads(body)["message"] == {"role": "assistant", "content": ""}
+    # anything that would generate still needs the backend
+    response, body = h.request(
+        "POST", "/api/generate", data=b'{"model": "tiny", "prompt": "hi", "keep_alive": 0}'
+    )
+    assert response.code == 502
+    response, body = h.request("POST", "/api/generate", data=b'{"model": "tiny"}')
+    assert response.code == 502
 
 
 def test_version_and_unknown_api_routes(tmp_path: Path, registry: FakeRegistry) -> None:

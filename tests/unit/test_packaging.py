@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -44,11 +45,22 @@ def test_wheel_holds_the_dropin_and_nothing_of_twisted(wheel: Path) -> None:
 
 
 def test_installed_wheel_is_found_by_twistd_outside_the_checkout(wheel: Path, tmp_path: Path) -> None:
+    """A fresh environment with only the wheel of its own; its dependencies (Twisted...) are taken from
+    the environment running the tests, whether that is the system's Python or a virtual environment
+    (``--system-site-packages`` would reach the base interpreter's packages, not a venv's)."""
     venv = tmp_path / "venv"
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120
-    )
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
+    own = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    outer = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    # a .pth line only adds a directory to sys.path: the outer environment's own .pth files (an editable
+    # install of the checkout) are not run, so the checkout stays out of the picture
+    Path(own, "outer-environment.pth").write_text("".join(f"{path}\n" for path in sorted(outer)))
     subprocess.run(
         [
             str(python),

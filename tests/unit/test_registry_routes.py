@@ -116,6 +116,7 @@ def test_a_cold_blob_is_streamed_with_a_location_and_cached(tmp_path: Path, regi
         ("bytes=150000-", 150000, 199999),
         ("bytes=-10", 199990, 199999),
         ("bytes=199999-300000", 199999, 199999),
+        ("Bytes=0-3", 0, 3),  # the unit is case-insensitive (RFC 9110)
     ],
 )
 def test_ranges_cold_and_warm(

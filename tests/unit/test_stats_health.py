@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred, ensureDeferred, fail
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -207,27 +208,72 @@ def test_the_upstream_probe_says_when_the_upstream_leads_back_to_this_mirror(
     assert looped.state.detail.startswith("request loop: this address leads back to this mirror")
 
 
-def test_a_probe_that_gets_no_answer_times_out(tmp_path: Path) -> None:
+@pytest.mark.parametrize("connected", [False, True])
+def test_a_probe_that_gets_no_answer_times_out(tmp_path: Path, connected: bool) -> None:
+    """Silent before connecting (the request is cancelled) or after (an Agent whose request went out
+    fails with ResponseNeverReceived): either way the health text says so in words."""
+
     @implementer(IAgent)
     class Silent:
         def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
-            return Deferred()
+            if not connected:
+                return Deferred()
+            return Deferred(lambda d: d.errback(ResponseNeverReceived([Failure(CancelledError())])))
 
     clock = Clock()
     probe = ReachabilityProbe("upstream", "http://registry.example/v2/", Silent(), clock, timeout=10)
     done = probe.check()
     clock.advance(10)
     assert done.called
-    assert probe.state.status == "degraded" and "no answer within 10 s" in probe.state.detail
+    assert probe.state.status == "degraded" and probe.state.detail == "no answer within 10 s"
 
 
-def test_health_is_degraded_when_the_backend_is_down(tmp_path: Path, registry: FakeRegistry) -> None:
+def test_a_broken_answer_is_described_in_words(tmp_path: Path) -> None:
+    @implementer(IAgent)
+    class Broken:
+        def request(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+            return fail(
+                ResponseNeverReceived([Failure(ConnectionLost("Connection to the other side was lost"))])
+            )
+
+    probe = ReachabilityProbe("upstream", "http://registry.example/v2/", Broken(), Clock())
+    probe.check()
+    assert probe.state.detail.startswith("unreachable: Connection to the other side was lost")
+    assert "Failure" not in probe.state.detail and "<" not in probe.state.detail
+
+
+def test_a_missing_backend_degrades_health_only_once_the_proxy_is_in_use(
+    tmp_path: Path, registry: FakeRegistry
+) -> None:
+    """A cache-only mirror (no backend Ollama ever ran) is healthy, and says the backend is absent; once
+    a client asks for inference, a backend that does not answer degrades the mirror."""
     h = Harness(tmp_path, registry, backend_agent=DownAgent())
     probe_now(h)
+    code, health = get_json(h, "/mirror/health")
+    assert code == 200 and health["status"] == "ok"
+    backend = health["checks"]["backend"]
+    assert backend["status"] == "absent" and backend["detail"].startswith("no backend Ollama: unreachable")
+    h.request("POST", "/api/generate", data=b'{"model": "tiny", "keep_alive": 0}')  # an unload: not a use
+    assert get_json(h, "/mirror/health")[1]["status"] == "ok"
+    assert h.request("POST", "/api/generate", data=b'{"model": "tiny", "prompt": "hi"}')[0].code == 502
     code, health = get_json(h, "/mirror/health")
     assert code == 200 and health["status"] == "degraded"
     assert health["checks"]["backend"]["status"] == "degraded"
     assert health["checks"]["upstream"]["status"] == "ok"
+
+
+def test_a_backend_that_answered_once_degrades_health_when_it_stops(
+    tmp_path: Path, registry: FakeRegistry
+) -> None:
+    backend = Answers(200)
+    h = Harness(tmp_path, registry, backend_agent=RequestTraversalAgent(backend))
+    probe_now(h)
+    assert get_json(h, "/mirror/health")[1]["checks"]["backend"]["status"] == "ok"
+    backend.code = 500
+    probe_now(h)
+    code, health = get_json(h, "/mirror/health")
+    assert code == 200 and health["status"] == "degraded"
+    assert health["checks"]["backend"]["detail"] == "answered 500"
 
 
 def test_health_is_failing_when_the_cache_directory_becomes_read_only(
@@ -323,7 +369,8 @@ def test_the_root_stays_a_cheap_liveness_answer(
     monkeypatch.setattr(health_module, "inspect_cache", inspected.append)
     h = Harness(tmp_path, registry)
     response, body = h.request("GET", "/")
-    assert response.code == 200 and json.loads(body)["message"] == "Ollama is running"
+    assert response.code == 200 and body == b"Ollama is running"
+    assert response.headers.getRawHeaders("content-type") == ["text/plain; charset=utf-8"]
     assert inspected == [] and registry.seen == []  # no disk check, no probe
 
 

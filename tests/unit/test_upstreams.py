@@ -382,3 +382,19 @@ def test_the_daemon_reloads_certificates_on_sighup_and_restores_the_handler() ->
     finally:
         daemon.stopService()
     assert signal.getsignal(signal.SIGHUP) == before
+
+
+def test_the_content_type_of_a_manifest_is_the_one_its_registry_gives() -> None:
+    """Cached manifests have no header left: the type comes from the bytes as a registry derives it."""
+    from ollama_mirror.upstream import MANIFEST_V2, OCI_INDEX, OCI_MANIFEST, media_type_of
+
+    docker = b'{"schemaVersion":2,"mediaType":"' + MANIFEST_V2.encode() + b'","config":{},"layers":[]}'
+    bare_oci = b'{"schemaVersion":2,"config":{},"layers":[]}'
+    bare_index = b'{"schemaVersion":2,"manifests":[]}'
+    assert (
+        media_type_of(docker, "text/plain") == MANIFEST_V2
+    )  # registry.ollama.ai's header is no manifest type
+    assert media_type_of(bare_oci, "") == OCI_MANIFEST
+    assert media_type_of(bare_oci, OCI_MANIFEST + "; charset=utf-8") == OCI_MANIFEST
+    assert media_type_of(bare_index, "") == OCI_INDEX
+    assert media_type_of(b"not json", "") == MANIFEST_V2
