@@ -237,6 +237,8 @@ class OllamaApi:
             raise ApiError(404, f"model '{text}' not found")
         log.info("deleted {name} and {n} blobs no other model uses", name=str(name), n=len(removed))
         request.setResponseCode(200)
+        request.defaultContentType = None  # type: ignore[attr-defined]  # Ollama: an empty 200, no type
+        request.setHeader(b"content-length", b"0")
         return b""
 
     async def _delete_unguarded(self, name: ModelName) -> list[str] | None:

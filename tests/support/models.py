@@ -353,6 +353,95 @@ def make_gguf(
     return GGUFFile(path, "sha256:" + out.sha.hexdigest(), out.size, n_params, tensor_bytes)
 
 
+_WORDS = (
+    "hello",
+    "world",
+    "mirror",
+    "cache",
+    "blob",
+    "pull",
+    "model",
+    "fast",
+    "disk",
+    "bytes",
+    "once",
+    "here",
+)
+
+
+def make_runnable_gguf(path: Path | str, *, name: str = "tiny", seed: int = 0) -> GGUFFile:
+    """Write a complete tiny llama (about 110 KiB) that llama.cpp, and so ``ollama run``, loads and runs.
+
+    One transformer block (32-wide, 2 heads, F32 weights drawn from ``seed``) and a SentencePiece-style
+    vocabulary of the 256 byte tokens plus ``<unk>``, ``<s>``, ``</s>``, letters and a few words, so that any
+    prompt tokenizes; the output layer only ever favours the words. The text it generates is a random walk
+    through them and never ends by itself: a test sets ``num_predict`` and checks that tokens stream.
+    """
+    path = Path(path)
+    n_embd, n_ff, n_head, context = 32, 64, 2, 256
+    rng = np.random.default_rng(seed)
+    words = (
+        ["\u2581" + w for w in _WORDS]
+        + [".", ",", "\u2581"]
+        + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    )
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *words]
+    token_types = [2, 3, 3] + [6] * 256 + [1] * len(words)  # unknown, control, byte, normal
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name(name)
+    writer.add_description(f"ollama-mirror runnable test model, seed {seed}")
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_context_length(context)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(words))])
+    writer.add_token_types(token_types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (len(tokens), n_embd),
+        "output_norm.weight": (n_embd,),
+        "output.weight": (len(tokens), n_embd),
+        "blk.0.attn_norm.weight": (n_embd,),
+        "blk.0.attn_q.weight": (n_embd, n_embd),
+        "blk.0.attn_k.weight": (n_embd, n_embd),
+        "blk.0.attn_v.weight": (n_embd, n_embd),
+        "blk.0.attn_output.weight": (n_embd, n_embd),
+        "blk.0.ffn_norm.weight": (n_embd,),
+        "blk.0.ffn_gate.weight": (n_ff, n_embd),
+        "blk.0.ffn_up.weight": (n_ff, n_embd),
+        "blk.0.ffn_down.weight": (n_embd, n_ff),
+    }
+    n_params = 0
+    for tensor_name, shape in shapes.items():
+        if tensor_name.endswith("norm.weight"):
+            values = np.ones(shape, dtype=np.float32)
+        else:
+            values = (rng.standard_normal(shape) * 0.2).astype(np.float32)
+        if tensor_name == "output.weight":  # only words come out: no stray bytes (invalid UTF-8), no end
+            values[:259] = 0.0
+            values[259:] *= 15.0
+        writer.add_tensor(tensor_name, values)
+        n_params += values.size
+    writer.add_uint64("general.parameter_count", n_params)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = path.read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    return GGUFFile(path, digest, len(data), n_params, n_params * 4)
+
+
 # --- whole models ---------------------------------------------------------------------------------
 
 
@@ -369,8 +458,10 @@ def build_model(
     params: Mapping[str, Any] | None = None,
     license_text: str | None = DEFAULT_LICENSE,
     system: str | None = None,
+    runnable: bool = False,
 ) -> BuiltModel:
-    """Build an Ollama model whose GGUF holds about ``size`` bytes of tensor data.
+    """Build an Ollama model whose GGUF holds about ``size`` bytes of tensor data (``runnable``: the
+    complete tiny llama of :func:`make_runnable_gguf` instead, whatever ``size``, which ``ollama run`` runs).
 
     Blobs go to ``workdir/blobs/sha256-<hex>`` (a models-directory layout, so models built into the same
     workdir share blobs). Layers, in ``ollama create`` order: model (GGUF), template, license (unless None),
@@ -384,15 +475,20 @@ def build_model(
     blobs_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=blobs_dir, prefix=".tmp-", suffix=".gguf")
     os.close(fd)
-    gguf_file = make_gguf(
-        tmp_name,
-        arch=arch,
-        n_params_bytes=size,
-        context_length=context_length,
-        name=name,
-        seed=seed,
-        fill=fill,
-    )
+    if runnable and params is None:
+        params = {"num_predict": 24}  # the tiny llama never ends by itself: let `ollama run` finish
+    if runnable:
+        gguf_file = make_runnable_gguf(tmp_name, name=name, seed=seed)
+    else:
+        gguf_file = make_gguf(
+            tmp_name,
+            arch=arch,
+            n_params_bytes=size,
+            context_length=context_length,
+            name=name,
+            seed=seed,
+            fill=fill,
+        )
     gguf_path = _publish(Path(tmp_name), blobs_dir, gguf_file.digest.split(":", 1)[1])
     layers = [Blob(MEDIA_MODEL, gguf_file.digest, gguf_file.size, gguf_path)]
     layers.append(write_blob(blobs_dir, MEDIA_TEMPLATE, template.encode()))
@@ -407,7 +503,7 @@ def build_model(
         "model_family": arch,
         "model_families": [arch],
         "model_type": human_number(gguf_file.n_params),
-        "file_type": "F16",
+        "file_type": "F32" if runnable else "F16",
         "architecture": "amd64",
         "os": "linux",
         "rootfs": {"type": "layers", "diff_ids": [blob.digest for blob in layers]},

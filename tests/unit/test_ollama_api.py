@@ -183,6 +183,7 @@ def test_delete_keeps_blobs_other_models_use(tmp_path: Path, registry: FakeRegis
     before = {p.name for p in blobs.iterdir()}
     response, body = h.request("DELETE", "/api/delete", data=b'{"model": "tiny"}')
     assert response.code == 200 and body == b""
+    assert not response.headers.hasHeader("content-type")  # as Ollama: an empty 200, no type
     after = {p.name for p in blobs.iterdir()}
     assert template.exists()  # 'other' still uses it (and the same config blob)
     tiny_only = {"sha256-" + hashlib.sha256(b).hexdigest() for b in (PARAMS, LICENSE)}
