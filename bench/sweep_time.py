@@ -19,14 +19,14 @@ from pathlib import Path
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from ollama_mirror.catalog import Catalog
+from ollama_mirror.cache.catalog import Catalog
+from ollama_mirror.cache.eviction import Sweeper
+from ollama_mirror.cache.index import CacheIndex
+from ollama_mirror.cache.store import Store
 from ollama_mirror.config import load_config
 from ollama_mirror.events import Events
-from ollama_mirror.eviction import Sweeper
-from ollama_mirror.index import CacheIndex
 from ollama_mirror.names import ModelName
 from ollama_mirror.runner import InlineRunner
-from ollama_mirror.store import Store
 
 
 def build(root: Path, models: int, blobs_per_model: int) -> Store:

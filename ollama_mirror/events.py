@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 
 if TYPE_CHECKING:
-    from .fill import Fill
+    from .fill.coordinator import Fill
     from .names import ModelName
 
 log = Logger()

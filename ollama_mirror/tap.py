@@ -118,7 +118,7 @@ class _Daemon(MultiService):
             parent.setComponent(ILogObserver, self._log_observer)
 
     def privilegedStartService(self) -> None:
-        from .startup import StartupError
+        from .daemon.startup import StartupError
 
         try:
             super().privilegedStartService()
@@ -154,11 +154,11 @@ def makeService(options: Options) -> IService:
     assert options.config is not None
     try:
         if options.config.server.workers > 1:
-            from .workers import build_supervisor  # the supervisor imports no web stack
+            from .daemon.workers import build_supervisor
 
             mirror: IService = build_supervisor(options.config, reactor, *options.sources)
         else:
-            from .service import build_service
+            from .daemon.service import build_service
 
             mirror = build_service(options.config, reactor)
     except ConfigError as e:
@@ -170,7 +170,7 @@ def makeService(options: Options) -> IService:
 
 def _log_observer(options: Options) -> ILogObserver | None:
     """The observer for ``logging.*``, writing where twistd would have (``logfiles.twistd_destination``)."""
-    from .logfiles import log_observer, twistd_destination
+    from .ops.logoutput import log_observer, twistd_destination
 
     assert options.config is not None
     twistd_options = getattr(options, "parent", None)  # twistd's own options (--logfile, -n, --syslog)

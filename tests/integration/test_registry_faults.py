@@ -11,7 +11,7 @@ import json
 import threading
 import time
 
-from ollama_mirror.logs import human_bytes
+from ollama_mirror.ops.accesslog import human_bytes
 from tests.integration.helpers import (
     CHUNK,
     CONNECTIONS,

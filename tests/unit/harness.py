@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from ollama_mirror.config import load_config
-from ollama_mirror.mirror import Mirror
+from ollama_mirror.daemon.mirror import Mirror
 from ollama_mirror.runner import InlineRunner
 
 from .fakeregistry import FakeRegistry

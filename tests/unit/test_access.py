@@ -14,10 +14,10 @@ import pytest
 from twisted.internet.task import Clock
 
 from ollama_mirror.config import ConfigError
-from ollama_mirror.modelrules import ModelRules
 from ollama_mirror.names import ModelName
-from ollama_mirror.ratelimit import RateLimiter, client_address, parse_networks
-from ollama_mirror.registryauth import (
+from ollama_mirror.security.modelrules import ModelRules
+from ollama_mirror.security.ratelimit import RateLimiter, client_address, parse_networks
+from ollama_mirror.security.registryauth import (
     AuthFailed,
     AuthorizedKeys,
     Signer,

@@ -9,8 +9,8 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 
-from ollama_mirror.blobstream import READ_SIZE, BlobProducer
-from ollama_mirror.fill import FillFailed
+from ollama_mirror.fill.coordinator import FillFailed
+from ollama_mirror.web.blobstream import READ_SIZE, BlobProducer
 
 
 class FakeRequest:

@@ -17,17 +17,17 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
-from ollama_mirror import cli
-from ollama_mirror.bundle import BundleError, export_bundle, import_bundle
-from ollama_mirror.cachelock import CacheLock
-from ollama_mirror.cli import _PullView
+from ollama_mirror.cache.bundle import BundleError, export_bundle, import_bundle
+from ollama_mirror.cache.lock import CacheLock
+from ollama_mirror.cache.store import Store
+from ollama_mirror.cli import main as cli
+from ollama_mirror.cli.main import _PullView
+from ollama_mirror.cli.progress import Progress
 from ollama_mirror.config import load_config
+from ollama_mirror.daemon.prefetch import PrefetchService
+from ollama_mirror.daemon.service import StartupError, build_service
+from ollama_mirror.fill.pulling import PullFailed
 from ollama_mirror.names import ModelName
-from ollama_mirror.prefetch import PrefetchService
-from ollama_mirror.progress import Progress
-from ollama_mirror.pulling import PullFailed
-from ollama_mirror.service import StartupError, build_service
-from ollama_mirror.store import Store
 from tests.support.cli import run_cli
 
 TINY = ModelName.parse("tiny")
@@ -487,7 +487,7 @@ def test_client_commands_send_the_api_key_and_say_when_it_is_missing(
 
 
 def test_the_prefetch_list_skips_what_the_model_rules_refuse() -> None:
-    from ollama_mirror.modelrules import ModelRules
+    from ollama_mirror.security.modelrules import ModelRules
 
     clock = Clock()
     puller = FakePuller(clock, 0)

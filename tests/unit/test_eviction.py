@@ -16,15 +16,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from ollama_mirror import index as index_module
-from ollama_mirror.catalog import Catalog
+from ollama_mirror.cache import index as index_module
+from ollama_mirror.cache.catalog import Catalog
+from ollama_mirror.cache.eviction import CacheLifecycle, NoRoom, Sweeper
+from ollama_mirror.cache.index import CacheIndex
+from ollama_mirror.cache.store import Store
 from ollama_mirror.config import load_config
 from ollama_mirror.events import Events
-from ollama_mirror.eviction import CacheLifecycle, NoRoom, Sweeper
-from ollama_mirror.index import CacheIndex
 from ollama_mirror.names import ModelName
 from ollama_mirror.runner import InlineRunner
-from ollama_mirror.store import Store
 
 DAY = 86400.0
 SHARED = b"{{ .Prompt }}"  # a template layer every model here shares

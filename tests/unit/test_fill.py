@@ -17,10 +17,17 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
-from ollama_mirror.fill import FOLLOW_INTERVAL, WANTS_INTERVAL, DigestMismatch, DiskFull, Fill, FillFailed
+from ollama_mirror.cache.store import PartialState, Store
+from ollama_mirror.fill.coordinator import (
+    FOLLOW_INTERVAL,
+    WANTS_INTERVAL,
+    DigestMismatch,
+    DiskFull,
+    Fill,
+    FillFailed,
+)
 from ollama_mirror.runner import InlineRunner
-from ollama_mirror.store import PartialState, Store
-from ollama_mirror.upstream import UpstreamError
+from ollama_mirror.upstream.client import UpstreamError
 
 CHUNK = 1000
 

@@ -12,8 +12,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from ollama_mirror.config import ServerConfig
-from ollama_mirror.hardening import harden
-from ollama_mirror.logs import MirrorSite
+from ollama_mirror.ops.accesslog import MirrorSite
+from ollama_mirror.security.hardening import harden
 
 
 class Echo(Resource):

@@ -23,9 +23,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from ollama_mirror.config import LoggingConfig, load_config
-from ollama_mirror.logfiles import json_line, log_observer, twistd_destination
-from ollama_mirror.logs import AccessLog, FillLog, RequestObserver, RequestRecord
-from ollama_mirror.metrics import MirrorMetrics
+from ollama_mirror.ops.accesslog import AccessLog, FillLog, RequestObserver, RequestRecord
+from ollama_mirror.ops.logoutput import json_line, log_observer, twistd_destination
+from ollama_mirror.ops.metrics import MirrorMetrics
 from ollama_mirror.tap import _Daemon
 
 from .fakeregistry import FakeRegistry
@@ -276,7 +276,7 @@ def test_the_daemon_gives_twistd_its_log_observer() -> None:
 
 def test_pooled_connection_chatter_is_filtered_but_warnings_are_not() -> None:
     from ollama_mirror.config import load_config
-    from ollama_mirror.logfiles import log_observer
+    from ollama_mirror.ops.logoutput import log_observer
 
     out = io.StringIO()
     observer = log_observer(load_config().logging, out)
@@ -306,7 +306,7 @@ def test_the_cheap_text_line_is_twisteds_classic_line() -> None:
     multi-line message and a failure, across seconds."""
     from twisted.logger import formatEventAsClassicLogText
 
-    from ollama_mirror.logfiles import ClassicText
+    from ollama_mirror.ops.logoutput import ClassicText
 
     failure = Failure(ZeroDivisionError("boom"))
     base = {"log_namespace": "ollama_mirror.access", "log_level": LogLevel.info}

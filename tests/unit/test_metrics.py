@@ -16,9 +16,9 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.testing import MemoryReactorClock
 
 from ollama_mirror.config import load_config
-from ollama_mirror.logs import ROUTES, route_of
+from ollama_mirror.daemon.service import build_service
+from ollama_mirror.ops.accesslog import ROUTES, route_of
 from ollama_mirror.runner import InlineRunner
-from ollama_mirror.service import build_service
 
 from .fakeregistry import FakeRegistry
 from .harness import Harness

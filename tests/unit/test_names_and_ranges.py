@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ollama_mirror.names import InvalidName, ModelName, parse_digest
-from ollama_mirror.ranges import InvalidRange, UnsatisfiableRange, parse_range
+from ollama_mirror.web.ranges import InvalidRange, UnsatisfiableRange, parse_range
 
 
 @pytest.mark.parametrize(
@@ -126,7 +126,7 @@ def test_a_range_is_what_rfc_9110_says(first: int, last: int, size: int, unit: s
 def test_manifest_blobs_refuses_manifests_with_unsafe_digests_or_sizes() -> None:
     import json
 
-    from ollama_mirror.store import manifest_blobs
+    from ollama_mirror.cache.store import manifest_blobs
 
     good = {"digest": "sha256:" + "a" * 64, "size": 3}
 

@@ -11,8 +11,8 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 
 from ollama_mirror.config import ConfigError, load_config
+from ollama_mirror.daemon.service import StartupError, build_service
 from ollama_mirror.runner import InlineRunner
-from ollama_mirror.service import StartupError, build_service
 
 
 def config_for(tmp_path: Path, **overrides: str):  # type: ignore[no-untyped-def]
@@ -89,7 +89,7 @@ def test_a_worker_leaves_an_inherited_unix_socket_file_as_the_supervisor_made_it
     from twisted.web.resource import Resource
     from twisted.web.server import Site
 
-    from ollama_mirror.service import AdoptedPortService
+    from ollama_mirror.daemon.service import AdoptedPortService
 
     path = str(tmp_path / "mirror.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -21,13 +21,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from ollama_mirror import health as health_module
+from ollama_mirror.cache.store import Store
 from ollama_mirror.config import load_config
-from ollama_mirror.health import HealthCheck, ReachabilityProbe
+from ollama_mirror.daemon.service import build_service
+from ollama_mirror.ops import health as health_module
+from ollama_mirror.ops.health import HealthCheck, ReachabilityProbe
+from ollama_mirror.ops.stats import SharedRun
 from ollama_mirror.runner import InlineRunner
-from ollama_mirror.service import build_service
-from ollama_mirror.stats import SharedRun
-from ollama_mirror.store import Store
 from tests.support.filesystems import read_only
 
 from .fakeregistry import FakeRegistry

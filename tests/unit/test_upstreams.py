@@ -19,11 +19,11 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 
 from ollama_mirror.config import ConfigError, load_config
-from ollama_mirror.mirror import Mirror
-from ollama_mirror.service import build_service
-from ollama_mirror.tls import InsecurePolicy, ServerTLS, UpstreamEndpoints, client_policy
-from ollama_mirror.upstream import Upstream
-from ollama_mirror.upstreams import Upstreams
+from ollama_mirror.daemon.mirror import Mirror
+from ollama_mirror.daemon.service import build_service
+from ollama_mirror.security.tls import InsecurePolicy, ServerTLS, UpstreamEndpoints, client_policy
+from ollama_mirror.upstream.client import Upstream
+from ollama_mirror.upstream.hosts import Upstreams
 
 from .fakeregistry import FakeRegistry
 from .harness import Harness
@@ -150,7 +150,7 @@ def test_processes_serving_one_cache_share_the_marker_and_other_caches_do_not(
 def test_cache_files_made_by_racing_processes_are_read_whole_and_agree(tmp_path: Path) -> None:
     """Workers start together: none may read a secret another has created but not yet written."""
     script = (
-        "import sys, secrets; from ollama_mirror.cachefiles import read_or_create; "
+        "import sys, secrets; from ollama_mirror.cache.files import read_or_create; "
         "sys.stdout.write(read_or_create(sys.argv[1], lambda: secrets.token_hex(32).encode()).decode())"
     )
     path = str(tmp_path / "work" / "signing.key")
@@ -386,7 +386,7 @@ def test_the_daemon_reloads_certificates_on_sighup_and_restores_the_handler() ->
 
 def test_the_content_type_of_a_manifest_is_the_one_its_registry_gives() -> None:
     """Cached manifests have no header left: the type comes from the bytes as a registry derives it."""
-    from ollama_mirror.upstream import MANIFEST_V2, OCI_INDEX, OCI_MANIFEST, media_type_of
+    from ollama_mirror.upstream.client import MANIFEST_V2, OCI_INDEX, OCI_MANIFEST, media_type_of
 
     docker = b'{"schemaVersion":2,"mediaType":"' + MANIFEST_V2.encode() + b'","config":{},"layers":[]}'
     bare_oci = b'{"schemaVersion":2,"config":{},"layers":[]}'

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from ollama_mirror.blobstream import BlobProducer
+from ollama_mirror.web.blobstream import BlobProducer
 
 SIZE = 3 * 2**20 + 12345
 

@@ -1,0 +1,159 @@
+"""What the cache holds, model by model: listing, details, and deletion that keeps shared blobs.
+
+The files are the truth: a model is a manifest under ``manifests/<host>/<ns>/<model>/<tag>`` whose
+blobs are all present.  Everything here walks or reads the disk, so it runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from ..names import InvalidName, ModelName
+from .store import Store, manifest_blobs
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    name: ModelName
+    manifest: bytes
+    modified: float  # the manifest file's mtime, as Ollama reports it
+    blobs: tuple[tuple[str, int], ...]  # (hex digest, size) of the config and every layer
+    missing: tuple[str, ...]  # hex digests of blobs not (yet) in the cache
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    @property
+    def size(self) -> int:
+        return sum(size for _, size in self.blobs)
+
+    @property
+    def digest(self) -> str:
+        """The hex sha256 of the manifest bytes: what ``ollama list`` shows as ID."""
+        return hashlib.sha256(self.manifest).hexdigest()
+
+    @property
+    def modified_at(self) -> str:
+        return datetime.fromtimestamp(self.modified, tz=UTC).isoformat()
+
+    def layers(self) -> list[dict[str, Any]]:
+        try:
+            layers = json.loads(self.manifest).get("layers", [])
+        except ValueError:
+            return []
+        return [layer for layer in layers if isinstance(layer, dict)]
+
+    def config_digest(self) -> str | None:
+        try:
+            digest = json.loads(self.manifest)["config"]["digest"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return digest[7:] if isinstance(digest, str) and digest.startswith("sha256:") else None
+
+
+class Catalog:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def _manifest_paths(self) -> Iterator[tuple[ModelName, str]]:
+        """Every well-formed ``manifests/<host>/<ns>/<model>/<tag>`` file (others are ignored)."""
+        root = self.store.manifests_dir
+        for host in _entries(root):
+            for namespace in _entries(os.path.join(root, host)):
+                for model in _entries(os.path.join(root, host, namespace)):
+                    directory = os.path.join(root, host, namespace, model)
+                    for tag in _entries(directory):
+                        path = os.path.join(directory, tag)
+                        try:
+                            name = ModelName(host, namespace, model, tag)
+                        except InvalidName:
+                            continue  # temporary files and strays
+                        if os.path.isfile(path):
+                            yield name, path
+
+    def _load(self, name: ModelName, path: str) -> CachedModel | None:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            modified = os.stat(path).st_mtime
+        except OSError:
+            return None
+        blobs = tuple(
+            (digest[7:], size) for digest, size in manifest_blobs(data) if digest.startswith("sha256:")
+        )
+        if not blobs:
+            return None  # not a manifest we can read: not a model
+        missing = tuple(hexdigest for hexdigest, _ in blobs if self.store.blob_size(hexdigest) is None)
+        return CachedModel(name, data, modified, blobs, missing)
+
+    def models(self, complete_only: bool = True) -> list[CachedModel]:
+        """Cached models, newest first (as ``/api/tags`` lists them)."""
+        found = [m for name, path in self._manifest_paths() if (m := self._load(name, path)) is not None]
+        if complete_only:
+            found = [m for m in found if m.complete]
+        return sorted(found, key=lambda m: m.modified, reverse=True)
+
+    def find(self, name: ModelName) -> CachedModel | None:
+        model = self._load(name, self.store.manifest_path(name))
+        return model if model is not None and model.complete else None
+
+    def read_blob_text(self, hexdigest: str, limit: int = 1 << 20) -> str:
+        """A small text layer (template, license, system, params), decoded leniently."""
+        with open(self.store.blob_path(hexdigest), "rb") as f:
+            return f.read(limit).decode("utf-8", "replace")
+
+    def config(self, model: CachedModel) -> dict[str, Any]:
+        digest = model.config_digest()
+        if digest is None:
+            return {}
+        try:
+            document = json.loads(self.read_blob_text(digest))
+        except (OSError, ValueError):
+            return {}
+        return document if isinstance(document, dict) else {}
+
+    def delete(self, name: ModelName, keep: frozenset[str] = frozenset()) -> list[str] | None:
+        """Remove a model's manifest and the blobs no other model uses; ``None`` if it is not cached.
+
+        *keep* holds hex digests that must stay (blobs being downloaded).  Returns the removed ones.
+        """
+        path = self.store.manifest_path(name)
+        model = self._load(name, path)
+        if model is None:
+            return None
+        os.unlink(path)
+        _prune_empty_dirs(os.path.dirname(path), self.store.manifests_dir)
+        still_used = {hexdigest for m in self.models(complete_only=False) for hexdigest, _ in m.blobs}
+        removed = []
+        for hexdigest, _ in model.blobs:
+            if hexdigest in still_used or hexdigest in keep:
+                continue
+            try:
+                os.unlink(self.store.blob_path(hexdigest))
+                removed.append(hexdigest)
+            except FileNotFoundError:
+                pass
+        return removed
+
+
+def _entries(directory: str) -> list[str]:
+    try:
+        return sorted(entry for entry in os.listdir(directory) if not entry.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _prune_empty_dirs(directory: str, stop: str) -> None:
+    while os.path.abspath(directory) != os.path.abspath(stop):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
+        directory = os.path.dirname(directory)

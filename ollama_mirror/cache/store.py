@@ -1,0 +1,338 @@
+"""The cache on disk: an Ollama models directory plus the mirror's own work area.
+
+``manifests/<host>/<namespace>/<model>/<tag>`` hold upstream manifest bytes verbatim and
+``blobs/sha256-<hex>`` only complete, verified blobs, so an Ollama server started with
+``OLLAMA_MODELS`` set to this directory can run every cached model.  Partial downloads live in
+``.mirror/partial/`` because Ollama deletes odd names in ``blobs/``.
+
+Every path is built from a :class:`ModelName` or a validated hex digest, never from raw input.
+Methods that fsync are meant to run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import ConfigError
+from ..names import ModelName, is_digest
+
+_HEX = re.compile(r"[0-9a-f]{64}")
+_WANTS_TAG = re.compile(r"[0-9]{1,10}-[0-9]{1,10}")
+
+
+def _os_reason(error: OSError) -> str:
+    """Why a directory cannot be used, in words (``NotADirectoryError`` names the part that is a file)."""
+    where = error.filename or ""
+    if isinstance(error, NotADirectoryError | FileExistsError):
+        while where and os.path.isdir(where) is False and os.path.dirname(where) != where:
+            if os.path.exists(where):
+                return f"{where} is a file, not a directory"
+            where = os.path.dirname(where)
+    if isinstance(error, PermissionError):
+        return f"{where}: permission denied (the daemon runs as uid {os.geteuid()})"
+    return f"{where}: {error.strerror or error}" if where else str(error.strerror or error)
+
+
+def _check_hex(hexdigest: str) -> str:
+    if not _HEX.fullmatch(hexdigest):
+        raise ValueError(f"not a sha256 hex digest: {hexdigest!r}")
+    return hexdigest
+
+
+@dataclass(frozen=True)
+class PartialState:
+    """What a restart needs to resume a download: which chunks of the partial file are final."""
+
+    size: int
+    chunk_size: int
+    done: frozenset[int]
+
+
+class PartialReplaced(Exception):
+    """The partial file's path no longer names the file a download wrote and verified."""
+
+
+def same_file(path: str, fd: int) -> bool:
+    """Whether *path* names the open file *fd* (rename keeps a file's inode; a new file has its own)."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process *pid* exists (worker processes of one daemon see each other's pids)."""
+    if not 0 < pid < 2**22:  # Linux's pid_max limit; a made-up name must not stop the sweep
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Store:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.blobs_dir = os.path.join(self.root, "blobs")
+        self.manifests_dir = os.path.join(self.root, "manifests")
+        self.work_dir = os.path.join(self.root, ".mirror")
+        self.partial_dir = os.path.join(self.work_dir, "partial")
+        self.digest_manifests_dir = os.path.join(self.work_dir, "manifests")
+
+    def create(self) -> None:
+        """Make the directories and check that files can be written there (at start-up, before the
+        reactor runs); :class:`ConfigError` naming ``cache.directory`` when they cannot be used, so that
+        the daemon stops with one line and exit status 2 (systemd does not restart it in a loop)."""
+        try:
+            for path in (self.blobs_dir, self.manifests_dir, self.partial_dir, self.digest_manifests_dir):
+                os.makedirs(path, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.work_dir):
+                pass
+        except OSError as e:
+            raise ConfigError(f"cache.directory: cannot use {self.root}: {_os_reason(e)}") from None
+
+    # --- blobs ---------------------------------------------------------------------------------
+
+    def blob_path(self, hexdigest: str) -> str:
+        return os.path.join(self.blobs_dir, "sha256-" + _check_hex(hexdigest))
+
+    def blob_size(self, hexdigest: str) -> int | None:
+        """The size of a complete blob, or ``None`` when it is not cached."""
+        try:
+            return os.stat(self.blob_path(hexdigest)).st_size
+        except FileNotFoundError:
+            return None
+
+    def partial_path(self, hexdigest: str) -> str:
+        return os.path.join(self.partial_dir, "sha256-" + _check_hex(hexdigest) + ".part")
+
+    def state_path(self, hexdigest: str) -> str:
+        return os.path.join(self.partial_dir, "sha256-" + _check_hex(hexdigest) + ".json")
+
+    def read_partial_state(
+        self, hexdigest: str, size: int, chunk_size: int, fd: int, *, unbound_ok: bool = False
+    ) -> PartialState | None:
+        """The recorded progress of the download in the open partial file *fd*, if it can be used.
+
+        A record counts only for the file it was written for (its inode, kept in the record): a
+        record left by an earlier file of the same blob must never vouch for this one's bytes.
+        *unbound_ok* accepts a record from before records named their file (a lock holder resuming
+        the file it found, only).  The size is checked first, so a record read after it was written
+        for a fully reserved file (whose holder removed any stale record before reserving).
+        """
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return None
+        if st.st_size != size:
+            return None
+        try:
+            with open(self.state_path(hexdigest), encoding="utf-8") as f:
+                document = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if (
+            not isinstance(document, dict)
+            or document.get("size") != size
+            or document.get("chunk_size") != chunk_size
+        ):
+            return None
+        bound = "inode" in document or not unbound_ok
+        if bound and (document.get("inode"), document.get("device")) != (st.st_ino, st.st_dev):
+            return None
+        done = document.get("done")
+        if not isinstance(done, list) or not all(isinstance(i, int) for i in done):
+            return None
+        return PartialState(size, chunk_size, frozenset(done))
+
+    def write_partial_state(self, hexdigest: str, fd: int, state: PartialState) -> None:
+        """Record finished chunks durably: the data first, then the record of it (thread)."""
+        os.fdatasync(fd)
+        st = os.fstat(fd)
+        document = {
+            "size": state.size,
+            "chunk_size": state.chunk_size,
+            "done": sorted(state.done),
+            "inode": st.st_ino,  # the record is of this file only (see read_partial_state)
+            "device": st.st_dev,
+        }
+        _atomic_write(self.state_path(hexdigest), json.dumps(document).encode())
+
+    def forget_partial_state(self, hexdigest: str) -> None:
+        """Remove a record that is not of the current partial file, before it is reserved (thread)."""
+        path = self.state_path(hexdigest)
+        if os.path.exists(path):
+            _unlink(path)
+            _fsync_dir(self.partial_dir)
+
+    def partial_is(self, hexdigest: str, fd: int) -> bool:
+        """Whether the partial file's path still names the open file *fd* (not removed or replaced)."""
+        return same_file(self.partial_path(hexdigest), fd)
+
+    def wants_path(self, hexdigest: str, tag: str) -> str:
+        """Where a process following a download lists the chunks its readers wait on (*tag*:
+        ``<pid>-<n>``, one file per following Fill)."""
+        if not _WANTS_TAG.fullmatch(tag):
+            raise ValueError(f"not a wants tag: {tag!r}")
+        return self.partial_path(hexdigest) + ".wants." + tag
+
+    def write_wants(self, hexdigest: str, tag: str, chunks: frozenset[int]) -> None:
+        """Replace this follower's list of wanted chunks, or remove it when empty (thread).
+
+        Not fsynced: it only steers a running download, and means nothing after a crash.
+        """
+        path = self.wants_path(hexdigest, tag)
+        if not chunks:
+            _unlink(path)
+            return
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(sorted(chunks), f)
+        os.replace(tmp, path)
+
+    def read_wants(self, hexdigest: str) -> frozenset[int]:
+        """Every chunk of this blob that readers in other processes wait on (thread).
+
+        The lists of processes that are gone are removed, so a crashed follower steers nothing.
+        """
+        prefix = "sha256-" + _check_hex(hexdigest) + ".part.wants."
+        wanted: set[int] = set()
+        try:
+            with os.scandir(self.partial_dir) as entries:
+                names = [e.name for e in entries if e.name.startswith(prefix)]
+        except FileNotFoundError:
+            return frozenset()
+        for name in names:
+            tag = name[len(prefix) :]
+            if not _WANTS_TAG.fullmatch(tag):
+                continue
+            path = os.path.join(self.partial_dir, name)
+            if not pid_alive(int(tag.split("-")[0])):
+                _unlink(path)
+                continue
+            try:
+                with open(path, encoding="utf-8") as f:
+                    chunks = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if isinstance(chunks, list):
+                wanted.update(i for i in chunks if isinstance(i, int) and not isinstance(i, bool))
+        return frozenset(wanted)
+
+    def publish_blob(self, hexdigest: str, fd: int) -> None:
+        """Move a verified partial into ``blobs/`` atomically and durably (thread).
+
+        The path is renamed, so it must still name the file that was verified through *fd*.
+        """
+        os.fsync(fd)
+        if not self.partial_is(hexdigest, fd):
+            raise PartialReplaced(f"the partial file of blob sha256:{hexdigest} was replaced; not published")
+        os.replace(self.partial_path(hexdigest), self.blob_path(hexdigest))
+        _fsync_dir(self.blobs_dir)
+        _unlink(self.state_path(hexdigest))
+
+    def discard_partial(self, hexdigest: str, fd: int | None = None) -> None:
+        """Remove the partial file and its record; with *fd*, only if the path still names that file."""
+        if fd is not None and not self.partial_is(hexdigest, fd):
+            return
+        _unlink(self.partial_path(hexdigest))
+        _unlink(self.state_path(hexdigest))
+
+    # --- manifests -----------------------------------------------------------------------------
+
+    def manifest_path(self, name: ModelName) -> str:
+        return os.path.join(self.manifests_dir, name.host, name.namespace, name.model, name.tag)
+
+    def read_manifest(self, name: ModelName) -> bytes | None:
+        try:
+            with open(self.manifest_path(name), "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def manifest_stamp(self, name: ModelName) -> tuple[int, int, int] | None:
+        """Inode, size and mtime of a tag's manifest file (a new write is a new file), or ``None``."""
+        try:
+            st = os.stat(self.manifest_path(name))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def write_manifest(self, name: ModelName, data: bytes) -> None:
+        """Store a tag's manifest bytes verbatim, atomically (thread)."""
+        path = self.manifest_path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _atomic_write(path, data)
+
+    def digest_manifest_path(self, hexdigest: str) -> str:
+        return os.path.join(self.digest_manifests_dir, "sha256-" + _check_hex(hexdigest))
+
+    def read_digest_manifest(self, hexdigest: str) -> bytes | None:
+        try:
+            with open(self.digest_manifest_path(hexdigest), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write_digest_manifest(self, hexdigest: str, data: bytes) -> None:
+        _atomic_write(self.digest_manifest_path(hexdigest), data)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write a small file so that readers see the old or the new bytes, never a mix."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def manifest_blobs(data: bytes) -> list[tuple[str, int]]:
+    """The ``(digest, size)`` of the config and every layer of a manifest.
+
+    ``[]`` if it is not a manifest we can use: any digest that is not ``sha256:<64 hex>`` or any
+    size that is not a whole number makes the whole manifest unusable (a digest becomes a path).
+    """
+    try:
+        document: Any = json.loads(data)
+        entries = [document["config"], *document["layers"]]
+        blobs = [(e["digest"], e["size"]) for e in entries]
+    except (ValueError, KeyError, TypeError):
+        return []
+    for digest, size in blobs:
+        if not isinstance(digest, str) or not is_digest(digest):
+            return []
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            return []
+    return blobs

@@ -1,0 +1,1 @@
+"""Getting bytes from upstream into the cache: one Fill per blob, and whole models."""

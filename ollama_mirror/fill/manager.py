@@ -1,0 +1,80 @@
+"""The Fill manager: at most one Fill per blob across all requests, and a cap on how many run."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.logger import Logger
+
+from ..cache.store import Store
+from ..config import UpstreamConfig
+from ..events import Events
+from ..runner import Runner
+from .coordinator import BlobSource, Fill
+
+log = Logger(namespace="ollama_mirror.fills")  # pinned: log names are public
+
+
+class FillManager(Service):
+    def __init__(
+        self,
+        store: Store,
+        source: BlobSource,
+        clock: Any,
+        runner: Runner,
+        config: UpstreamConfig,
+        events: Events | None = None,
+    ) -> None:
+        self.store = store
+        self.source = source
+        self.clock = clock
+        self.runner = runner
+        self.config = config
+        self.events = events or Events()
+        self.gate = DeferredSemaphore(config.max_concurrent_downloads)
+        self.fills: dict[str, Fill] = {}
+        self.admit: Callable[[Fill], Awaitable[None]] | None = None  # room-making, set by the mirror
+
+    def active(self, hexdigest: str) -> Fill | None:
+        """The running Fill of a blob, if any."""
+        fill = self.fills.get(hexdigest)
+        return fill if fill is not None and not fill.ended else None
+
+    def fill(self, hexdigest: str, size: int, repository: str, source: BlobSource | None = None) -> Fill:
+        """The blob's running Fill, or a new one (resuming any partial data on disk) from *source*
+        (the upstream of the model asking; the default source when not given)."""
+        fill = self.active(hexdigest)
+        if fill is not None:
+            return fill
+        fill = Fill(
+            hexdigest=hexdigest,
+            size=size,
+            repository=repository,
+            source=source or self.source,
+            store=self.store,
+            clock=self.clock,
+            runner=self.runner,
+            chunk_size=self.config.chunk_size,
+            connections=self.config.connections_per_blob,
+            retry_attempts=self.config.retry_attempts,
+            retry_delay=self.config.retry_delay,
+            idle_timeout=self.config.idle_timeout,
+            gate=self.gate,
+            events=self.events,
+            admit=self.admit,
+            max_connections=self.config.max_connections_per_blob,
+        )
+        self.fills[hexdigest] = fill
+        fill.start().addBoth(self._ended, fill)
+        return fill
+
+    def _ended(self, result: object, fill: Fill) -> None:
+        if self.fills.get(fill.hexdigest) is fill:
+            del self.fills[fill.hexdigest]
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        return DeferredList([fill.stop() for fill in list(self.fills.values())])

@@ -1,0 +1,1 @@
+"""What an operator sees: metrics, stats, health, request and fill logs, where logs go."""

@@ -1,0 +1,1 @@
+"""Who may do what: API keys, registry keys, model rules, rate limits, request limits, TLS."""

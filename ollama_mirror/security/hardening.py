@@ -1,0 +1,143 @@
+"""Limits on what a client may send, enforced by the HTTP channel before any route runs.
+
+``twisted.web``'s :class:`HTTPChannel` already caps the header section (``totalHeadersSize``,
+``maxHeaders``) and closes idle connections (the Site's ``timeOut``), but it answers a bad request
+with a bare ``400`` and no body, buffers request bodies of any size, and lets a client that sends
+a byte every few seconds hold a connection for ever.  :class:`HardenedChannel` adds a body cap
+(``Content-Length`` checked up front, chunked bodies counted as they come), a deadline for the
+whole request once its first byte arrived (slowloris), and JSON bodies on every such refusal.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.server import Site
+
+from ..config import ServerConfig
+
+log = Logger(namespace="ollama_mirror.hardening")  # pinned: log names are public
+
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+}
+
+
+class HardenedChannel(HTTPChannel):
+    """An :class:`HTTPChannel` with the limits of ``server.*`` (see the module docstring)."""
+
+    max_body_size = 64 * 2**20
+    request_timeout = 60.0
+    _body_received = 0
+    _deadline: IDelayedCall | None = None
+    _refused = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._deadline is None and not self._handlingRequest and data:
+            self._deadline = self.callLater(self.request_timeout, self._too_slow)
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._refuse(431, f"request line and headers are larger than {self.totalHeadersSize} bytes")
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse(431, f"request line and headers are larger than {self.totalHeadersSize} bytes")
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._refuse(431, f"more than {self.maxHeaders} request headers")
+            return False
+        ok: bool = super().headerReceived(line)
+        return ok
+
+    def allHeadersReceived(self) -> None:
+        self._body_received = 0
+        if self.length is not None and self.length > self.max_body_size:
+            self._refuse(
+                413, f"request body is larger than {self.max_body_size} bytes (server.max_body_size)"
+            )
+            return
+        super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._handlingRequest:
+            self._body_received += len(data)
+            if self._body_received > self.max_body_size + 65536:  # chunked framing included
+                self._refuse(
+                    413, f"request body is larger than {self.max_body_size} bytes (server.max_body_size)"
+                )
+                return
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._cancel_deadline()
+        super().allContentReceived()
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self._handlingRequest:
+            self._refuse(
+                408, f"the request did not arrive within {self.request_timeout:g} s (server.request_timeout)"
+            )
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self._refuse(400, "malformed HTTP request")
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer with a JSON error and close: the connection's state is unusable after this."""
+        if self._refused or self.transport is None:
+            return
+        self._refused = True
+        self._cancel_deadline()
+        body = json.dumps({"error": message}).encode()
+        head = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error"))
+        head += b"content-type: application/json; charset=utf-8\r\n"
+        head += b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+        peer = self.transport.getPeer()
+        log.info(
+            "refused a request from {peer}: {status} {message}",
+            peer=str(getattr(peer, "host", peer)),
+            status=status,
+            message=message,
+        )
+        self.transport.write(head + body)
+        self.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_deadline()
+        super().connectionLost(reason)
+
+
+def harden(site: Site, config: ServerConfig) -> Site:
+    """Make *site* build :class:`HardenedChannel` connections with *config*'s limits."""
+
+    def protocol() -> _GenericHTTPChannelProtocol:
+        channel = HardenedChannel()
+        channel.maxHeaders = config.max_headers
+        channel.totalHeadersSize = config.max_header_size
+        channel.MAX_LENGTH = config.max_header_size  # one line can never be longer than the whole
+        channel.max_body_size = config.max_body_size
+        channel.request_timeout = config.request_timeout
+        return _GenericHTTPChannelProtocol(channel)
+
+    site.protocol = protocol  # type: ignore[assignment]
+    site.timeOut = config.idle_timeout
+    return site

@@ -1,0 +1,1 @@
+"""The upstream registries, as the mirror's HTTP client sees them."""

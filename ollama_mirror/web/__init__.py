@@ -1,0 +1,1 @@
+"""The HTTP tree: the registry (/v2), Ollama (/api), operator (/mirror) and inference routes."""

@@ -1,0 +1,102 @@
+"""The root of the HTTP tree: liveness, version, and the branches for each API.
+
+Each API is a Klein app of its own (registry ``/v2``, Ollama ``/api``, operator ``/mirror``); this
+class mounts them and owns the errors nothing else catches, so that every answer is JSON.
+"""
+
+from __future__ import annotations
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+from .errors import ollama_error
+
+log = Logger(namespace="ollama_mirror.web")  # pinned: log names are public
+
+ROOT_ANSWER = b"Ollama is running"
+
+
+class RootApi:
+    """``/``, ``/api/version`` and the mount points of the other APIs."""
+
+    app = Klein()
+
+    def __init__(
+        self,
+        *,
+        registry: IResource,
+        api: IResource,
+        openai: IResource,
+        admin: IResource | None = None,
+        metrics: IResource | None = None,
+    ) -> None:
+        self._registry = registry
+        self._api = api
+        self._openai = openai
+        self._admin = admin
+        self._metrics = metrics  # None: metrics are off here (disabled, or on a listener of their own)
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def root(self, request: IRequest) -> bytes:
+        """Exactly Ollama's answer (clients and health checks compare the text); the mirror's own
+        details are in ``/mirror/stats``, behind the API key when one is set."""
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"content-length", str(len(ROOT_ANSWER)).encode())
+        return ROOT_ANSWER
+
+    @app.route("/v2/", branch=True)
+    def registry(self, request: IRequest) -> IResource:
+        return self._registry
+
+    @app.route("/api/", branch=True)
+    def api(self, request: IRequest) -> IResource:
+        return self._api
+
+    @app.route("/v1/", branch=True)
+    def openai(self, request: IRequest) -> IResource:
+        """OpenAI-compatible routes, all forwarded to the backend Ollama."""
+        return self._openai
+
+    @app.route("/mirror/", branch=True)
+    def admin(self, request: IRequest) -> IResource:
+        """The operator's routes: ``/mirror/stats``, ``/mirror/health``."""
+        if self._admin is None:
+            raise NotFound()
+        return self._admin
+
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    def metrics(self, request: IRequest) -> IResource:
+        """Prometheus metrics (``features.enable_metrics``), unless they have a listener of their own."""
+        if self._metrics is None:
+            raise NotFound()
+        return self._metrics
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return ollama_error(request, 404, "not found")
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        return ollama_error(request, 405, "method not allowed")
+
+    @app.handle_errors(HTTPException)
+    def http_exception(self, request: IRequest, failure: Failure) -> bytes:
+        """Routing answers such as werkzeug's redirect of ``/v2`` to ``/v2/``."""
+        e: HTTPException = failure.value  # type: ignore[assignment]
+        response = e.get_response()
+        location = response.headers.get("Location")
+        if location:
+            request.setHeader(b"location", location.encode("latin-1"))
+        return ollama_error(request, e.code or 500, e.description or e.name)
+
+    @app.handle_errors(Exception)
+    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        log.failure("unhandled error on {method} {path}", failure, method=request.method, path=request.path)
+        return ollama_error(request, 500, "internal error")
+
+    def resource(self) -> IResource:
+        return self.app.resource()  # type: ignore[no-any-return]
