@@ -28,7 +28,8 @@ from twisted.logger import Logger
 
 from ..config import CacheConfig
 from ..events import Events
-from ..fill.coordinator import Fill, FillFailed
+from ..fill.coordinator import Fill
+from ..fill.errors import FillFailed
 from ..names import ModelName
 from ..runner import Runner
 from .catalog import CachedModel, Catalog, _prune_empty_dirs

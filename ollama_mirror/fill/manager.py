@@ -13,7 +13,8 @@ from ..cache.store import Store
 from ..config import UpstreamConfig
 from ..events import Events
 from ..runner import Runner
-from .coordinator import BlobSource, Fill
+from .coordinator import Fill
+from .fetch import BlobSource
 
 log = Logger(namespace="ollama_mirror.fills")  # pinned: log names are public
 

@@ -19,7 +19,7 @@ from ..events import Events
 from ..names import ModelName
 from ..upstream.client import Upstream, UpstreamError
 from ..upstream.hosts import Upstreams
-from .coordinator import FillFailed
+from .errors import FillFailed
 from .manager import FillManager
 
 PROGRESS_INTERVAL = 0.1  # Ollama reports about every 60 ms; clients redraw at this pace

@@ -25,7 +25,8 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from ..cache.manifests import Manifest, ManifestCache, ManifestUnknown
 from ..cache.store import Store
 from ..events import Events
-from ..fill.coordinator import Fill, FillFailed
+from ..fill.coordinator import Fill
+from ..fill.errors import FillFailed
 from ..fill.manager import FillManager
 from ..names import InvalidName, ModelName, is_digest, is_model, is_namespace, is_tag, parse_digest
 from ..upstream.client import Upstream, UpstreamError

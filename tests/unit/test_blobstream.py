@@ -9,7 +9,7 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 
-from ollama_mirror.fill.coordinator import FillFailed
+from ollama_mirror.fill.errors import FillFailed
 from ollama_mirror.web.blobstream import READ_SIZE, BlobProducer
 
 

@@ -18,14 +18,9 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
 from ollama_mirror.cache.store import PartialState, Store
-from ollama_mirror.fill.coordinator import (
-    FOLLOW_INTERVAL,
-    WANTS_INTERVAL,
-    DigestMismatch,
-    DiskFull,
-    Fill,
-    FillFailed,
-)
+from ollama_mirror.fill.coordinator import Fill
+from ollama_mirror.fill.errors import DigestMismatch, DiskFull, FillFailed
+from ollama_mirror.fill.follow import FOLLOW_INTERVAL, WANTS_INTERVAL
 from ollama_mirror.runner import InlineRunner
 from ollama_mirror.upstream.client import UpstreamError
 
@@ -588,7 +583,7 @@ def test_a_follower_ignores_the_record_of_a_file_that_is_not_its_own(tmp_path: P
     holder.start()
     follower.start()
     fail_with_mismatch(source_a, blob)
-    ghost = os.open(f"/proc/self/fd/{follower.fd}", os.O_RDONLY)  # the old file's lock, still held
+    ghost = os.open(f"/proc/self/fd/{follower.partial.fd}", os.O_RDONLY)  # the old file's lock, still held
     fcntl.flock(ghost, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
         third = make_fill(tmp_path, blob, source_c, clock, connections=1)
@@ -625,7 +620,7 @@ def test_a_lock_taken_on_a_file_removed_meanwhile_is_not_a_download(
     second.start()
     monkeypatch.setattr(fcntl, "flock", real_flock)
     assert len(calls) == 2 and not second.following
-    assert second.store.partial_is(second.hexdigest, second.fd)
+    assert second.store.partial_is(second.hexdigest, second.partial.fd)
     source_b.serve_all()
     assert second.complete and published(second) == blob
 

@@ -1,0 +1,15 @@
+"""How a Fill fails: what its readers see, and what the daemon does with the partial data."""
+
+from __future__ import annotations
+
+
+class FillFailed(Exception):
+    """The download could not be completed; readers of the partial data must not end cleanly."""
+
+
+class DigestMismatch(FillFailed):
+    """The bytes received do not hash to the digest: they were discarded."""
+
+
+class DiskFull(FillFailed):
+    """The cache's disk ran out of space: the partial file is discarded."""
