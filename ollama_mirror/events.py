@@ -7,24 +7,50 @@ an exception in one is logged and never reaches the caller.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.logger import Logger
 
-if TYPE_CHECKING:
-    from .fill.coordinator import Fill
-    from .names import ModelName
+from .names import ModelName
 
 log = Logger()
+
+
+class FillView(Protocol):
+    """What listeners (logs, metrics, stats, admission) may read of a running download."""
+
+    digest: str
+    hexdigest: str
+    size: int
+    repository: str
+    started_at: float | None
+    resumed_bytes: int
+    received_bytes: int
+
+    @property
+    def ended(self) -> bool: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    @property
+    def following(self) -> bool:
+        """Another worker process holds this download."""
+
+    @property
+    def followed(self) -> bool:
+        """This download followed another worker process's at some point."""
+
+    def completed_bytes(self) -> int: ...
 
 
 class Events:
     """The events, as no-op methods; a listener overrides the ones it wants."""
 
-    def fill_started(self, fill: Fill) -> None:
+    def fill_started(self, fill: FillView) -> None:
         """A download began (or resumed: ``fill.resumed_bytes`` were already on disk)."""
 
-    def fill_ended(self, fill: Fill, error: str | None) -> None:
+    def fill_ended(self, fill: FillView, error: str | None) -> None:
         """A download ended: published and verified when *error* is ``None``."""
 
     def upstream_bytes(self, count: int) -> None:
@@ -34,7 +60,7 @@ class Events:
         """An upstream request failed; *kind* is one of ``timeout``, ``connection``, ``status``,
         ``idle``, ``protocol``."""
 
-    def digest_mismatch(self, fill: Fill) -> None:
+    def digest_mismatch(self, fill: FillView) -> None:
         """A download's bytes did not hash to its digest (it was discarded)."""
 
     def blob_served(self, source: str, count: int, complete: bool) -> None:
@@ -72,10 +98,10 @@ class EventHub(Events):
             except Exception:  # a listener's bug must not break a download
                 log.failure("event listener {listener} failed on {event}", listener=listener, event=event)
 
-    def fill_started(self, fill: Fill) -> None:
+    def fill_started(self, fill: FillView) -> None:
         self._emit("fill_started", fill)
 
-    def fill_ended(self, fill: Fill, error: str | None) -> None:
+    def fill_ended(self, fill: FillView, error: str | None) -> None:
         self._emit("fill_ended", fill, error)
 
     def upstream_bytes(self, count: int) -> None:
@@ -84,7 +110,7 @@ class EventHub(Events):
     def upstream_error(self, kind: str) -> None:
         self._emit("upstream_error", kind)
 
-    def digest_mismatch(self, fill: Fill) -> None:
+    def digest_mismatch(self, fill: FillView) -> None:
         self._emit("digest_mismatch", fill)
 
     def blob_served(self, source: str, count: int, complete: bool) -> None:

@@ -27,9 +27,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ..config import CacheConfig
-from ..events import Events
-from ..fill.coordinator import Fill
-from ..fill.errors import FillFailed
+from ..events import Events, FillView
 from ..names import ModelName
 from ..runner import Runner
 from .catalog import CachedModel, Catalog, _prune_empty_dirs
@@ -50,8 +48,9 @@ _PARTIAL_NAME = re.compile(r"sha256-([0-9a-f]{64})\.(part|json)")
 _WANTS_NAME = re.compile(r"sha256-[0-9a-f]{64}\.part\.wants\.([0-9]{1,10})-[0-9]{1,10}")
 
 
-class NoRoom(FillFailed):
-    """A download the cache cannot take: larger than the cap, or the disk is too full."""
+class NoRoom(Exception):
+    """A download the cache cannot take: larger than the cap, or the disk is too full (the download
+    fails with these words)."""
 
 
 @dataclass
@@ -104,7 +103,7 @@ class Sweeper(Events):
 
     # --- listening -----------------------------------------------------------------------------
 
-    def fill_ended(self, fill: Fill, error: str | None) -> None:
+    def fill_ended(self, fill: FillView, error: str | None) -> None:
         if error is None:
             self.cache_bytes += fill.size
 
@@ -266,7 +265,7 @@ class Sweeper(Events):
 
     # --- admission -----------------------------------------------------------------------------
 
-    async def admit(self, fill: Fill) -> None:
+    async def admit(self, fill: FillView) -> None:
         """Make room for a download, or refuse it with :class:`NoRoom` saying why."""
         if fill.size > self.cap:
             raise NoRoom(

@@ -34,3 +34,13 @@ def read_or_create(path: str, make: Callable[[], bytes], mode: int = 0o600) -> b
             os.unlink(staging)
     with open(path, "rb") as f:
         return f.read()
+
+
+def cache_marker(work_dir: str) -> str:
+    """The ``Via`` value sent upstream: one per cache, so that every worker process of a mirror
+    knows a request any of them sent, and a chain of mirrors (each with its own cache) is no loop."""
+    path = os.path.join(work_dir, "instance-id")
+    instance = read_or_create(path, lambda: secrets.token_hex(6).encode(), 0o644).decode().strip()
+    if not instance.isalnum():
+        raise ValueError(f"{path} holds no usable instance id; delete it to make a new one")
+    return f"1.1 ollama-mirror-{instance}"

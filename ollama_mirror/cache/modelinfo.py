@@ -10,7 +10,16 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from .catalog import CachedModel, Catalog
+
 log = Logger(namespace="ollama_mirror.modelinfo")  # pinned: log names are public
+
+TEXT_LAYERS = {
+    "application/vnd.ollama.image.template": "template",
+    "application/vnd.ollama.image.system": "system",
+    "application/vnd.ollama.image.license": "license",
+    "application/vnd.ollama.image.params": "params",
+}
 
 
 def gguf_model_info(path: str, verbose: bool = False) -> dict[str, Any]:
@@ -72,3 +81,47 @@ def modelfile(display_name: str, model_path: str, texts: dict[str, str], paramet
     if texts.get("license"):
         parts.append(f'LICENSE """{texts["license"]}"""')
     return "\n".join(parts) + "\n"
+
+
+def details(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``details`` of a model in ``/api/tags`` and ``/api/show``, from its config blob."""
+    families = config.get("model_families")
+    return {
+        "parent_model": "",
+        "format": config.get("model_format", ""),
+        "family": config.get("model_family", ""),
+        "families": families if isinstance(families, list) else None,
+        "parameter_size": config.get("model_type", ""),
+        "quantization_level": config.get("file_type", ""),
+    }
+
+
+def describe(catalog: Catalog, model: CachedModel, verbose: bool) -> dict[str, Any]:
+    """What ``/api/show`` answers for a cached model (blocking: reads its layers; runs in a thread)."""
+    texts: dict[str, str] = {}
+    model_path = ""
+    info: dict[str, Any] = {}
+    for layer in model.layers():
+        media_type, digest = layer.get("mediaType"), str(layer.get("digest", ""))
+        hexdigest = digest.removeprefix("sha256:")
+        if media_type == "application/vnd.ollama.image.model" and not model_path:
+            model_path = catalog.store.blob_path(hexdigest)
+            info = gguf_model_info(model_path, verbose)
+        elif media_type in TEXT_LAYERS:
+            key = TEXT_LAYERS[media_type]
+            text = catalog.read_blob_text(hexdigest)
+            texts[key] = texts[key] + "\n" + text if key in texts else text
+    parameters = format_parameters(texts.get("params", ""))
+    document: dict[str, Any] = {
+        "license": texts.get("license", ""),
+        "modelfile": modelfile(model.name.display(), model_path, texts, parameters),
+        "parameters": parameters,
+        "template": texts.get("template", ""),
+        "details": details(catalog.config(model)),
+        "model_info": info,
+        "capabilities": ["completion"],
+        "modified_at": model.modified_at,
+    }
+    if "system" in texts:
+        document["system"] = texts["system"]
+    return document

@@ -114,6 +114,10 @@ class Store:
         except FileNotFoundError:
             return None
 
+    def open_blob(self, hexdigest: str) -> int:
+        """A read-only descriptor of a complete blob (``FileNotFoundError`` when it is not cached)."""
+        return os.open(self.blob_path(hexdigest), os.O_RDONLY)
+
     def partial_path(self, hexdigest: str) -> str:
         return os.path.join(self.partial_dir, "sha256-" + _check_hex(hexdigest) + ".part")
 

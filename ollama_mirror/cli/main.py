@@ -441,7 +441,7 @@ def _prefetch_direct(
     from twisted.logger import globalLogBeginner
 
     from ..daemon.mirror import Mirror
-    from ..fill.pulling import PullFailed
+    from ..fill.errors import PullFailed
     from ..ops.logoutput import log_observer
 
     lock = _lock(config, exclusive=True)

@@ -1,7 +1,10 @@
-"""The mirror's parts wired together: store, upstream client, manifest cache, fills and the HTTP tree.
+"""The mirror's parts wired together: the cache, the upstreams, the downloads and the HTTP tree.
 
-Collaborators that tests replace (the HTTP client towards upstream, the blocking-work runner)
-are parameters; everything else is built from the :class:`Config`.
+Each part gets its collaborators at construction, in the order the layers go (the cache, then the
+upstreams and the downloads, then the web layer and its guards, then what operators see); nothing is
+patched on afterwards.  Collaborators that tests and embedding applications replace (the HTTP client
+towards upstream, the backend's, the blocking-work runner, the metrics registry) are parameters;
+everything else is built from the :class:`Config`.
 """
 
 from __future__ import annotations
@@ -19,20 +22,25 @@ from twisted.web.resource import IResource
 
 from ..cache.catalog import Catalog
 from ..cache.eviction import CacheLifecycle, Sweeper
+from ..cache.files import cache_marker
 from ..cache.index import CacheIndex
 from ..cache.manifests import ManifestCache
 from ..cache.store import Store
 from ..config import Config
 from ..events import EventHub
 from ..fill.manager import FillManager
+from ..fill.pulling import ModelPuller
 from ..ops.observability import Observability
 from ..runner import InlineRunner, Runner, ThreadRunner
 from ..security.access import AccessControl
-from ..upstream.hosts import LoopGuard, build_upstreams, cache_marker
+from ..upstream.hosts import build_upstreams
+from ..web.admin import AdminApi
+from ..web.loop import LoopGuard
 from ..web.ollama_api import OllamaApi
 from ..web.proxy import InferenceProxy
 from ..web.registry import FreshManifests, RegistryApi
 from ..web.root import RootApi
+from ..web.routes import ROUTES, route_of
 from .holdings import CacheHoldings
 from .prefetch import PrefetchService
 
@@ -47,39 +55,58 @@ class Mirror:
         backend_agent: IAgent | None = None,
         metrics_registry: CollectorRegistry | None = None,
     ) -> None:
+        """*reactor* is the clock of every timer and, when it runs threads, the runner's reactor;
+        *agent* replaces the HTTP client towards upstreams, *backend_agent* the inference proxy's,
+        *runner* the thread pool, *metrics_registry* where the metrics live."""
         self.config = config
         self.reactor = reactor
-        self._pools: list[HTTPConnectionPool] = []
-        self._backend_pool: HTTPConnectionPool | None = None
         self._thread_runner: ThreadRunner | None = None
-        if runner is None and IReactorThreads.providedBy(reactor):
-            runner = self._thread_runner = ThreadRunner(reactor)
-        elif runner is None:  # a fake reactor (tests) has no threads to hand results back with
-            runner = InlineRunner()
-        self.runner = runner
+        self.runner = self._runner(runner)
+        self._build_cache()
+        self._build_downloads(agent)
+        self._build_web(backend_agent)
+        self.observability = Observability(
+            config,
+            reactor,
+            store=self.store,
+            catalog=self.catalog,
+            runner=self.runner,
+            events=self.events,
+            fills=lambda: self.fills.fills.values(),
+            marker=self.marker,
+            route_of=route_of,
+            routes=ROUTES,
+            agent=agent or self.upstream.agent,
+            backend_agent=self._backend_agent,
+            backend_asked=lambda: self.proxy.asked,
+            registry=metrics_registry,
+        )
+        self.admin = AdminApi(self.observability.stats, self.observability.health, self.sweeper)
+        self.root = RootApi(
+            registry=self.registry.resource(),
+            api=self.api.resource(),
+            openai=self.proxy.resource(),
+            admin=self.admin.resource(),
+            metrics=self.observability.metrics_on_main_site(),
+        )
+
+    def _runner(self, runner: Runner | None) -> Runner:
+        if runner is not None:
+            return runner
+        if IReactorThreads.providedBy(self.reactor):
+            self._thread_runner = ThreadRunner(self.reactor)
+            return self._thread_runner
+        return InlineRunner()  # a fake reactor (tests) has no threads to hand results back with
+
+    def _build_cache(self) -> None:
+        """The models directory, what it holds, its index and its limits."""
+        config, reactor = self.config, self.reactor
         self.store = Store(config.cache.directory)
         self.store.create()
         self.marker = cache_marker(
             self.store.work_dir
-        )  # the Via value of our upstream requests: one coming back is a loop
-        self.upstreams, self._pools = build_upstreams(config, reactor, self.marker, agent)
-        self.upstream = self.upstreams.default
+        )  # the Via of our upstream requests: one back is a loop
         self.events = EventHub()
-        self.manifests = ManifestCache(
-            self.store, self.upstreams, runner, reactor, config.cache.manifest_ttl, self.events
-        )
-        self.fills = FillManager(self.store, self.upstream, reactor, runner, config.upstream, self.events)
-        self.access = AccessControl(
-            config.security,
-            reactor,
-            self.store.work_dir,
-            registry_host=lambda host_header: self.upstreams.for_request_host(host_header).host,
-            holdings=CacheHoldings(self.store, self.manifests, self.fills),
-        )
-        self.registry = RegistryApi(
-            self.store, self.manifests, self.fills, self.upstreams, reactor, self.events
-        )
-        self.registry.blob_location = self.access.blob_location
         self.catalog = Catalog(self.store)
         self.index = CacheIndex(os.path.join(self.store.work_dir, "index.sqlite3"), reactor)
         self.events.listen(self.index)
@@ -88,16 +115,58 @@ class Mirror:
             self.catalog,
             self.index,
             config.cache,
-            runner,
+            self.runner,
             reactor,
             self.events,
-            protected=lambda: set(self.fills.fills) | set(self.registry.reading),
+            protected=self._busy_blobs,
         )
         self.events.listen(self.sweeper)
-        self.fills.admit = self.sweeper.admit
+
+    def _build_downloads(self, agent: IAgent | None) -> None:
+        """The upstreams, the manifest cache, one download per blob, and whole-model pulls."""
+        config, reactor = self.config, self.reactor
+        self.upstreams, self._pools = build_upstreams(config, reactor, self.marker, agent)
+        self.upstream = self.upstreams.default
+        self.manifests = ManifestCache(
+            self.store, self.upstreams, self.runner, reactor, config.cache.manifest_ttl, self.events
+        )
+        self.fills = FillManager(
+            self.store,
+            self.upstream,
+            reactor,
+            self.runner,
+            config.upstream,
+            self.events,
+            admit=self.sweeper.admit,
+        )
+        self.puller = ModelPuller(
+            self.store, self.manifests, self.fills, self.upstreams, reactor, self.events
+        )
+
+    def _build_web(self, backend_agent: IAgent | None) -> None:
+        """The guards and the routes: access control, the registry, the Ollama API, the proxy."""
+        config, reactor = self.config, self.reactor
+        self.access = AccessControl(
+            config.security,
+            reactor,
+            self.store.work_dir,
+            registry_host=lambda host_header: self.upstreams.for_request_host(host_header).host,
+            holdings=CacheHoldings(self.store, self.manifests, self.fills),
+        )
+        self.registry = RegistryApi(
+            self.store,
+            self.manifests,
+            self.fills,
+            self.upstreams,
+            reactor,
+            self.events,
+            blob_location=self.access.blob_location,
+        )
+        self._backend_pool: HTTPConnectionPool | None = None
         if backend_agent is None and config.features.enable_api_proxy:
             self._backend_pool = HTTPConnectionPool(reactor, persistent=True)
             backend_agent = Agent(reactor, pool=self._backend_pool, connectTimeout=10)
+        self._backend_agent = backend_agent
         self.proxy = InferenceProxy(
             backend_agent,
             config.backend.url,
@@ -106,27 +175,17 @@ class Mirror:
             reactor,
         )
         self.api = OllamaApi(
-            self.store,
             self.catalog,
-            self.manifests,
-            self.fills,
+            self.puller,
             self.upstreams,
-            runner,
-            reactor,
+            self.runner,
             self.proxy,
-            self.events,
             delete_model=self.sweeper.delete_model,
         )
-        self.observability = Observability(
-            self, agent=agent or self.upstream.agent, backend_agent=backend_agent, registry=metrics_registry
-        )
-        self.root = RootApi(
-            registry=self.registry.resource(),
-            api=self.api.resource(),
-            openai=self.proxy.resource(),
-            admin=self.observability.admin_resource(),
-            metrics=self.observability.metrics_on_main_site(),
-        )
+
+    def _busy_blobs(self) -> set[str]:
+        """Hex digests being downloaded or served right now: no sweep removes them."""
+        return set(self.fills.fills) | set(self.registry.reading)
 
     def resource(self) -> IResource:
         """The whole HTTP tree, every request timed, logged, counted and judged by ``security.*``."""
@@ -149,7 +208,7 @@ class Mirror:
         """The ``cache.prefetch`` list, warmed at start and kept fresh every ``cache.prefetch_interval``."""
         cache = self.config.cache
         return PrefetchService(
-            self.api.puller, cache.prefetch, cache.prefetch_interval, self.reactor, self.access.rules.check
+            self.puller, cache.prefetch, cache.prefetch_interval, self.reactor, self.access.rules.check
         )
 
     def start(self) -> None:

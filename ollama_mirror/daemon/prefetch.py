@@ -17,7 +17,8 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
-from ..fill.pulling import ModelPuller, PullFailed
+from ..fill.errors import PullFailed
+from ..fill.pulling import ModelPuller
 from ..names import InvalidName, ModelName
 
 log = Logger(namespace="ollama_mirror.prefetch")  # pinned: log names are public

@@ -23,19 +23,20 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..cache.blobs import BlobSource
 from ..cache.store import PartialState, Store
-from ..events import Events
+from ..events import Events, FillView
 from ..runner import Runner
 from .chunks import ChunkMap
 from .errors import DigestMismatch, DiskFull, FillFailed
-from .fetch import BlobSource, RangeFetcher
+from .fetch import RangeFetcher
 from .follow import HolderLink
 from .partial import PartialFile
 from .verify import PrefixHasher
 
 log = Logger(namespace="ollama_mirror.fill")  # pinned: log names are public
 
-Admission = Callable[["Fill"], Awaitable[None]]
+Admission = Callable[[FillView], Awaitable[None]]  # may refuse a download (no room), in words
 
 
 class Fill:
@@ -245,8 +246,7 @@ class Fill:
         # The descriptor stays unset until the file is ready: readers arriving meanwhile may schedule
         # upstream requests, whose bytes a reservation (which truncates) would otherwise wipe out.
         try:
-            if self.admit is not None:
-                await self.admit(self)
+            await self._admitted()
             if state is None and not self.ended:
                 await self.runner.run(self.partial.reserve, fd)
         except BaseException as e:
@@ -263,6 +263,17 @@ class Fill:
         if self.size == 0:
             self.chunks.done[0] = True  # nothing to fetch: hash the empty string and publish
         self._wake()
+
+    async def _admitted(self) -> None:
+        """Ask *admit* for room (it may sweep the cache first); a refusal fails the Fill in its words."""
+        if self.admit is None:
+            return
+        try:
+            await self.admit(self)
+        except FillFailed:
+            raise
+        except Exception as e:
+            raise FillFailed(str(e)) from e
 
     def _may_fetch(self) -> bool:
         return self.partial.fd >= 0 and not self.link.following and not self.ended and not self._stopping

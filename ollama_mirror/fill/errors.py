@@ -13,3 +13,7 @@ class DigestMismatch(FillFailed):
 
 class DiskFull(FillFailed):
     """The cache's disk ran out of space: the partial file is discarded."""
+
+
+class PullFailed(Exception):
+    """Ends a pull of a whole model; the message is what ``ollama pull`` prints."""

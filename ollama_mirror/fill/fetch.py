@@ -21,8 +21,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
-from twisted.web.iweb import IResponse
 
+from ..cache.blobs import BlobSource
 from ..events import Events
 from ..upstream.client import UpstreamError, content_range_start, discard
 from .chunks import ChunkMap
@@ -30,12 +30,6 @@ from .errors import DiskFull, FillFailed
 
 log = Logger(namespace="ollama_mirror.fill")  # pinned: log names are public
 UPSTREAM_READ_SIZE = 2**20  # bytes per read from an upstream socket (Twisted's default is 64 KiB)
-
-
-class BlobSource(Protocol):
-    """Where a Fill gets bytes from (the upstream registry now; a shared tier later)."""
-
-    async def open_range(self, repository: str, digest: str, start: int, end: int | None) -> IResponse: ...
 
 
 class ChunkSink(Protocol):

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ..cache.blobs import BlobSource
 from ..cache.store import Store
 from ..config import UpstreamConfig
 from ..events import Events
 from ..runner import Runner
-from .coordinator import Fill
-from .fetch import BlobSource
+from .coordinator import Admission, Fill
 
 log = Logger(namespace="ollama_mirror.fills")  # pinned: log names are public
 
@@ -24,11 +24,14 @@ class FillManager(Service):
         self,
         store: Store,
         source: BlobSource,
-        clock: Any,
+        clock: IReactorTime,
         runner: Runner,
         config: UpstreamConfig,
         events: Events | None = None,
+        admit: Admission | None = None,
     ) -> None:
+        """*source* is where downloads get bytes unless told otherwise (the default upstream); *admit*
+        may refuse a download before it writes anything (the cache's room-making)."""
         self.store = store
         self.source = source
         self.clock = clock
@@ -37,7 +40,7 @@ class FillManager(Service):
         self.events = events or Events()
         self.gate = DeferredSemaphore(config.max_concurrent_downloads)
         self.fills: dict[str, Fill] = {}
-        self.admit: Callable[[Fill], Awaitable[None]] | None = None  # room-making, set by the mirror
+        self.admit = admit
 
     def active(self, hexdigest: str) -> Fill | None:
         """The running Fill of a blob, if any."""

@@ -19,7 +19,7 @@ from ..events import Events
 from ..names import ModelName
 from ..upstream.client import Upstream, UpstreamError
 from ..upstream.hosts import Upstreams
-from .errors import FillFailed
+from .errors import FillFailed, PullFailed
 from .manager import FillManager
 
 PROGRESS_INTERVAL = 0.1  # Ollama reports about every 60 ms; clients redraw at this pace
@@ -29,10 +29,6 @@ WAIT_NOTICE = 5.0  # while the manifest is awaited: a line this often, after the
 T = TypeVar("T")
 
 Emit = Callable[[dict[str, Any]], None]
-
-
-class PullFailed(Exception):
-    """Ends a pull; the message is what ``ollama pull`` prints."""
 
 
 class ModelPuller:

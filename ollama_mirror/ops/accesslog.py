@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.application.internet import TimerService
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import (
     Logger,
 )
@@ -29,11 +30,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
-from ..events import Events
-from ..web.ollama_api import PROXIED
-
-if TYPE_CHECKING:
-    from ..fill.coordinator import Fill
+from ..events import Events, FillView
 
 access_log = Logger(namespace="ollama_mirror.access")
 fill_log = Logger(namespace="ollama_mirror.fill")
@@ -44,52 +41,6 @@ MAX_LOGGED_PATH = 300
 
 # --- one record per request ----------------------------------------------------------------------
 
-_API_ROUTES = ("pull", "tags", "show", "delete", "version")
-_API_INFERENCE = frozenset({*PROXIED, "blobs"})
-_MIRROR_ROUTES = ("stats", "health")
-ROUTES = (
-    "root",
-    "registry_version",
-    "registry_manifest",
-    "registry_blob",
-    "registry_other",
-    *(f"api_{name}" for name in _API_ROUTES),
-    "api_inference",
-    "api_other",
-    "openai",
-    *(f"mirror_{name}" for name in _MIRROR_ROUTES),
-    "mirror_other",
-    "metrics",
-    "other",
-)
-
-
-def route_of(path: bytes) -> str:
-    """The route a request path belongs to, from a small fixed set (a safe metrics label: never the
-    raw path, a model name or a digest)."""
-    if path == b"/":
-        return "root"
-    parts = path.split(b"/")
-    top = parts[1] if len(parts) > 1 else b""
-    second = parts[2].decode("latin-1") if len(parts) > 2 else ""
-    if top == b"v2":
-        if b"/blobs/" in path:
-            return "registry_blob"
-        if b"/manifests/" in path:
-            return "registry_manifest"
-        return "registry_version" if path in (b"/v2", b"/v2/") else "registry_other"
-    if top == b"api":
-        if second in _API_ROUTES and len(parts) == 3:
-            return "api_" + second
-        return "api_inference" if second in _API_INFERENCE else "api_other"
-    if top == b"v1":
-        return "openai"
-    if top == b"mirror":
-        return "mirror_" + second if second in _MIRROR_ROUTES and len(parts) == 3 else "mirror_other"
-    if path == b"/metrics":
-        return "metrics"
-    return "other"
-
 
 @dataclass(frozen=True)
 class RequestRecord:
@@ -97,7 +48,7 @@ class RequestRecord:
 
     method: str
     uri: str  # as the client sent it, control characters escaped, cut to MAX_LOGGED_PATH
-    route: str  # see route_of
+    route: str  # one of a small fixed set of labels (see ``RequestObserver``'s *route_of*)
     status: int | None  # None: the client hung up before an answer began
     sent: int  # body bytes written
     duration: float  # seconds, on the mirror's clock
@@ -148,10 +99,17 @@ def _client(request: IRequest) -> str:
 
 
 class RequestObserver:
-    """Times every request on the mirror's clock and tells the listeners how it ended."""
+    """Times every request on the mirror's clock and tells the listeners how it ended.
 
-    def __init__(self, clock: Any, listeners: Iterable[RequestListener] = ()) -> None:
+    *route_of* names the route of a request path from a small fixed set (a safe metrics label: never
+    the raw path, a model name or a digest); the web layer knows its routes (``web.routes``).
+    """
+
+    def __init__(
+        self, clock: IReactorTime, route_of: Callable[[bytes], str], listeners: Iterable[RequestListener] = ()
+    ) -> None:
         self._clock = clock
+        self._route_of = route_of
         self._listeners = list(listeners)
         self.in_flight = 0
 
@@ -173,7 +131,7 @@ class RequestObserver:
         record = RequestRecord(
             method=_printable(request.method.decode("latin-1")),
             uri=_printable(request.uri.decode("latin-1")),
-            route=route_of(request.path),
+            route=self._route_of(request.path),
             status=request.code if request.startedWriting else None,
             sent=request.sentLength,
             duration=max(0.0, self._clock.seconds() - started),
@@ -255,12 +213,12 @@ class AccessLog:
 class FillLog(Events):
     """Fill start, progress every few seconds, and end with its rate and result."""
 
-    def __init__(self, clock: Any, running: Callable[[], Iterable[Fill]]) -> None:
+    def __init__(self, clock: Any, running: Callable[[], Iterable[FillView]]) -> None:
         self._clock = clock
         self._running = running  # the Fills in progress (FillManager.fills.values)
         self._last: dict[str, tuple[float, int]] = {}  # digest -> (when, completed bytes) at the last line
 
-    def fill_started(self, fill: Fill) -> None:
+    def fill_started(self, fill: FillView) -> None:
         self._last[fill.digest] = (self._clock.seconds(), fill.completed_bytes())
         if fill.following:
             fill_log.info(
@@ -282,7 +240,7 @@ class FillLog(Events):
             resumed_text=human_bytes(fill.resumed_bytes),
         )
 
-    def fill_ended(self, fill: Fill, error: str | None) -> None:
+    def fill_ended(self, fill: FillView, error: str | None) -> None:
         self._last.pop(fill.digest, None)
         now = self._clock.seconds()
         elapsed = max(0.0, now - fill.started_at) if fill.started_at is not None else 0.0

@@ -4,7 +4,7 @@ synchronous resource.
 Never the default ``REGISTRY`` (two mirrors in one process, as tests build them, would collide on
 it) and never ``prometheus_client.twisted`` (it renders on the global reactor's thread pool and
 imports the reactor at import time).  Every label has a fixed, small set of values: routes come
-from :func:`ollama_mirror.ops.accesslog.route_of`, never from raw paths, and no label carries a digest or a
+from :func:`ollama_mirror.web.routes.route_of`, never from raw paths, and no label carries a digest or a
 model name.
 
 Counters move with events (fills, upstream bytes and errors, evictions) and with request records;
@@ -15,20 +15,18 @@ Prometheus scrapes, from values kept up to date elsewhere, so a scrape never tou
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from .. import __version__
-from ..events import Events
-from .accesslog import ROUTES, RequestRecord
-
-if TYPE_CHECKING:
-    from ..fill.coordinator import Fill
+from ..events import Events, FillView
+from .accesslog import RequestRecord
 
 PREFIX = "ollama_mirror_"
 SOURCES = ("cache", "fill", "upstream")
@@ -46,8 +44,10 @@ def _bounded(value: str, allowed: tuple[str, ...]) -> str:
 class MirrorMetrics(Events):
     """The mirror's metrics; an :class:`Events` listener and a request listener."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, clock: IReactorTime, routes: Iterable[str] = ()) -> None:
+        """*routes*: every route label, so that each bounded series exists from the start."""
         self.registry = registry
+        self._clock = clock
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = (), unit: str = "") -> Counter:
@@ -116,7 +116,7 @@ class MirrorMetrics(Events):
         self.start_time = gauge("start_time_seconds", "When the mirror started, in Unix time.")
         Info(PREFIX + "build", "The running version.", registry=registry).info({"version": __version__})
 
-        for route in ROUTES:  # every bounded series exists from the start, so rate() sees its first move
+        for route in routes:  # every bounded series exists from the start, so rate() sees its first move
             self.requests_interrupted.labels(route)
         for source in SOURCES:
             self.served_bytes.labels(source)
@@ -178,9 +178,9 @@ class MirrorMetrics(Events):
 
     # --- events --------------------------------------------------------------------------------
 
-    def fill_ended(self, fill: Fill, error: str | None) -> None:
+    def fill_ended(self, fill: FillView, error: str | None) -> None:
         if fill.started_at is not None:
-            elapsed = max(0.0, fill.clock.seconds() - fill.started_at)
+            elapsed = max(0.0, self._clock.seconds() - fill.started_at)
             self.fill_duration.labels("ok" if error is None else "failed").observe(elapsed)
 
     def upstream_bytes(self, count: int) -> None:
@@ -189,7 +189,7 @@ class MirrorMetrics(Events):
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors.labels(_bounded(kind, UPSTREAM_ERROR_KINDS)).inc()
 
-    def digest_mismatch(self, fill: Fill) -> None:
+    def digest_mismatch(self, fill: FillView) -> None:
         self.digest_mismatches.inc()
 
     def evicted(self, models: int, blobs: int, size: int, reason: str) -> None:

@@ -1,112 +1,78 @@
-"""The operator's side of the mirror: the ``/mirror`` routes, and the wiring of everything an
-operator sees (metrics, stats, health, request and fill logs).
+"""Everything an operator sees, put together: metrics, stats, health, request and fill logs.
 
-:class:`AdminApi` is mounted under ``/mirror`` by the root app.  :class:`Observability` is built
-by the :class:`Mirror` from its parts; it listens to the mirror's events, wraps the root resource
-to see every request, and brings the periodic jobs (cache survey, reachability probes, fill
-progress lines) as services for the daemon's tree.
+:class:`Observability` is built by the daemon from the parts it reads; it listens to the mirror's
+events, wraps the root resource to see every request, and brings the periodic jobs (cache survey,
+reachability probes, fill progress lines) as services for the daemon's tree.  The ``/mirror`` routes
+that show it are the web layer's (:mod:`ollama_mirror.web.admin`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
 
-from klein import Klein
 from prometheus_client import CollectorRegistry
 from twisted.application.service import IService
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.iweb import IAgent, IRequest
+from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource
 
-from ..cache.eviction import Sweeper
-from ..web.errors import add_ollama_error_handlers, json_body
+from ..cache.catalog import Catalog
+from ..cache.store import Store
+from ..config import Config
+from ..events import EventHub, FillView
+from ..runner import Runner
 from .accesslog import AccessLog, FillLog, RequestObserver
 from .health import HealthCheck, ReachabilityProbe
 from .metrics import MetricsResource, MirrorMetrics, nan_unless
 from .stats import CacheSummary, CacheSurvey, StatsReport, TrafficTally
 
-if TYPE_CHECKING:
-    from ..daemon.mirror import Mirror
-    from ..fill.coordinator import Fill
-
 log = Logger(namespace="ollama_mirror.admin")  # pinned: log names are public
 
 
-class AdminApi:
-    """The ``/mirror`` routes (mounted under ``/mirror``, so paths here start after it)."""
-
-    app = Klein()
-
-    def __init__(self, stats: StatsReport, health: HealthCheck, sweeper: Sweeper) -> None:
-        self._stats = stats
-        self._health = health
-        self._sweeper = sweeper
-
-    def resource(self) -> IResource:
-        return self.app.resource()  # type: ignore[no-any-return]
-
-    @app.route("/stats", methods=["GET", "HEAD"])
-    async def stats(self, request: IRequest) -> bytes:
-        """What the mirror holds and saves, and what it is downloading."""
-        return json_body(request, 200, await self._stats.document())
-
-    @app.route("/health", methods=["GET", "HEAD"])
-    async def health(self, request: IRequest) -> bytes:
-        """``ok``/``degraded`` answer 200, ``failing`` 503, so that load balancers can act on it."""
-        report = await self._health.report()
-        return json_body(request, report.http_status, report.document())
-
-    @app.route("/cache", methods=["DELETE"])
-    async def clear_cache(self, request: IRequest) -> bytes:
-        """Empty the cache, except what is being downloaded or served right now; say what went."""
-        report = await self._sweeper.clear()
-        return json_body(
-            request,
-            200,
-            {
-                "removed_models": sorted(report.removed_models),
-                "removed_blobs": report.removed_blobs,
-                "freed_bytes": report.freed_bytes,
-                "removed_partials": report.removed_partials,
-                "kept_bytes": report.cache_bytes,
-            },
-        )
-
-    add_ollama_error_handlers(app, "admin")
-
-
 class Observability:
-    """Metrics, stats, health and logs for one :class:`Mirror`.
+    """Metrics, stats, health and logs for one mirror, from the parts it reads.
 
     *agent* is the upstream HTTP client (the upstream probe goes the way downloads go);
-    *backend_agent* the inference proxy's, when it is on.  *registry* is where the metrics live: a
+    *backend_agent* the inference proxy's, when it is on; *backend_asked* says whether a client asked
+    for inference (then a missing backend degrades health).  *fills* lists the downloads running now;
+    *marker* is the mirror's ``Via`` value (a probe that comes back to this mirror is a loop); *route_of*
+    and *routes* name requests' routes for logs and metrics.  *registry* is where the metrics live: a
     fresh ``CollectorRegistry`` unless an embedding application brings its own.
     """
 
     def __init__(
         self,
-        mirror: Mirror,
+        config: Config,
+        clock: IReactorTime,
         *,
+        store: Store,
+        catalog: Catalog,
+        runner: Runner,
+        events: EventHub,
+        fills: Callable[[], Iterable[FillView]],
+        marker: str,
+        route_of: Callable[[bytes], str],
+        routes: Iterable[str],
         agent: IAgent,
         backend_agent: IAgent | None,
+        backend_asked: Callable[[], bool],
         registry: CollectorRegistry | None = None,
     ) -> None:
-        config, clock = mirror.config, mirror.reactor
         self._config = config
-        self._fill_manager = mirror.fills
+        self._fills = lambda: list(fills())
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics = MirrorMetrics(self.registry)
+        self.metrics = MirrorMetrics(self.registry, clock, routes)
         self.tally = TrafficTally()
         self.requests = RequestObserver(
-            clock, [AccessLog(), self.metrics.request_finished, self.tally.request_finished]
+            clock, route_of, [AccessLog(), self.metrics.request_finished, self.tally.request_finished]
         )
         self.fill_log = FillLog(clock, self._fills)
         for listener in (self.metrics, self.tally, self.fill_log):
-            mirror.events.listen(listener)
-        self.survey = CacheSurvey(mirror.store, mirror.catalog, mirror.runner, clock)
+            events.listen(listener)
+        self.survey = CacheSurvey(store, catalog, runner, clock)
         self.upstream_probe = ReachabilityProbe(
-            "upstream", config.upstream.url + "/v2/", agent, clock, via=mirror.marker
+            "upstream", config.upstream.url + "/v2/", agent, clock, via=marker
         )
         self.backend_probe: ReachabilityProbe | None = None
         if config.features.enable_api_proxy and backend_agent is not None:
@@ -118,13 +84,13 @@ class Observability:
                 ok_statuses=range(200, 300),
             )
         self.health = HealthCheck(
-            mirror.store,
-            mirror.runner,
+            store,
+            runner,
             clock,
             min_free_bytes=int(config.cache.min_free_gb * 10**9),
             upstream=self.upstream_probe,
             backend=self.backend_probe,
-            backend_asked=lambda: mirror.proxy.asked,
+            backend_asked=backend_asked,
         )
         self.stats = StatsReport(
             survey=self.survey,
@@ -134,8 +100,11 @@ class Observability:
             cache_directory=config.cache.directory,
             upstream_url=config.upstream.url,
         )
-        self.admin = AdminApi(self.stats, self.health, mirror.sweeper)
         self.metrics.start_time.set(clock.seconds())
+        self._read_state()
+
+    def _read_state(self) -> None:
+        """The gauges read at each scrape."""
         self.metrics.read_state(
             in_flight=lambda: self.requests.in_flight,
             active_fills=lambda: sum(1 for f in self._fills() if f.started_at is not None and not f.ended),
@@ -152,15 +121,9 @@ class Observability:
         latest = self.survey.latest
         return nan_unless(None if latest is None else reading(latest))
 
-    def _fills(self) -> list[Fill]:
-        return list(self._fill_manager.fills.values())
-
     def observe(self, resource: IResource) -> IResource:
         """*resource* (the root) with every request timed, logged and counted."""
         return self.requests.wrap(resource)
-
-    def admin_resource(self) -> IResource:
-        return self.admin.resource()
 
     def metrics_resource(self) -> IResource:
         return MetricsResource(self.registry)

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
@@ -22,12 +22,9 @@ from twisted.python.failure import Failure
 from .. import __version__
 from ..cache.catalog import Catalog
 from ..cache.store import Store
-from ..events import Events
+from ..events import Events, FillView
 from ..runner import Runner
 from .accesslog import RequestRecord
-
-if TYPE_CHECKING:
-    from ..fill.coordinator import Fill
 
 log = Logger(namespace="ollama_mirror.stats")  # pinned: log names are public
 
@@ -205,7 +202,7 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=UTC).isoformat(timespec="seconds")
 
 
-def fill_progress(fill: Fill, now: float) -> dict[str, Any]:
+def fill_progress(fill: FillView, now: float) -> dict[str, Any]:
     """One download as an operator wants to see it."""
     completed = fill.completed_bytes()
     running = fill.started_at is not None
@@ -235,7 +232,7 @@ class StatsReport:
         *,
         survey: CacheSurvey,
         tally: TrafficTally,
-        fills: Callable[[], Iterable[Fill]],
+        fills: Callable[[], Iterable[FillView]],
         clock: Any,
         cache_directory: str,
         upstream_url: str,

@@ -5,15 +5,12 @@ others (``hf.co``, a private registry).  The Ollama API picks one by the model n
 ``/v2`` routes by the request's ``Host`` (a virtual host such as ``hf.mirror.example`` → ``hf.co``,
 or the model host itself in transparent mode), else the default.
 
-Every upstream request carries ``Via: 1.1 ollama-mirror-<id of this process>``; a request that
-arrives with it was sent by this very mirror (an upstream name or address leading back here, as in
-transparent mode without an address override) and is refused with 508 instead of looping.
+Every upstream request carries the mirror's ``Via`` marker (:func:`ollama_mirror.cache.files.cache_marker`),
+so that a request that comes back is seen as a loop (:mod:`ollama_mirror.web.loop`).
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,14 +18,10 @@ from urllib.parse import urlsplit
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent
-from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request
 
-from ..cache.files import read_or_create
 from ..config import Config, UpstreamHost
-from ..security.tls import UpstreamEndpoints, client_policy
-from ..web.errors import ollama_error, registry_error
-from .client import LOOP_HEADER, LOOP_STATUS, Upstream
+from .client import Upstream
+from .trust import UpstreamEndpoints, client_policy
 
 log = Logger(namespace="ollama_mirror.upstreams")  # pinned: log names are public
 
@@ -135,45 +128,3 @@ def _log_trust(spec: UpstreamHost) -> None:
             address=spec.address,
             url=spec.url,
         )
-
-
-def cache_marker(work_dir: str) -> str:
-    """The ``Via`` value sent upstream: one per cache, so that every worker process of a mirror
-    knows a request any of them sent, and a chain of mirrors (each with its own cache) is no loop."""
-    path = os.path.join(work_dir, "instance-id")
-    instance = read_or_create(path, lambda: secrets.token_hex(6).encode(), 0o644).decode().strip()
-    if not instance.isalnum():
-        raise ValueError(f"{path} holds no usable instance id; delete it to make a new one")
-    return f"1.1 ollama-mirror-{instance}"
-
-
-class LoopGuard(Resource):
-    """A leaf wrapper (around the Klein root) that refuses requests this mirror sent itself."""
-
-    isLeaf = True
-
-    def __init__(self, wrapped: IResource, marker: str) -> None:
-        super().__init__()
-        self._wrapped = wrapped
-        self._token = marker.split(" ", 1)[1].encode("ascii")
-
-    def render(self, request: Request) -> Any:
-        via = b",".join(request.requestHeaders.getRawHeaders(b"via") or [])
-        if self._token not in via:
-            return self._wrapped.render(request)
-        host = (request.getHeader(b"host") or b"").decode("latin-1")
-        message = (
-            f"request loop: this request came from this mirror itself (Host {host}); an upstream's "
-            "name or address leads back to the mirror: give it an address override (upstream.address, "
-            "or address in upstream.hosts) that reaches the real registry"
-        )
-        log.error(
-            "refused {method} {path}: {message}",
-            method=request.method.decode(),
-            path=request.path.decode("latin-1"),
-            message=message,
-        )
-        request.setHeader(LOOP_HEADER, b"refused")
-        if request.path.startswith(b"/v2"):
-            return registry_error(request, LOOP_STATUS, "UNAVAILABLE", message)
-        return ollama_error(request, LOOP_STATUS, message)

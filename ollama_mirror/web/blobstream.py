@@ -27,8 +27,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from ..cache.blobs import GrowingBlob
 from ..events import Events
-from ..fill.coordinator import Fill
 
 log = Logger(namespace="ollama_mirror.blobstream")  # pinned: log names are public
 
@@ -116,7 +116,7 @@ class BlobProducer:
         fd: int | Callable[[], int],
         first: int,
         last: int,
-        fill: Fill | None = None,
+        fill: GrowingBlob | None = None,
         hold_last: bool = False,
         events: Events | None = None,
         on_end: Callable[[], None] | None = None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from klein import Klein
 from twisted.logger import Logger
@@ -19,38 +19,19 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request
 
 from .. import __version__
-from ..cache.catalog import CachedModel, Catalog
-from ..cache.manifests import ManifestCache
-from ..cache.modelinfo import format_parameters, gguf_model_info, modelfile
-from ..cache.store import Store
-from ..events import Events
-from ..fill.manager import FillManager
-from ..fill.pulling import ModelPuller, PullFailed
+from ..cache.catalog import Catalog
+from ..cache.modelinfo import describe, details
+from ..fill.errors import PullFailed
 from ..names import InvalidName, ModelName
 from ..runner import Runner
 from ..upstream.hosts import Upstreams
 from .errors import add_ollama_error_handlers, json_body, ollama_error
 from .proxy import InferenceProxy
+from .routes import PROXIED
 
 log = Logger(namespace="ollama_mirror.ollama_api")  # pinned: log names are public
 
 MAX_JSON_BODY = 1 << 20
-TEXT_LAYERS = {
-    "application/vnd.ollama.image.template": "template",
-    "application/vnd.ollama.image.system": "system",
-    "application/vnd.ollama.image.license": "license",
-    "application/vnd.ollama.image.params": "params",
-}
-PROXIED = (
-    "generate",
-    "chat",
-    "embed",
-    "embeddings",
-    "ps",
-    "create",
-    "copy",
-    "push",
-)
 
 
 class ApiError(Exception):
@@ -83,16 +64,13 @@ def _model_field(body: dict[str, Any]) -> str:
     return value
 
 
-def _details(config: dict[str, Any]) -> dict[str, Any]:
-    families = config.get("model_families")
-    return {
-        "parent_model": "",
-        "format": config.get("model_format", ""),
-        "family": config.get("model_family", ""),
-        "families": families if isinstance(families, list) else None,
-        "parameter_size": config.get("model_type", ""),
-        "quantization_level": config.get("file_type", ""),
-    }
+Emit = Callable[[dict[str, Any]], None]
+
+
+class Puller(Protocol):
+    """Caches one model, reporting as Ollama's ``/api/pull`` does (the fill package's ``ModelPuller``)."""
+
+    async def pull(self, name: ModelName, emit: Emit) -> list[str]: ...
 
 
 class OllamaApi:
@@ -102,28 +80,21 @@ class OllamaApi:
 
     def __init__(
         self,
-        store: Store,
         catalog: Catalog,
-        manifests: ManifestCache,
-        fills: FillManager,
+        puller: Puller,
         upstreams: Upstreams,
         runner: Runner,
-        clock: Any,
         proxy: InferenceProxy,
-        events: Events | None = None,
-        delete_model: Callable[[ModelName], Awaitable[list[str] | None]] | None = None,
+        delete_model: Callable[[ModelName], Awaitable[list[str] | None]],
     ) -> None:
-        self._events = events or Events()
-        self._delete_model = delete_model or self._delete_unguarded
-        self._store = store
+        """*puller* caches a whole model (``/api/pull``); *delete_model* removes one from the cache,
+        keeping blobs in use (``/api/delete``)."""
         self._catalog = catalog
-        self._manifests = manifests
-        self._fills = fills
+        self.puller = puller
         self._upstreams = upstreams
         self._runner = runner
-        self._clock = clock
         self._proxy = proxy
-        self.puller = ModelPuller(store, manifests, fills, upstreams, clock, self._events)
+        self._delete_model = delete_model
 
     def resource(self) -> IResource:
         return self.app.resource()  # type: ignore[no-any-return]
@@ -183,7 +154,7 @@ class OllamaApi:
                     "modified_at": model.modified_at,
                     "size": model.size,
                     "digest": model.digest,
-                    "details": _details(self._catalog.config(model)),
+                    "details": details(self._catalog.config(model)),
                 }
             )
         return entries
@@ -196,37 +167,8 @@ class OllamaApi:
         model = await self._runner.run(self._catalog.find, name)
         if model is None:
             raise ApiError(404, f"model '{text}' not found")
-        document = await self._runner.run(self._describe, model, bool(body.get("verbose")))
+        document = await self._runner.run(describe, self._catalog, model, bool(body.get("verbose")))
         return json_body(request, 200, document)
-
-    def _describe(self, model: CachedModel, verbose: bool) -> dict[str, Any]:
-        texts: dict[str, str] = {}
-        model_path = ""
-        info: dict[str, Any] = {}
-        for layer in model.layers():
-            media_type, digest = layer.get("mediaType"), str(layer.get("digest", ""))
-            hexdigest = digest.removeprefix("sha256:")
-            if media_type == "application/vnd.ollama.image.model" and not model_path:
-                model_path = self._store.blob_path(hexdigest)
-                info = gguf_model_info(model_path, verbose)
-            elif media_type in TEXT_LAYERS:
-                key = TEXT_LAYERS[media_type]
-                text = self._catalog.read_blob_text(hexdigest)
-                texts[key] = texts[key] + "\n" + text if key in texts else text
-        parameters = format_parameters(texts.get("params", ""))
-        document: dict[str, Any] = {
-            "license": texts.get("license", ""),
-            "modelfile": modelfile(model.name.display(), model_path, texts, parameters),
-            "parameters": parameters,
-            "template": texts.get("template", ""),
-            "details": _details(self._catalog.config(model)),
-            "model_info": info,
-            "capabilities": ["completion"],
-            "modified_at": model.modified_at,
-        }
-        if "system" in texts:
-            document["system"] = texts["system"]
-        return document
 
     @app.route("/delete", methods=["DELETE"])
     async def delete(self, request: Request) -> bytes:
@@ -240,13 +182,6 @@ class OllamaApi:
         request.defaultContentType = None  # type: ignore[attr-defined]  # Ollama: an empty 200, no type
         request.setHeader(b"content-length", b"0")
         return b""
-
-    async def _delete_unguarded(self, name: ModelName) -> list[str] | None:
-        """Without a sweeper (an embedder's minimal wiring): keep only what is being downloaded."""
-        removed: list[str] | None = await self._runner.run(
-            self._catalog.delete, name, frozenset(self._fills.fills)
-        )
-        return removed
 
     # --- inference, forwarded ------------------------------------------------------------------
 

@@ -1,20 +1,20 @@
 """The registry API (``/v2``) that ``ollama pull --insecure MIRROR/library/MODEL`` talks to.
 
-Manifests come from :class:`ManifestCache`; blobs are streamed by :class:`BlobProducer` from
-the cache or from the blob's :class:`Fill`.  The blob GET without ``Range`` answers 200 with a
-``Location`` pointing at itself: the Go client insists on a redirect-like answer before it sends
-its parallel ranged GETs, and hangs up on this one at once.
+Manifests come from :class:`ManifestCache`; blobs are streamed by :class:`BlobProducer` from the
+blob store or from the blob's download in progress (see :mod:`ollama_mirror.cache.blobs`).  The blob
+GET without ``Range`` answers 200 with a ``Location`` pointing at itself: the Go client insists on a
+redirect-like answer before it sends its parallel ranged GETs, and hangs up on this one at once.
 """
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
 from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -22,12 +22,10 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
+from ..cache.blobs import BlobFetches, BlobStore, GrowingBlob
 from ..cache.manifests import Manifest, ManifestCache, ManifestUnknown
-from ..cache.store import Store
 from ..events import Events
-from ..fill.coordinator import Fill
 from ..fill.errors import FillFailed
-from ..fill.manager import FillManager
 from ..names import InvalidName, ModelName, is_digest, is_model, is_namespace, is_tag, parse_digest
 from ..upstream.client import Upstream, UpstreamError
 from ..upstream.hosts import Upstreams
@@ -53,22 +51,24 @@ class RegistryApi:
 
     def __init__(
         self,
-        store: Store,
+        blobs: BlobStore,
         manifests: ManifestCache,
-        fills: FillManager,
+        fetches: BlobFetches,
         upstreams: Upstreams,
-        clock: Any,
+        clock: IReactorTime,
         events: Events | None = None,
+        blob_location: Callable[[str], str] = lambda path: path,
     ) -> None:
+        """*blob_location* makes the ``Location`` of a blob's discovery answer from its path (the
+        access control signs it when the registry needs keys)."""
         self._clock = clock
         self._events = events or Events()
         self.reading: Counter[str] = Counter()  # hex digest -> responses streaming it now
-        self._store = store
+        self._blobs = blobs
         self._manifests = manifests
-        self._fills = fills
+        self._fetches = fetches
         self._upstreams = upstreams
-        # The Location of a blob's discovery answer (the access control signs it when needed).
-        self.blob_location: Callable[[str], str] = lambda path: path
+        self._blob_location = blob_location
 
     def resource(self) -> IResource:
         return self.app.resource()  # type: ignore[no-any-return]
@@ -149,12 +149,14 @@ class RegistryApi:
 
     # --- blobs ---------------------------------------------------------------------------------
 
-    async def _locate(self, upstream: Upstream, name: ModelName, hexdigest: str) -> tuple[int, Fill | None]:
-        """The blob's size, and its running Fill if it is being downloaded."""
-        size = self._store.blob_size(hexdigest)
+    async def _locate(
+        self, upstream: Upstream, name: ModelName, hexdigest: str
+    ) -> tuple[int, GrowingBlob | None]:
+        """The blob's size, and its download if it is in progress."""
+        size = self._blobs.blob_size(hexdigest)
         if size is not None:
             return size, None
-        fill = self._fills.active(hexdigest)
+        fill = self._fetches.active(hexdigest)
         if fill is not None:
             return fill.size, fill
         known = self._manifests.blob_sizes.get(hexdigest)
@@ -167,14 +169,10 @@ class RegistryApi:
                 raise RegistryError(404, "BLOB_UNKNOWN", f"blob unknown: sha256:{hexdigest}") from None
             raise
 
-    def _open(self, hexdigest: str, fill: Fill | None) -> int:
+    def _open(self, hexdigest: str, fill: GrowingBlob | None) -> int:
         """The descriptor the response reads from, opened before any header is sent."""
         try:
-            return (
-                fill.open_reader()
-                if fill is not None
-                else os.open(self._store.blob_path(hexdigest), os.O_RDONLY)
-            )
+            return fill.open_reader() if fill is not None else self._blobs.open_blob(hexdigest)
         except FileNotFoundError:
             if fill is not None and fill.failure is not None:
                 raise UpstreamError(fill.failure.getErrorMessage(), 502) from None
@@ -182,7 +180,7 @@ class RegistryApi:
                 503, "UNAVAILABLE", "the blob left the cache while being opened; retry"
             ) from None
 
-    async def _first_bytes(self, fill: Fill, offset: int) -> None:
+    async def _first_bytes(self, fill: GrowingBlob, offset: int) -> None:
         """Hold the response until the download has bytes for it (or failed), so that an upstream
         failing at once is a clear 502 instead of a broken stream; never longer than a few seconds,
         since the Go client gives its discovery GET 30 s in all."""
@@ -223,8 +221,8 @@ class RegistryApi:
             return body
         first, last = (0, size - 1) if wanted is None else wanted
         streaming = request.method != b"HEAD" and last >= first
-        if streaming and fill is None and self._store.blob_size(hexdigest) is None:
-            fill = self._fills.fill(hexdigest, size, name.repository, upstream)
+        if streaming and fill is None and self._blobs.blob_size(hexdigest) is None:
+            fill = self._fetches.fill(hexdigest, size, name.repository, upstream)
         fd: int | Callable[[], int] = -1
         if streaming:
             if fill is not None:
@@ -241,7 +239,7 @@ class RegistryApi:
         request.setHeader(b"content-type", b"application/octet-stream")
         request.setHeader(b"content-length", str(last - first + 1).encode())
         if wanted is None:
-            location = self.blob_location(f"/v2/{name.repository}/blobs/{digest}")
+            location = self._blob_location(f"/v2/{name.repository}/blobs/{digest}")
             request.setHeader(b"location", location.encode())
         else:
             request.setResponseCode(206)

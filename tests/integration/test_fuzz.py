@@ -16,7 +16,7 @@ from urllib.parse import quote, urlsplit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ollama_mirror.ops.accesslog import route_of
+from ollama_mirror.web.routes import route_of
 from tests.integration.helpers import go_pull, pull_into_cache
 from tests.integration.hostile import SECRET, check, exchange, request
 from tests.integration.test_hostile import HOSTILE_SETTINGS, snapshot

@@ -26,7 +26,7 @@ from ollama_mirror.cli.progress import Progress
 from ollama_mirror.config import load_config
 from ollama_mirror.daemon.prefetch import PrefetchService
 from ollama_mirror.daemon.service import StartupError, build_service
-from ollama_mirror.fill.pulling import PullFailed
+from ollama_mirror.fill.errors import PullFailed
 from ollama_mirror.names import ModelName
 from tests.support.cli import run_cli
 

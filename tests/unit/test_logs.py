@@ -27,6 +27,7 @@ from ollama_mirror.ops.accesslog import AccessLog, FillLog, RequestObserver, Req
 from ollama_mirror.ops.logoutput import json_line, log_observer, twistd_destination
 from ollama_mirror.ops.metrics import MirrorMetrics
 from ollama_mirror.tap import _Daemon
+from ollama_mirror.web.routes import ROUTES, route_of
 
 from .fakeregistry import FakeRegistry
 from .harness import Harness
@@ -92,8 +93,8 @@ class _Stalls(Resource):
 def test_a_request_that_never_finishes_still_gets_its_line_and_counts(events: list[dict[str, Any]]) -> None:
     clock = Clock()
     records: list[RequestRecord] = []
-    metrics = MirrorMetrics(CollectorRegistry())
-    observer = RequestObserver(clock, [records.append, metrics.request_finished])
+    metrics = MirrorMetrics(CollectorRegistry(), clock, ROUTES)
+    observer = RequestObserver(clock, route_of, [records.append, metrics.request_finished])
     observer.listen(AccessLog())
     site = Site(observer.wrap(_Stalls()), reactor=clock)
     channel = site.buildProtocol(None)

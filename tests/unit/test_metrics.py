@@ -17,8 +17,8 @@ from twisted.internet.testing import MemoryReactorClock
 
 from ollama_mirror.config import load_config
 from ollama_mirror.daemon.service import build_service
-from ollama_mirror.ops.accesslog import ROUTES, route_of
 from ollama_mirror.runner import InlineRunner
+from ollama_mirror.web.routes import ROUTES, route_of
 
 from .fakeregistry import FakeRegistry
 from .harness import Harness

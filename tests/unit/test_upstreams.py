@@ -21,9 +21,10 @@ from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from ollama_mirror.config import ConfigError, load_config
 from ollama_mirror.daemon.mirror import Mirror
 from ollama_mirror.daemon.service import build_service
-from ollama_mirror.security.tls import InsecurePolicy, ServerTLS, UpstreamEndpoints, client_policy
+from ollama_mirror.security.tls import ServerTLS
 from ollama_mirror.upstream.client import Upstream
 from ollama_mirror.upstream.hosts import Upstreams
+from ollama_mirror.upstream.trust import InsecurePolicy, UpstreamEndpoints, client_policy
 
 from .fakeregistry import FakeRegistry
 from .harness import Harness

@@ -1,0 +1,81 @@
+"""The operator's routes, ``/mirror``: stats, health, and emptying the cache."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from klein import Klein
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+
+from .errors import add_ollama_error_handlers, json_body
+
+
+class Report(Protocol):
+    async def document(self) -> dict[str, Any]: ...
+
+
+class HealthReport(Protocol):
+    @property
+    def http_status(self) -> int: ...
+
+    def document(self) -> dict[str, Any]: ...
+
+
+class Health(Protocol):
+    async def report(self) -> HealthReport: ...
+
+
+class Cleared(Protocol):
+    removed_models: Any
+    removed_blobs: int
+    freed_bytes: int
+    removed_partials: int
+    cache_bytes: int
+
+
+class Clearer(Protocol):
+    async def clear(self) -> Cleared: ...
+
+
+class AdminApi:
+    """The ``/mirror`` routes (mounted under ``/mirror``, so paths here start after it)."""
+
+    app = Klein()
+
+    def __init__(self, stats: Report, health: Health, sweeper: Clearer) -> None:
+        self._stats = stats
+        self._health = health
+        self._sweeper = sweeper
+
+    def resource(self) -> IResource:
+        return self.app.resource()  # type: ignore[no-any-return]
+
+    @app.route("/stats", methods=["GET", "HEAD"])
+    async def stats(self, request: IRequest) -> bytes:
+        """What the mirror holds and saves, and what it is downloading."""
+        return json_body(request, 200, await self._stats.document())
+
+    @app.route("/health", methods=["GET", "HEAD"])
+    async def health(self, request: IRequest) -> bytes:
+        """``ok``/``degraded`` answer 200, ``failing`` 503, so that load balancers can act on it."""
+        report = await self._health.report()
+        return json_body(request, report.http_status, report.document())
+
+    @app.route("/cache", methods=["DELETE"])
+    async def clear_cache(self, request: IRequest) -> bytes:
+        """Empty the cache, except what is being downloaded or served right now; say what went."""
+        report = await self._sweeper.clear()
+        return json_body(
+            request,
+            200,
+            {
+                "removed_models": sorted(report.removed_models),
+                "removed_blobs": report.removed_blobs,
+                "freed_bytes": report.freed_bytes,
+                "removed_partials": report.removed_partials,
+                "kept_bytes": report.cache_bytes,
+            },
+        )
+
+    add_ollama_error_handlers(app, "admin")
