@@ -15,6 +15,11 @@ from twisted.python.threadpool import ThreadPool
 
 T = TypeVar("T")
 
+# The reactor, where a part uses several of its interfaces at once (IReactorTime with IReactorTCP,
+# IReactorThreads or IReactorProcess): zope interfaces do not intersect for mypy, so such a parameter
+# is typed with this name, and one that needs a single interface names that interface.
+Reactor = Any
+
 
 class Runner(Protocol):
     def run(self, f: Callable[..., T], *args: Any) -> Deferred[T]: ...
@@ -23,7 +28,7 @@ class Runner(Protocol):
 class ThreadRunner:
     """Runs calls in a thread pool of its own (started and stopped with the service)."""
 
-    def __init__(self, reactor: Any, threads: int = 4) -> None:
+    def __init__(self, reactor: Reactor, threads: int = 4) -> None:
         self._reactor = reactor
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="ollama-mirror-io")
 

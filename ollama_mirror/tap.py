@@ -17,6 +17,7 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 
 from .config import Config, ConfigError, load_config
+from .runner import Reactor
 
 _FLAGS = {
     "host": "server.host",
@@ -106,7 +107,7 @@ class _Daemon(MultiService):
     twistd gives this service.
     """
 
-    def __init__(self, log_observer: ILogObserver | None = None, reactor: Any = None) -> None:
+    def __init__(self, log_observer: ILogObserver | None = None, reactor: Reactor = None) -> None:
         super().__init__()
         self._reactor = reactor
         self._log_observer = log_observer

@@ -34,11 +34,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from .. import __version__
-from ..cli.progress import Progress, human_size
 from ..names import InvalidName, ModelName, parse_digest
+from ..units import human_size
 from .catalog import Catalog
 from .lock import StagingLock
 from .store import Store, _fsync_dir, manifest_blobs
@@ -180,13 +180,23 @@ def _plan_export(store: Store, names: Iterable[ModelName]) -> _Export:
     return plan
 
 
+class TransferProgress(Protocol):
+    """How a bundle's blobs are reported as they go (the command's progress bars)."""
+
+    def start(self, label: str, total: int) -> None: ...
+
+    def update(self, done: int) -> None: ...
+
+    def finish(self, note: str = "done") -> None: ...
+
+
 def cached_model_names(store: Store) -> list[ModelName]:
     """Every complete model of the cache (``export --all``)."""
     return sorted(m.name for m in Catalog(store).models())
 
 
 def export_bundle(
-    store: Store, names: Iterable[ModelName], out: IO[bytes], progress: Progress
+    store: Store, names: Iterable[ModelName], out: IO[bytes], progress: TransferProgress
 ) -> ExportReport:
     """Write a bundle of *names* from *store* to *out* (a file or a pipe: written strictly in order)."""
     plan = _plan_export(store, names)
@@ -233,7 +243,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 class _HashingReader:
     """A file object over a blob descriptor that hashes and reports what tarfile reads through it."""
 
-    def __init__(self, fd: int, progress: Progress) -> None:
+    def __init__(self, fd: int, progress: TransferProgress) -> None:
         self._fd = fd
         self._offset = 0
         self._progress = progress
@@ -284,7 +294,9 @@ class _Staged:
         self.lock.release()
 
 
-def import_bundle(store: Store, src: IO[bytes], progress: Progress, min_free: int = 0) -> ImportReport:
+def import_bundle(
+    store: Store, src: IO[bytes], progress: TransferProgress, min_free: int = 0
+) -> ImportReport:
     """Verify the whole bundle from *src*, then add its models to *store* (see the module docstring).
 
     *min_free* bytes must stay free on the cache's disk after the import.
@@ -298,7 +310,9 @@ def import_bundle(store: Store, src: IO[bytes], progress: Progress, min_free: in
         staged.discard()
 
 
-def _receive(store: Store, src: IO[bytes], staged: _Staged, progress: Progress, min_free: int) -> BundleIndex:
+def _receive(
+    store: Store, src: IO[bytes], staged: _Staged, progress: TransferProgress, min_free: int
+) -> BundleIndex:
     """Read every member, staging and verifying it; nothing is published here."""
     index: BundleIndex | None = None
     try:
@@ -405,7 +419,7 @@ def _receive_blob(
     hexdigest: str,
     index: BundleIndex,
     staged: _Staged,
-    progress: Progress,
+    progress: TransferProgress,
 ) -> None:
     size = index.blobs.get(hexdigest)
     if size is None:

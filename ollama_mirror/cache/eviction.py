@@ -23,6 +23,7 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -81,7 +82,7 @@ class Sweeper(Events):
         index: CacheIndex,
         config: CacheConfig,
         runner: Runner,
-        clock: Any,
+        clock: IReactorTime,
         events: Events,
         protected: Callable[[], set[str]],
     ) -> None:
@@ -374,7 +375,7 @@ def _free_bytes(path: str) -> int:
 class CacheLifecycle(MultiService):
     """The sweep on its ``TimerService`` and the index flushes, started and stopped with the daemon."""
 
-    def __init__(self, sweeper: Sweeper, clock: Any, sweeps: bool = True) -> None:
+    def __init__(self, sweeper: Sweeper, clock: IReactorTime, sweeps: bool = True) -> None:
         super().__init__()
         self.sweeper = sweeper
         if sweeps:  # (of several worker processes, one sweeps)

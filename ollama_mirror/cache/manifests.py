@@ -14,6 +14,7 @@ from functools import cached_property
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -52,7 +53,7 @@ class ManifestCache:
         store: Store,
         upstreams: Upstreams,
         runner: Runner,
-        clock: Any,
+        clock: IReactorTime,
         ttl: float,
         events: Events | None = None,
     ) -> None:

@@ -11,18 +11,11 @@ from __future__ import annotations
 import time
 from typing import TextIO
 
+from ..units import human_size
+
 PLAIN_INTERVAL = 10.0
 TTY_INTERVAL = 0.1
 BAR_WIDTH = 24
-
-
-def human_size(n: float) -> str:
-    """``1.5 GB``-style sizes (powers of 1000, as Ollama prints them)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 class Progress:

@@ -31,7 +31,7 @@ from ..events import EventHub
 from ..fill.manager import FillManager
 from ..fill.pulling import ModelPuller
 from ..ops.observability import Observability
-from ..runner import InlineRunner, Runner, ThreadRunner
+from ..runner import InlineRunner, Reactor, Runner, ThreadRunner
 from ..security.access import AccessControl
 from ..upstream.hosts import build_upstreams
 from ..web.admin import AdminApi
@@ -49,7 +49,7 @@ class Mirror:
     def __init__(
         self,
         config: Config,
-        reactor: Any,
+        reactor: Reactor,
         agent: IAgent | None = None,
         runner: Runner | None = None,
         backend_agent: IAgent | None = None,

@@ -10,11 +10,11 @@ the loop.  Rounds run every ``cache.prefetch_interval`` seconds (0: only at star
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..fill.errors import PullFailed
@@ -85,7 +85,7 @@ class PrefetchService(MultiService):
         puller: ModelPuller,
         models: tuple[str, ...],
         interval: float,
-        clock: Any,
+        clock: IReactorTime,
         check: Check | None = None,
     ) -> None:
         super().__init__()

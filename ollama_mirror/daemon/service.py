@@ -25,7 +25,7 @@ from twisted.web.server import Site
 from ..cache.lock import CacheBusy, CacheLock
 from ..config import Config, ConfigError
 from ..ops.accesslog import MirrorSite
-from ..runner import Runner
+from ..runner import Reactor, Runner
 from ..security.hardening import harden
 from ..security.tls import ServerTLS, is_managed_tls, listener
 from .mirror import Mirror
@@ -116,7 +116,7 @@ class AdoptedUnixPort(unix.Port):
 class AdoptedPortService(Service):
     """Serve *site* on a listening socket inherited from the supervisor (``server.workers``)."""
 
-    def __init__(self, reactor: Any, fd: int, family: int, site: Site) -> None:
+    def __init__(self, reactor: Reactor, fd: int, family: int, site: Site) -> None:
         self._reactor = reactor
         self._fd = fd
         self._family = family
@@ -142,7 +142,7 @@ class AdoptedPortService(Service):
 
 def build_service(
     config: Config,
-    reactor: Any,
+    reactor: Reactor,
     *,
     agent: IAgent | None = None,
     runner: Runner | None = None,

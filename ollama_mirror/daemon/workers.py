@@ -39,6 +39,7 @@ from twisted.logger import Logger, LogLevel, eventAsText
 from twisted.python.failure import Failure
 
 from ..config import Config, ConfigError
+from ..runner import Reactor
 from .startup import StartupError, log_start
 
 log = Logger(namespace="ollama_mirror.workers")  # pinned: log names are public
@@ -80,7 +81,7 @@ class WorkerPool(Service):
     """The supervisor: binds the endpoints, runs ``count`` workers, restarts them, stops them."""
 
     def __init__(
-        self, config: Config, reactor: Any, config_file: str | None, overrides: dict[str, str]
+        self, config: Config, reactor: Reactor, config_file: str | None, overrides: dict[str, str]
     ) -> None:
         check_shareable(config)
         self.config = config
@@ -246,7 +247,7 @@ class _Worker(ProcessProtocol):
 class _SupervisorWatch(Protocol):
     """Standard input of a worker: when it ends, the supervisor is gone, and so goes the worker."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Reactor) -> None:
         self._reactor = reactor
 
     def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
@@ -299,7 +300,7 @@ def worker_main(argv: list[str] | None = None) -> int:
 
 
 def build_supervisor(
-    config: Config, reactor: Any, config_file: str | None = None, overrides: dict[str, str] | None = None
+    config: Config, reactor: Reactor, config_file: str | None = None, overrides: dict[str, str] | None = None
 ) -> MultiService:
     """With ``server.workers`` above 1: the supervisor, which binds the endpoints and runs the workers.
 

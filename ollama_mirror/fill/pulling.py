@@ -11,13 +11,14 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 
 from ..cache.manifests import ManifestCache, ManifestUnknown
 from ..cache.store import Store, manifest_blobs
 from ..events import Events
 from ..names import ModelName
-from ..upstream.client import Upstream, UpstreamError
+from ..upstream.client import AsClient, UpstreamError
 from ..upstream.hosts import Upstreams
 from .errors import FillFailed, PullFailed
 from .manager import FillManager
@@ -40,7 +41,7 @@ class ModelPuller:
         manifests: ManifestCache,
         fills: FillManager,
         upstreams: Upstreams,
-        clock: Any,
+        clock: IReactorTime,
         events: Events | None = None,
     ) -> None:
         self._store = store
@@ -50,21 +51,22 @@ class ModelPuller:
         self._clock = clock
         self._events = events or Events()
 
-    async def pull(self, name: ModelName, emit: Emit) -> list[str]:
+    async def pull(self, name: ModelName, emit: Emit, user_agent: str | None = None) -> list[str]:
         """Cache *name*, reporting as Ollama does; the hex digests of the blobs that were fetched.
 
-        A caller that stops waiting (a client hanging up) stops only this report: the downloads it
-        started go on.
+        *user_agent* is the asking client's, sent upstream for what is fetched on its behalf.  A caller
+        that stops waiting (a client hanging up) stops only this report: the downloads it started go on.
         """
-        upstream = self._upstreams.for_model_host(name.host)
-        if upstream is None:
+        found = self._upstreams.for_model_host(name.host)
+        if found is None:
             served = ", ".join(u.host for u in self._upstreams)
             raise PullFailed(f"no upstream is configured for {name.host} (this mirror serves {served})")
+        upstream = AsClient(found, user_agent)
         emit({"status": "pulling manifest"})
         try:
             manifest = await self._while_waiting(
-                Deferred.fromCoroutine(self._manifests.by_tag(name)),
-                {"status": f"pulling manifest: waiting for {upstream.url} to answer"},
+                Deferred.fromCoroutine(self._manifests.by_tag(name, None, user_agent)),
+                {"status": f"pulling manifest: waiting for {found.url} to answer"},
                 emit,
             )
         except ManifestUnknown:
@@ -101,7 +103,7 @@ class ModelPuller:
             ticker.stop()
 
     async def _report_blob(
-        self, name: ModelName, upstream: Upstream, digest: str, size: int, emit: Emit
+        self, name: ModelName, upstream: AsClient, digest: str, size: int, emit: Emit
     ) -> None:
         hexdigest = digest.removeprefix("sha256:")
         status = f"pulling {hexdigest[:12]}"

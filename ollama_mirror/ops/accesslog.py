@@ -31,6 +31,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from ..events import Events, FillView
+from ..units import human_size
 
 access_log = Logger(namespace="ollama_mirror.access")
 fill_log = Logger(namespace="ollama_mirror.fill")
@@ -174,15 +175,6 @@ class MirrorSite(Site):
 # --- the lines -----------------------------------------------------------------------------------
 
 
-def human_bytes(count: float) -> str:
-    """1234567 -> '1.2 MB' (decimal units, as disk and network people count)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(count) < 1000 or unit == "TB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    raise AssertionError("unreachable")
-
-
 class AccessLog:
     """One line per request: method, path, status, bytes, duration, cache outcome, client.
 
@@ -213,7 +205,7 @@ class AccessLog:
 class FillLog(Events):
     """Fill start, progress every few seconds, and end with its rate and result."""
 
-    def __init__(self, clock: Any, running: Callable[[], Iterable[FillView]]) -> None:
+    def __init__(self, clock: IReactorTime, running: Callable[[], Iterable[FillView]]) -> None:
         self._clock = clock
         self._running = running  # the Fills in progress (FillManager.fills.values)
         self._last: dict[str, tuple[float, int]] = {}  # digest -> (when, completed bytes) at the last line
@@ -235,9 +227,9 @@ class FillLog(Events):
             digest=fill.digest,
             repository=fill.repository,
             size=fill.size,
-            size_text=human_bytes(fill.size),
+            size_text=human_size(fill.size),
             resumed=fill.resumed_bytes,
-            resumed_text=human_bytes(fill.resumed_bytes),
+            resumed_text=human_size(fill.resumed_bytes),
         )
 
     def fill_ended(self, fill: FillView, error: str | None) -> None:
@@ -251,10 +243,10 @@ class FillLog(Events):
             "repository": fill.repository,
             "size": fill.size,
             "received": fill.received_bytes,
-            "received_text": human_bytes(fill.received_bytes),
+            "received_text": human_size(fill.received_bytes),
             "elapsed": elapsed,
             "rate": rate,
-            "rate_text": human_bytes(rate),
+            "rate_text": human_size(rate),
             "result": "ok" if error is None else "failed",
             "error": error,
         }
@@ -296,12 +288,12 @@ class FillLog(Events):
                     short=fill.digest[:19],
                     digest=fill.digest,
                     completed=completed,
-                    completed_text=human_bytes(completed),
+                    completed_text=human_size(completed),
                     size=fill.size,
-                    size_text=human_bytes(fill.size),
+                    size_text=human_size(fill.size),
                     percent=100.0 * completed / fill.size if fill.size else 100.0,
                     rate=rate,
-                    rate_text=human_bytes(rate),
+                    rate_text=human_size(rate),
                     eta="" if left is None else f", about {left:.0f} s left",
                 )
         except Exception:

@@ -29,6 +29,7 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import TimeoutError as NetworkTimeout
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -86,7 +87,7 @@ class ReachabilityProbe:
         name: str,
         url: str,
         agent: IAgent,
-        clock: Any,
+        clock: IReactorTime,
         *,
         ok_statuses: range = range(100, 500),
         timeout: float = PROBE_TIMEOUT,
@@ -253,7 +254,7 @@ class HealthCheck:
         self,
         store: Store,
         runner: Runner,
-        clock: Any,
+        clock: IReactorTime,
         *,
         min_free_bytes: int,
         upstream: ReachabilityProbe,

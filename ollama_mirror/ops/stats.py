@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -111,7 +112,7 @@ def _directory_size(path: str, suffix: str = "") -> tuple[int, int]:
 class CacheSurvey:
     """Walks the cache (in a thread) and keeps the latest :class:`CacheSummary`."""
 
-    def __init__(self, store: Store, catalog: Catalog, runner: Runner, clock: Any) -> None:
+    def __init__(self, store: Store, catalog: Catalog, runner: Runner, clock: IReactorTime) -> None:
         self._store = store
         self._catalog = catalog
         self._clock = clock
@@ -233,7 +234,7 @@ class StatsReport:
         survey: CacheSurvey,
         tally: TrafficTally,
         fills: Callable[[], Iterable[FillView]],
-        clock: Any,
+        clock: IReactorTime,
         cache_directory: str,
         upstream_url: str,
     ) -> None:

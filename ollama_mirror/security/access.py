@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
@@ -157,7 +158,7 @@ class AccessControl:
     def __init__(
         self,
         config: SecurityConfig,
-        clock: Any,
+        clock: IReactorTime,
         work_dir: str,
         registry_host: Callable[[str | None], str],
         holdings: Holdings | None = None,

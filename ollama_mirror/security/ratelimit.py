@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
-from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -55,7 +56,7 @@ class RateLimiter:
 
     PRUNE_EVERY = 1024
 
-    def __init__(self, clock: Any, requests: int, window: float) -> None:
+    def __init__(self, clock: IReactorTime, requests: int, window: float) -> None:
         self._clock = clock
         self.requests = requests
         self.window = window

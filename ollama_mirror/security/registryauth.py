@@ -21,12 +21,12 @@ import json
 import os
 import secrets
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..cache.files import read_or_create
@@ -65,7 +65,7 @@ def _unb64url(text: str) -> bytes:
 class Signer:
     """HMAC-signed tokens and URLs with an expiry, on the injected clock."""
 
-    def __init__(self, secret: bytes, clock: Any) -> None:
+    def __init__(self, secret: bytes, clock: IReactorTime) -> None:
         self._secret = secret
         self._clock = clock
 
@@ -184,7 +184,7 @@ class AuthorizedKeys:
 class TokenIssuer:
     """``GET /v2/token``: Ollama's signed token request in, a short-lived token out."""
 
-    def __init__(self, keys: AuthorizedKeys, signer: Signer, clock: Any, lifetime: float) -> None:
+    def __init__(self, keys: AuthorizedKeys, signer: Signer, clock: IReactorTime, lifetime: float) -> None:
         self._keys = keys
         self._signer = signer
         self._clock = clock

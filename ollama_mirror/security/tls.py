@@ -28,6 +28,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from ..config import ConfigError
+from ..runner import Reactor
 from ..upstream.trust import read_certificates, read_pem
 
 log = Logger(namespace="ollama_mirror.tls")  # pinned: log names are public
@@ -118,7 +119,9 @@ def is_managed_tls(description: str) -> bool:
     return kind == "ssl" and "privateKey=" not in rest
 
 
-def listener(description: str, factory: IProtocolFactory, reactor: Any, tls: ServerTLS | None) -> IService:
+def listener(
+    description: str, factory: IProtocolFactory, reactor: Reactor, tls: ServerTLS | None
+) -> IService:
     """A listening service for one strports *description*.
 
     ``ssl:PORT[:interface=..][:backlog=..]`` without ``privateKey=`` listens by TCP and speaks TLS with

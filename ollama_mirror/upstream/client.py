@@ -21,6 +21,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 from OpenSSL.SSL import Error as SSLError
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed
@@ -77,7 +78,7 @@ class Upstream:
         url: str,
         host: str,
         agent: IAgent,
-        clock: Any,
+        clock: IReactorTime,
         timeout: float,
         username: str = "",
         password: str = "",
@@ -188,8 +189,7 @@ class Upstream:
         """GET a manifest; raises :class:`UpstreamError` (status 404 when the upstream has none)."""
         types = list(dict.fromkeys([*DEFAULT_ACCEPT, *(accept or [])]))
         headers = {b"accept": [", ".join(types).encode()]}
-        if user_agent:
-            headers[b"user-agent"] = [user_agent.encode("latin-1", "replace")]
+        headers.update(_agent(user_agent))
         url = f"{self.url}/v2/{repository}/manifests/{reference}"
         scope = f"repository:{repository}:pull"
         response = await self._authorized("GET", url, scope, dict(headers))
@@ -210,10 +210,10 @@ class Upstream:
     def _blob_url(self, repository: str, digest: str) -> str:
         return f"{self.url}/v2/{repository}/blobs/{digest}"
 
-    async def blob_size(self, repository: str, digest: str) -> int:
+    async def blob_size(self, repository: str, digest: str, user_agent: str | None = None) -> int:
         """The exact size of a blob, by HEAD (or a one-byte ranged GET where HEAD is redirected)."""
         url = self._blob_url(repository, digest)
-        response = await self._authorized("HEAD", url, f"repository:{repository}:pull", {})
+        response = await self._authorized("HEAD", url, f"repository:{repository}:pull", _agent(user_agent))
         await discard(response)
         if response.code == 200:
             length = response.headers.getRawHeaders(b"content-length")
@@ -223,7 +223,7 @@ class Upstream:
             raise UpstreamError(
                 f"upstream {self.url} answered {response.code} for blob {digest}", response.code
             )
-        response = await self.open_range(repository, digest, 0, 0)
+        response = await self.open_range(repository, digest, 0, 0, user_agent)
         await discard(response)
         total = content_range_total(response)
         if response.code != 206 or total is None:
@@ -232,16 +232,19 @@ class Upstream:
             )
         return total
 
-    async def open_range(self, repository: str, digest: str, start: int, end: int | None) -> IResponse:
+    async def open_range(
+        self, repository: str, digest: str, start: int, end: int | None, user_agent: str | None = None
+    ) -> IResponse:
         """Start a GET of ``bytes=start-end`` of a blob and return the response, body unread.
 
         The answer is 206 (or 200 from an upstream that ignores ranges); any other status raises
         :class:`UpstreamError`.  Redirects are followed here; credentials stay with the registry.
         """
         range_header = f"bytes={start}-{'' if end is None else end}".encode()
+        headers = {b"range": [range_header], **_agent(user_agent)}
         resolved = self._resolved.get(digest)
         if resolved is not None and self._clock.seconds() - resolved[1] < _RESOLVED_URL_LIFETIME:
-            response = await self._send("GET", resolved[0], {b"range": [range_header]})
+            response = await self._send("GET", resolved[0], dict(headers))
             if response.code not in _EXPIRED_STATUSES:
                 return await self._expect_body(response, resolved[0])
             await discard(response)
@@ -251,7 +254,6 @@ class Upstream:
         self._resolved.pop(digest, None)
         url = self._blob_url(repository, digest)
         scope = f"repository:{repository}:pull"
-        headers = {b"range": [range_header]}
         response = await self._authorized("GET", url, scope, dict(headers))
         response, final = await self._follow(response, url, scope, headers)
         if _origin(final) != _origin(url):  # storage elsewhere (presigned): remember while it works
@@ -309,6 +311,32 @@ class UpstreamError(Exception):
         if self.kind == "loop":
             return False
         return self.status is None or self.status >= 500 or self.status in (408, 429)
+
+
+def _agent(user_agent: str | None) -> dict[bytes, list[bytes]]:
+    """The ``User-Agent`` header of a request made for a client (none: the mirror's own)."""
+    return {b"user-agent": [user_agent.encode("latin-1", "replace")]} if user_agent else {}
+
+
+class AsClient:
+    """An upstream seen through one client's ``User-Agent``, for what is fetched on that client's behalf
+    (registry.ollama.ai may refuse an Ollama too old for a model: it must judge the client's version),
+    without changing the upstream that every request shares."""
+
+    def __init__(self, upstream: Upstream, user_agent: str | None) -> None:
+        self.upstream = upstream
+        self.user_agent = user_agent
+
+    async def open_range(self, repository: str, digest: str, start: int, end: int | None) -> IResponse:
+        return await self.upstream.open_range(repository, digest, start, end, self.user_agent)
+
+    async def blob_size(self, repository: str, digest: str) -> int:
+        return await self.upstream.blob_size(repository, digest, self.user_agent)
+
+
+def ollama_agent(user_agent: str | None) -> str | None:
+    """A client's ``User-Agent`` worth forwarding upstream: an Ollama's (``ollama/0.32.15 ...``)."""
+    return user_agent if user_agent and user_agent.startswith("ollama/") else None
 
 
 def as_timeout(result: Any, timeout: float) -> Any:

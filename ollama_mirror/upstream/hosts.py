@@ -12,7 +12,6 @@ so that a request that comes back is seen as a loop (:mod:`ollama_mirror.web.loo
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.logger import Logger
@@ -20,6 +19,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
 from ..config import Config, UpstreamHost
+from ..runner import Reactor
 from .client import Upstream
 from .trust import UpstreamEndpoints, client_policy
 
@@ -59,7 +59,7 @@ class Upstreams:
 
 
 def build_upstreams(
-    config: Config, reactor: Any, marker: str, agent: IAgent | None = None
+    config: Config, reactor: Reactor, marker: str, agent: IAgent | None = None
 ) -> tuple[Upstreams, list[HTTPConnectionPool]]:
     """The upstreams of *config*, each with an Agent of its own (TLS trust, address override, pool),
     or all on *agent* when one is given (tests, embedders)."""
@@ -96,7 +96,7 @@ def build_upstreams(
 
 
 def _agent(
-    reactor: Any, spec: UpstreamHost, pool: HTTPConnectionPool, connect_timeout: float, where: str
+    reactor: Reactor, spec: UpstreamHost, pool: HTTPConnectionPool, connect_timeout: float, where: str
 ) -> IAgent:
     policy = client_policy(spec.ca_bundle, spec.insecure, where)
     url_host = urlsplit(spec.url).hostname or ""

@@ -21,6 +21,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from ..config import ConfigError, parse_address
+from ..runner import Reactor
 
 
 def read_pem(path: str, what: str) -> bytes:
@@ -87,7 +88,7 @@ class UpstreamEndpoints:
     (``host:port``) when one is set.  The TLS name checked and the ``Host`` sent stay the URL's."""
 
     def __init__(
-        self, reactor: Any, policy: IPolicyForHTTPS, url_host: str, address: str, connect_timeout: float
+        self, reactor: Reactor, policy: IPolicyForHTTPS, url_host: str, address: str, connect_timeout: float
     ) -> None:
         self._reactor = reactor
         self._policy = policy

@@ -85,5 +85,11 @@ def add_ollama_error_handlers(app: Klein, what: str) -> None:
 
     @app.handle_errors(Exception)
     def _internal(self: Any, request: IRequest, failure: Failure) -> bytes:
-        log.failure("{what} route failed", failure, what=what)
+        log.failure(
+            "{what} route failed on {method} {path}",
+            failure,
+            what=what,
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1")[:300],
+        )
         return ollama_error(request, 500, "internal error")

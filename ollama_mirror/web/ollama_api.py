@@ -24,6 +24,7 @@ from ..cache.modelinfo import describe, details
 from ..fill.errors import PullFailed
 from ..names import InvalidName, ModelName
 from ..runner import Runner
+from ..upstream.client import ollama_agent
 from ..upstream.hosts import Upstreams
 from .errors import add_ollama_error_handlers, json_body, ollama_error
 from .proxy import InferenceProxy
@@ -70,7 +71,7 @@ Emit = Callable[[dict[str, Any]], None]
 class Puller(Protocol):
     """Caches one model, reporting as Ollama's ``/api/pull`` does (the fill package's ``ModelPuller``)."""
 
-    async def pull(self, name: ModelName, emit: Emit) -> list[str]: ...
+    async def pull(self, name: ModelName, emit: Emit, user_agent: str | None = None) -> list[str]: ...
 
 
 class OllamaApi:
@@ -115,12 +116,13 @@ class OllamaApi:
     async def pull(self, request: Request) -> bytes | None:
         body = read_json(request)
         name = self._name(_model_field(body))
+        agent = ollama_agent((request.getHeader(b"user-agent") or b"").decode("latin-1"))
         if self._upstreams.for_model_host(name.host) is None:
             served = ", ".join(u.host for u in self._upstreams)
             raise ApiError(400, f"no upstream is configured for {name.host} (this mirror serves {served})")
         if body.get("stream", True) is False:
             try:
-                await self.puller.pull(name, lambda _: None)
+                await self.puller.pull(name, lambda _: None, agent)
             except PullFailed as e:
                 return ollama_error(request, 500, str(e))
             return json_body(request, 200, {"status": "success"})
@@ -131,7 +133,7 @@ class OllamaApi:
             request.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
 
         try:
-            await self.puller.pull(name, emit)
+            await self.puller.pull(name, emit, agent)
         except PullFailed as e:
             emit({"error": str(e)})
         return None

@@ -15,6 +15,7 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.error import TimeoutError as TxTimeoutError
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -48,7 +49,7 @@ MAX_UNLOAD_BODY = 64 * 1024
 
 class InferenceProxy:
     def __init__(
-        self, agent: IAgent | None, base_url: str, enabled: bool, timeout: float, clock: Any
+        self, agent: IAgent | None, base_url: str, enabled: bool, timeout: float, clock: IReactorTime
     ) -> None:
         self._agent = agent
         self._base = base_url.rstrip("/")

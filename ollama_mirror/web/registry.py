@@ -27,7 +27,7 @@ from ..cache.manifests import Manifest, ManifestCache, ManifestUnknown
 from ..events import Events
 from ..fill.errors import FillFailed
 from ..names import InvalidName, ModelName, is_digest, is_model, is_namespace, is_tag, parse_digest
-from ..upstream.client import Upstream, UpstreamError
+from ..upstream.client import AsClient, Upstream, UpstreamError, ollama_agent
 from ..upstream.hosts import Upstreams
 from .blobstream import BlobProducer, StreamingResource
 from .errors import RegistryError, json_body, registry_error, routing_answer
@@ -93,8 +93,6 @@ class RegistryApi:
     async def manifest(self, request: IRequest, namespace: str, model: str, reference: str) -> bytes:
         accept = [t.strip() for t in (_header(request, b"accept") or "").split(",") if t.strip()]
         user_agent = _header(request, b"user-agent")
-        if user_agent and user_agent.startswith("ollama/"):
-            self._upstream(request).user_agent = user_agent  # registry.ollama.ai may refuse other agents
         found: Manifest
         if is_digest(reference):
             name = self._name(request, namespace, model)
@@ -141,16 +139,13 @@ class RegistryApi:
             return None  # the route reports it
         if found is None:
             return None
-        user_agent = _header(request, b"user-agent")
-        if user_agent and user_agent.startswith("ollama/"):
-            upstream.user_agent = user_agent
         self._events.model_used(name, request.method == b"GET")
         return self._manifest_answer(request, found)
 
     # --- blobs ---------------------------------------------------------------------------------
 
     async def _locate(
-        self, upstream: Upstream, name: ModelName, hexdigest: str
+        self, upstream: AsClient, name: ModelName, hexdigest: str
     ) -> tuple[int, GrowingBlob | None]:
         """The blob's size, and its download if it is in progress."""
         size = self._blobs.blob_size(hexdigest)
@@ -202,7 +197,8 @@ class RegistryApi:
 
     @app.route("/<namespace>/<model>/blobs/<digest>", methods=["GET", "HEAD"])
     async def blob(self, request: Request, namespace: str, model: str, digest: str) -> Any:
-        upstream = self._upstream(request)
+        # what is fetched for this client goes upstream with its User-Agent (see AsClient)
+        upstream = AsClient(self._upstream(request), ollama_agent(_header(request, b"user-agent")))
         name = self._name(request, namespace, model)
         try:
             hexdigest = parse_digest(digest)

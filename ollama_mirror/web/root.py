@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from klein import Klein
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.exceptions import NotFound
 
-from .errors import ollama_error
+from .errors import add_ollama_error_handlers
 
 log = Logger(namespace="ollama_mirror.web")  # pinned: log names are public
 
@@ -75,28 +74,7 @@ class RootApi:
             raise NotFound()
         return self._metrics
 
-    @app.handle_errors(NotFound)
-    def not_found(self, request: IRequest, failure: Failure) -> bytes:
-        return ollama_error(request, 404, "not found")
-
-    @app.handle_errors(MethodNotAllowed)
-    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
-        return ollama_error(request, 405, "method not allowed")
-
-    @app.handle_errors(HTTPException)
-    def http_exception(self, request: IRequest, failure: Failure) -> bytes:
-        """Routing answers such as werkzeug's redirect of ``/v2`` to ``/v2/``."""
-        e: HTTPException = failure.value  # type: ignore[assignment]
-        response = e.get_response()
-        location = response.headers.get("Location")
-        if location:
-            request.setHeader(b"location", location.encode("latin-1"))
-        return ollama_error(request, e.code or 500, e.description or e.name)
-
-    @app.handle_errors(Exception)
-    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
-        log.failure("unhandled error on {method} {path}", failure, method=request.method, path=request.path)
-        return ollama_error(request, 500, "internal error")
+    add_ollama_error_handlers(app, "web")
 
     def resource(self) -> IResource:
         return self.app.resource()  # type: ignore[no-any-return]

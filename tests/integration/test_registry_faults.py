@@ -11,7 +11,7 @@ import json
 import threading
 import time
 
-from ollama_mirror.ops.accesslog import human_bytes
+from ollama_mirror.units import human_size
 from tests.integration.helpers import (
     CHUNK,
     CONNECTIONS,
@@ -229,7 +229,7 @@ def test_killed_mid_fill_resumes_without_refetching(
     fetched = blob_records_bytes(proxy, blob)
     expected = blob.size - done_bytes
     assert expected <= fetched <= expected + CONNECTIONS * CHUNK, (fetched, expected, sorted(done))
-    assert f"{human_bytes(done_bytes)} already on disk" in mirror.log_text()  # the fill's start line
+    assert f"{human_size(done_bytes)} already on disk" in mirror.log_text()  # the fill's start line
 
 
 # --- 17. the cap on concurrent downloads ----------------------------------------------------------

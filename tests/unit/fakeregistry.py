@@ -27,6 +27,7 @@ class Seen:
     authorization: str | None
     range: str | None
     via: str | None = None
+    user_agent: str | None = None
 
 
 @dataclass
@@ -107,6 +108,7 @@ class FakeRegistry(Resource):
                 (request.getHeader(b"authorization") or b"").decode() or None,
                 (request.getHeader(b"range") or b"").decode() or None,
                 (request.getHeader(b"via") or b"").decode() or None,
+                (request.getHeader(b"user-agent") or b"").decode() or None,
             )
         )
         if host == "auth.example":

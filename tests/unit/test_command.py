@@ -21,7 +21,9 @@ from ollama_mirror.cache.bundle import BundleError, export_bundle, import_bundle
 from ollama_mirror.cache.lock import CacheLock
 from ollama_mirror.cache.store import Store
 from ollama_mirror.cli import main as cli
-from ollama_mirror.cli.main import _PullView
+from ollama_mirror.cli.maintenance import at_once, sweeper_for
+from ollama_mirror.cli.parser import build_parser
+from ollama_mirror.cli.prefetch import PullView
 from ollama_mirror.cli.progress import Progress
 from ollama_mirror.config import load_config
 from ollama_mirror.daemon.prefetch import PrefetchService
@@ -314,7 +316,7 @@ def test_maintenance_commands_wait_for_no_daemon_and_the_daemon_for_no_command(
 
 def test_every_command_has_help() -> None:
     for name in ("prefetch", "ls", "export", "import", "gc", "rm", "health"):
-        parser = cli.build_parser()
+        parser = build_parser()
         with pytest.raises(SystemExit) as exited:
             parser.parse_args([name, "--help"])
         assert exited.value.code == 0
@@ -343,7 +345,7 @@ def test_progress_on_a_pipe_is_one_line_per_item() -> None:
 def test_a_pull_shown_on_a_pipe_says_done_once_per_blob_and_shows_waits() -> None:
     """The mirror repeats a blob's last line (completed, then present once verified): one "done"."""
     out = io.StringIO()
-    view = _PullView(Progress(out, tty=False), ModelName.parse("tiny"))
+    view = PullView(Progress(out, tty=False), ModelName.parse("tiny"))
     view.line({"status": "pulling manifest"})
     view.line({"status": "pulling manifest: waiting for http://registry.example to answer"})
     digest = "sha256:" + "ab" * 32
@@ -431,8 +433,8 @@ def test_a_sweep_during_a_long_import_keeps_its_staging_files(tmp_path: Path) ->
             super().update(done)
             staged = list(Path(target.partial_dir).glob("import-*.part"))
             if len(staged) >= 3 and not swept:  # ...and the daemon sweeps while this blob arrives
-                sweeper = cli._sweeper(config)
-                report = cli._now(sweeper.sweep())
+                sweeper = sweeper_for(config)
+                report = at_once(sweeper.sweep())
                 sweeper.index.close()
                 swept.append(report.removed_partials)
 
