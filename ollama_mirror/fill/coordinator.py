@@ -19,6 +19,7 @@ import os
 from collections.abc import Awaitable, Callable
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, DeferredSemaphore, succeed
+from twisted.internet.defer import fail as failed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,6 +34,7 @@ from .fetch import RangeFetcher
 from .follow import HolderLink
 from .partial import PartialFile
 from .verify import PrefixHasher
+from .waiters import Waiters
 
 log = Logger(namespace="ollama_mirror.fill")  # pinned: log names are public
 
@@ -90,7 +92,7 @@ class Fill:
             retry_delay=retry_delay,
             idle_timeout=idle_timeout,
             may_fetch=self._may_fetch,
-            wanted=lambda: set(self._waiters) | self.link.remote_wants,
+            wanted=lambda: self.waiters.chunks() | self.link.remote_wants,
             fail=self.fail,
         )
         self.hasher = PrefixHasher(self.chunks, self.partial, lambda: not self.ended, self._finish, self.fail)
@@ -100,8 +102,7 @@ class Fill:
         self.received_bytes = 0
         self.started_at: float | None = None
         self._stopping = False
-        self._waiters: dict[int, list[tuple[int, Deferred[None]]]] = {}  # chunk -> (offset, waiter)
-        self._finished: list[Deferred[None]] = []
+        self.waiters = Waiters(self.available)
         self._state_lock = DeferredLock()
         self._save_queued = False
 
@@ -145,56 +146,21 @@ class Fill:
     def wait(self, offset: int) -> Deferred[None]:
         """A Deferred (the caller's own) that fires when bytes at *offset* are on disk, or fails with
         :class:`FillFailed` when the download fails."""
-        index = self.chunks.index_of(offset)
-        d: Deferred[None] = Deferred(lambda d: self._forget(d, index))
         if self.failure is not None:
-            d.errback(self.failure)
-        elif self.available(offset) > 0 or self.complete:
-            d.callback(None)
-        else:
-            self._waiters.setdefault(index, []).append((offset, d))
-            self.fetcher.schedule()
+            return failed(self.failure)
+        if self.available(offset) > 0 or self.complete:
+            return succeed(None)
+        d = self.waiters.reader(self.chunks.index_of(offset), offset)
+        self.fetcher.schedule()
         return d
 
     def when_done(self) -> Deferred[None]:
         """A Deferred of the caller's own that fires when the blob is published (or fails)."""
-        d: Deferred[None] = Deferred(lambda d: self._forget(d))
         if self.complete:
-            d.callback(None)
-        elif self.failure is not None:
-            d.errback(self.failure)
-        else:
-            self._finished.append(d)
-        return d
-
-    def _forget(self, d: Deferred[None], index: int | None = None) -> None:
-        waiting = self._waiters.get(index) if index is not None else None
-        if waiting is not None:
-            waiting[:] = [(o, w) for o, w in waiting if w is not d]
-            if not waiting:
-                del self._waiters[index]  # type: ignore[arg-type]
-        if d in self._finished:
-            self._finished.remove(d)
-
-    def _wake(self, index: int | None = None) -> None:
-        """Fire the waiters whose bytes are on disk: those of chunk *index*, or all of them.
-
-        Waiters are kept by chunk, so that each write looks only at the readers of its own chunk.
-        """
-        for chunk in list(self._waiters) if index is None else [index]:
-            waiting = self._waiters.get(chunk)
-            if not waiting:
-                continue
-            ready = [d for o, d in waiting if self.available(o) > 0]
-            if not ready:
-                continue
-            left = [(o, d) for o, d in waiting if self.available(o) <= 0]
-            if left:
-                self._waiters[chunk] = left
-            else:
-                del self._waiters[chunk]
-            for d in ready:
-                d.callback(None)
+            return succeed(None)
+        if self.failure is not None:
+            return failed(self.failure)
+        return self.waiters.finished()
 
     # --- running -------------------------------------------------------------------------------
 
@@ -262,7 +228,7 @@ class Fill:
             self.chunks.done[index] = True
         if self.size == 0:
             self.chunks.done[0] = True  # nothing to fetch: hash the empty string and publish
-        self._wake()
+        self.waiters.wake()
 
     async def _admitted(self) -> None:
         """Ask *admit* for room (it may sweep the cache first); a refusal fails the Fill in its words."""
@@ -295,11 +261,11 @@ class Fill:
         for index in state.done if state is not None else ():
             if 0 <= index < self.chunks.count and not self.chunks.done[index]:
                 self.chunks.done[index] = True
-                self._wake(index)
+                self.waiters.wake(index)
 
     def waited_chunks(self) -> frozenset[int]:
         """The unfinished chunks this process's readers wait on."""
-        return frozenset(i for i in self._waiters if not self.chunks.done[i])
+        return frozenset(i for i in self.waiters.chunks() if not self.chunks.done[i])
 
     def write_unfinished(self, data: bytes, offset: int) -> None:
         self.partial.write_unfinished(data, offset)
@@ -311,7 +277,7 @@ class Fill:
         for index, finished in self.chunks.record(start, end):
             if finished:
                 self._chunk_done(index)
-            self._wake(index)
+            self.waiters.wake(index)
 
     def _chunk_done(self, index: int) -> None:
         self.chunks.done[index] = True
@@ -368,10 +334,7 @@ class Fill:
         self.link.end()
         self.partial.close()
         self.events.fill_ended(self, None)
-        self._wake()
-        finished, self._finished = self._finished, []
-        for d in finished:
-            d.callback(None)
+        self.waiters.succeed()
 
     # --- ending --------------------------------------------------------------------------------
 
@@ -388,10 +351,7 @@ class Fill:
             self.partial.discard()
         self.fetcher.stop_transfers()
         self.partial.close()
-        waiters, self._waiters = self._waiters, {}
-        finished, self._finished = self._finished, []
-        for d in [d for waiting in waiters.values() for _, d in waiting] + finished:
-            d.errback(failure)
+        self.waiters.fail(failure)
 
     def stop(self) -> Deferred[None]:
         """Stop downloading (daemon shutdown); what is on disk stays for the next start."""

@@ -45,7 +45,11 @@ class MirrorMetrics(Events):
     """The mirror's metrics; an :class:`Events` listener and a request listener."""
 
     def __init__(self, registry: CollectorRegistry, clock: IReactorTime, routes: Iterable[str] = ()) -> None:
-        """*routes*: every route label, so that each bounded series exists from the start."""
+        """*routes*: every route label, so that each bounded series exists from the start.
+
+        Long on purpose: it is the table of every metric the mirror exports (name, help, labels, unit),
+        one declaration each, easier to read and to check against the README in one place.
+        """
         self.registry = registry
         self._clock = clock
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}

@@ -12,7 +12,6 @@ import pytest
 from ollama_mirror.config import (
     Config,
     ConfigError,
-    _default_text,
     inactive_settings,
     keys,
     load_config,
@@ -21,6 +20,7 @@ from ollama_mirror.config import (
     sample_document,
     size_text,
 )
+from ollama_mirror.config.reference import default_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -232,7 +232,7 @@ def test_the_reference_shows_every_size_default_as_a_value_that_reads_back_the_s
     sizes = [key for key in keys() if key.kind == "size"]
     assert sizes
     for key in sizes:
-        shown = _default_text(key)
+        shown = default_text(key)
         assert parse_size(shown) == key.default, (key.dotted, shown)
     assert [size_text(v) for v in (16384, 64 * 2**20, 10**7, 1000, 1536)] == [
         "16KiB",
