@@ -96,3 +96,25 @@ def test_installed_wheel_is_found_by_twistd_outside_the_checkout(wheel: Path, tm
         check=True,
     )
     assert str(venv) in where.stdout  # the installed copy, not the checkout
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "name"),
+    [
+        ("ollama_mirror.service", "ollama_mirror.daemon.service", "build_service"),
+        ("ollama_mirror.logfiles", "ollama_mirror.ops.logoutput", "log_observer"),
+    ],
+)
+def test_the_import_paths_earlier_releases_documented_still_work_and_warn(
+    old: str, new: str, name: str
+) -> None:
+    code = f"import {old} as old, {new} as new; assert old.{name} is new.{name}"
+    result = subprocess.run(
+        [sys.executable, "-W", "always::DeprecationWarning", "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{old} is deprecated: import from {new}" in result.stderr
