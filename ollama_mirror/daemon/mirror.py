@@ -81,7 +81,9 @@ class Mirror:
             backend_asked=lambda: self.proxy.asked,
             registry=metrics_registry,
         )
-        self.admin = AdminApi(self.observability.stats, self.observability.health, self.sweeper)
+        self.admin = AdminApi(
+            self.observability.stats, self.observability.health, self.sweeper, trusted=self.access.trusted
+        )
         self.root = RootApi(
             registry=self.registry.resource(),
             api=self.api.resource(),

@@ -286,13 +286,25 @@ class AccessControl:
         given = _bearer(request)
         if given is None:
             return Refusal(401, "unauthorized: this mirror needs an API key (Authorization: Bearer <key>)")
+        if self._key_matches(given):
+            return None
+        return self._failed_credentials(client, Refusal(401, "unauthorized: wrong API key"))
+
+    def _key_matches(self, given: str) -> bool:
         candidate = given.encode("latin-1", "replace")
         matched = False
         for key in self._api_keys:  # every key is compared, so timing tells nothing
             matched |= hmac.compare_digest(candidate, key)
-        if matched:
-            return None
-        return self._failed_credentials(client, Refusal(401, "unauthorized: wrong API key"))
+        return matched
+
+    def trusted(self, request: IRequest) -> bool:
+        """Whether *request* may see the mirror's details (paths, URLs, versions): no API key is set, or
+        it carries a right one.  Routes open to anyone (``/mirror/health``) show the rest only their
+        status."""
+        if not self._api_keys:
+            return True
+        given = _bearer(request)
+        return given is not None and self._key_matches(given)
 
     def _check_api_model(self, request: Request) -> Refusal | None:
         name = _model_in_body(request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from klein import Klein
@@ -43,10 +44,19 @@ class AdminApi:
 
     app = Klein()
 
-    def __init__(self, stats: Report, health: Health, sweeper: Clearer) -> None:
+    def __init__(
+        self,
+        stats: Report,
+        health: Health,
+        sweeper: Clearer,
+        trusted: Callable[[IRequest], bool] = lambda request: True,
+    ) -> None:
+        """*trusted* says whether a request may see details (paths, URLs): ``/mirror/health`` is open to
+        load balancers, which need only the statuses."""
         self._stats = stats
         self._health = health
         self._sweeper = sweeper
+        self._trusted = trusted
 
     def resource(self) -> IResource:
         return self.app.resource()  # type: ignore[no-any-return]
@@ -60,7 +70,14 @@ class AdminApi:
     async def health(self, request: IRequest) -> bytes:
         """``ok``/``degraded`` answer 200, ``failing`` 503, so that load balancers can act on it."""
         report = await self._health.report()
-        return json_body(request, report.http_status, report.document())
+        document = report.document()
+        if not self._trusted(request):
+            checks = document.get("checks", {})
+            document = {
+                "status": document.get("status"),
+                "checks": {name: {"status": check.get("status")} for name, check in checks.items()},
+            }
+        return json_body(request, report.http_status, document)
 
     @app.route("/cache", methods=["DELETE"])
     async def clear_cache(self, request: IRequest) -> bytes:

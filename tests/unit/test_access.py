@@ -230,6 +230,17 @@ def test_api_keys_guard_api_and_mirror_routes_but_not_health(tmp_path: Path, reg
         assert response.code == 200 and json.loads(body) == {"models": []}
     assert h.request("GET", "/mirror/health")[0].code in (200, 503)
     assert h.request("GET", "/")[0].code == 200  # "Ollama is running": the CLI's HEAD /
+    # open to load balancers, but without a key only statuses: no path, URL or detail to learn from
+    anonymous = json.loads(h.request("GET", "/mirror/health")[1])
+    assert set(anonymous) == {"status", "checks"}
+    assert all(set(check) == {"status"} for check in anonymous["checks"].values())
+    for key in (None, "wrong"):
+        headers = {} if key is None else {"Authorization": [f"Bearer {key}"]}
+        text = h.request("GET", "/mirror/health", headers=headers)[1].decode()
+        assert str(tmp_path) not in text and "registry.example" not in text
+    detailed = json.loads(h.request("GET", "/mirror/health", headers={"Authorization": ["Bearer k2"]})[1])
+    assert detailed["checks"]["cache_writable"]["path"] == str(tmp_path / "cache")
+    assert detailed["checks"]["upstream"]["url"].startswith("http://registry.example")
     assert h.request("GET", "/metrics")[0].code == 200  # unless protect_metrics
     assert h.request("GET", MANIFEST, headers=ACCEPT)[0].code == 200  # /v2 has its own rules
 
