@@ -21,7 +21,8 @@ from twisted.python.failure import Failure
 from ..events import Events
 from ..names import ModelName
 from ..runner import Runner
-from ..upstream.client import Upstream, UpstreamError, media_type_of
+from ..upstream.client import Upstream, media_type_of
+from ..upstream.errors import UpstreamError
 from ..upstream.hosts import Upstreams
 from .store import Store, manifest_blobs
 
@@ -74,7 +75,7 @@ class ManifestCache:
         """The upstream of the name's host (the cache keeps each host's manifests apart)."""
         upstream = self._upstreams.for_model_host(name.host)
         if upstream is None:
-            raise UpstreamError(f"no upstream is configured for {name.host}", kind="config")
+            raise UpstreamError(f"no upstream is configured for {name.host}", kind="config", lasting=True)
         return upstream
 
     def _remember_sizes(self, data: bytes) -> None:
@@ -130,7 +131,11 @@ class ManifestCache:
         self, name: ModelName, cached: bytes | None, accept: list[str] | None, user_agent: str | None
     ) -> Manifest:
         try:
-            fetched = await self._upstream(name).manifest(name.repository, name.tag, accept, user_agent)
+            # with a cached copy to fall back on, one try: the upstream's trouble must not delay it
+            upstream = self._upstream(name)
+            fetched = await upstream.manifest(
+                name.repository, name.tag, accept, user_agent, patient=cached is None
+            )
         except UpstreamError as e:
             if e.status == 404:
                 raise ManifestUnknown(f"manifest unknown: {name}") from None

@@ -187,9 +187,19 @@ class UpstreamConfig:
     max_concurrent_downloads: int = setting(
         3, "MAX_CONCURRENT_DOWNLOADS", "Blobs fetched from upstream at the same time.", "int", 1
     )
-    retry_attempts: int = setting(3, "RETRY_ATTEMPTS", "Retries of a failed upstream request.", "int")
+    retry_attempts: int = setting(
+        3,
+        "RETRY_ATTEMPTS",
+        "Retries of an upstream request (token, manifest, blob size, blob or chunk GET) that got no answer, "
+        "408, 429 or a 5xx; other answers are final.",
+        "int",
+    )
     retry_delay: float = setting(
-        1, "RETRY_DELAY", "Seconds before the first retry; doubles on each further one.", "float"
+        1,
+        "RETRY_DELAY",
+        "Seconds before the first retry; doubles on each further one (with jitter, up to 30 s), or what "
+        "the upstream's Retry-After asks if longer (up to 60 s).",
+        "float",
     )
     connections_per_blob: int = setting(
         4, "UPSTREAM_CONNECTIONS_PER_BLOB", "Parallel ranged connections one blob download uses.", "int", 1

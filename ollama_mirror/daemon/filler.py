@@ -43,7 +43,9 @@ class CacheFiller:
             store, Catalog(store), self.index, config.cache, self.runner, reactor, events, protected=set
         )
         events.listen(sweeper)
-        upstreams, self._pools = build_upstreams(config, reactor, cache_marker(store.work_dir))
+        upstreams, self._pools = build_upstreams(
+            config, reactor, cache_marker(store.work_dir), retried=events.upstream_error
+        )
         manifests = ManifestCache(store, upstreams, self.runner, reactor, config.cache.manifest_ttl, events)
         self.fills = FillManager(
             store, upstreams.default, reactor, self.runner, config.upstream, events, admit=sweeper.admit

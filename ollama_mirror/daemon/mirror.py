@@ -34,6 +34,7 @@ from ..ops.observability import Observability
 from ..runner import InlineRunner, Reactor, Runner, ThreadRunner
 from ..security.access import AccessControl
 from ..upstream.hosts import build_upstreams
+from ..upstream.retry import RetryPolicy
 from ..web.admin import AdminApi
 from ..web.loop import LoopGuard
 from ..web.ollama_api import OllamaApi
@@ -127,7 +128,10 @@ class Mirror:
     def _build_downloads(self, agent: IAgent | None) -> None:
         """The upstreams, the manifest cache, one download per blob, and whole-model pulls."""
         config, reactor = self.config, self.reactor
-        self.upstreams, self._pools = build_upstreams(config, reactor, self.marker, agent)
+        self.retry = RetryPolicy(reactor, config.upstream.retry_attempts, config.upstream.retry_delay)
+        self.upstreams, self._pools = build_upstreams(
+            config, reactor, self.marker, agent, retry=self.retry, retried=self.events.upstream_error
+        )
         self.upstream = self.upstreams.default
         self.manifests = ManifestCache(
             self.store, self.upstreams, self.runner, reactor, config.cache.manifest_ttl, self.events
@@ -140,6 +144,7 @@ class Mirror:
             config.upstream,
             self.events,
             admit=self.sweeper.admit,
+            retry=self.retry,
         )
         self.puller = ModelPuller(
             self.store, self.manifests, self.fills, self.upstreams, reactor, self.events

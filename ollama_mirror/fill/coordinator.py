@@ -28,6 +28,7 @@ from ..cache.blobs import BlobSource
 from ..cache.store import PartialState, Store
 from ..events import Events, FillView
 from ..runner import Runner
+from ..upstream.retry import RetryPolicy
 from .chunks import ChunkMap
 from .errors import DigestMismatch, DiskFull, FillFailed
 from .fetch import RangeFetcher
@@ -56,16 +57,16 @@ class Fill:
         runner: Runner,
         chunk_size: int,
         connections: int,
-        retry_attempts: int,
-        retry_delay: float,
+        retry: RetryPolicy,
         idle_timeout: float,
         gate: DeferredSemaphore | None = None,
         events: Events | None = None,
         admit: Admission | None = None,
         max_connections: int | None = None,
     ) -> None:
-        """*admit* may refuse the download (no room) before anything is written; *gate* caps how many
-        Fills download at once."""
+        """*retry* is the upstream retry policy (a body that breaks off resumes under it); *admit* may
+        refuse the download (no room) before anything is written; *gate* caps how many Fills download at
+        once."""
         self.hexdigest = hexdigest
         self.digest = "sha256:" + hexdigest
         self.size = size
@@ -88,8 +89,7 @@ class Fill:
             events=self.events,
             connections=connections,
             max_connections=max_connections or connections,
-            retry_attempts=retry_attempts,
-            retry_delay=retry_delay,
+            retry=retry,
             idle_timeout=idle_timeout,
             may_fetch=self._may_fetch,
             wanted=lambda: self.waiters.chunks() | self.link.remote_wants,

@@ -24,7 +24,9 @@ from twisted.web.client import ResponseDone
 
 from ..cache.blobs import BlobSource
 from ..events import Events
-from ..upstream.client import UpstreamError, content_range_start, discard
+from ..upstream.client import content_range_start, discard
+from ..upstream.errors import UpstreamError
+from ..upstream.retry import RetryPolicy
 from .chunks import ChunkMap
 from .errors import DiskFull, FillFailed
 
@@ -141,8 +143,7 @@ class RangeFetcher:
         events: Events,
         connections: int,
         max_connections: int,
-        retry_attempts: int,
-        retry_delay: float,
+        retry: RetryPolicy,
         idle_timeout: float,
         may_fetch: Callable[[], bool],
         wanted: Callable[[], set[int]],
@@ -157,8 +158,7 @@ class RangeFetcher:
         self.connections = connections
         # More connections while readers wait on more distinct chunks (a Go client's 16 parts).
         self.max_connections = max(connections, max_connections)
-        self.retry_attempts = retry_attempts
-        self.retry_delay = retry_delay
+        self.retry = retry
         self.idle_timeout = idle_timeout
         self._may_fetch = may_fetch
         self._wanted = wanted
@@ -209,6 +209,8 @@ class RangeFetcher:
             self.workers -= 1
 
     async def _fetch_with_retries(self, index: int) -> None:
+        """Fetch one chunk, resuming it from the bytes it has when its body breaks off (a cut, a stall)
+        under the upstream retry policy; an answer the upstream's own retries gave up on is final."""
         failures = 0
         while True:
             try:
@@ -219,16 +221,16 @@ class RangeFetcher:
                     return
                 self.events.upstream_error(e.kind)
                 failures += 1
-                if failures > self.retry_attempts or not e.transient:
+                if e.final or not e.transient or failures > self.retry.attempts:
                     raise FillFailed(f"download of {self.sink.digest} failed: {e.message}") from None
-                delay = self.retry_delay * 2 ** (failures - 1)
+                delay = self.retry.wait_before(failures, e.retry_after)
                 log.warn(
-                    "fill {digest}: chunk {index}: {error}; retry {n} of {max} in {delay:g} s",
+                    "fill {digest}: chunk {index}: {error}; retry {n} of {max} in {delay:.1f} s",
                     digest=self.sink.digest,
                     index=index,
                     error=e.message,
                     n=failures,
-                    max=self.retry_attempts,
+                    max=self.retry.attempts,
                     delay=delay,
                 )
                 await deferLater(self.clock, delay)

@@ -14,6 +14,7 @@ from ..cache.store import Store
 from ..config import UpstreamConfig
 from ..events import Events
 from ..runner import Runner
+from ..upstream.retry import RetryPolicy
 from .coordinator import Admission, Fill
 
 log = Logger(namespace="ollama_mirror.fills")  # pinned: log names are public
@@ -29,6 +30,7 @@ class FillManager(Service):
         config: UpstreamConfig,
         events: Events | None = None,
         admit: Admission | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         """*source* is where downloads get bytes unless told otherwise (the default upstream); *admit*
         may refuse a download before it writes anything (the cache's room-making)."""
@@ -41,6 +43,7 @@ class FillManager(Service):
         self.gate = DeferredSemaphore(config.max_concurrent_downloads)
         self.fills: dict[str, Fill] = {}
         self.admit = admit
+        self.retry = retry or RetryPolicy(clock, config.retry_attempts, config.retry_delay)
 
     def active(self, hexdigest: str) -> Fill | None:
         """The running Fill of a blob, if any."""
@@ -63,8 +66,7 @@ class FillManager(Service):
             runner=self.runner,
             chunk_size=self.config.chunk_size,
             connections=self.config.connections_per_blob,
-            retry_attempts=self.config.retry_attempts,
-            retry_delay=self.config.retry_delay,
+            retry=self.retry,
             idle_timeout=self.config.idle_timeout,
             gate=self.gate,
             events=self.events,

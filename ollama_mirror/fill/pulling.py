@@ -18,7 +18,8 @@ from ..cache.manifests import ManifestCache, ManifestUnknown
 from ..cache.store import Store, manifest_blobs
 from ..events import Events
 from ..names import ModelName
-from ..upstream.client import AsClient, UpstreamError
+from ..upstream.client import AsClient
+from ..upstream.errors import UpstreamError
 from ..upstream.hosts import Upstreams
 from .errors import FillFailed, PullFailed
 from .manager import FillManager

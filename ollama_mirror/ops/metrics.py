@@ -98,7 +98,7 @@ class MirrorMetrics(Events):
             registry=registry,
         )
         self.upstream_errors = counter(
-            "upstream_errors", "Failed upstream requests during downloads, by kind.", ("kind",)
+            "upstream_errors", "Failed upstream requests (each retry counted), by kind.", ("kind",)
         )
         self.digest_mismatches = counter(
             "digest_mismatches", "Downloads discarded because their bytes did not match their digest."

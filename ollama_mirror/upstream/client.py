@@ -14,8 +14,9 @@ import contextlib
 import hashlib
 import json
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from OpenSSL.SSL import Error as SSLError
@@ -30,8 +31,11 @@ from twisted.web.iweb import IAgent, IResponse
 
 from .. import __version__
 from .bodies import collect_limited, drain
+from .errors import UpstreamError
+from .retry import RetryPolicy, parse_retry_after
 
 log = Logger(namespace="ollama_mirror.upstream")  # pinned: log names are public
+T = TypeVar("T")
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -84,7 +88,11 @@ class Upstream:
         password: str = "",
         token: str = "",
         via: str = "",
+        retry: RetryPolicy | None = None,
+        retried: Callable[[str], None] | None = None,
     ) -> None:
+        """*retry* is the policy every request goes through (none: one try each); *retried* hears the
+        kind of each failure retried (for the metrics)."""
         self.url = url.rstrip("/")
         self.host = host
         self.agent = agent
@@ -99,6 +107,17 @@ class Upstream:
         self._tokens: dict[str, bytes] = {}  # scope -> "Bearer ..." header value
         self._resolved: dict[str, tuple[str, float]] = {}  # digest -> (blob URL elsewhere, when resolved)
         self.user_agent = f"ollama-mirror/{__version__}"
+        self._retry = retry or RetryPolicy(clock, 0, 0.0)
+        self._retried = retried
+
+    async def _retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """*attempt* under the retry policy (see :mod:`ollama_mirror.upstream.retry`)."""
+
+        def heard(error: Exception) -> None:
+            if self._retried is not None and isinstance(error, UpstreamError):
+                self._retried(error.kind)
+
+        return await self._retry.run(f"upstream {self.url}: {what}", attempt, heard)
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -173,7 +192,7 @@ class Upstream:
         response = await self._send("GET", url, headers)
         body = await read_small(response, 64 * 1024)
         if response.code != 200:
-            raise UpstreamError(f"token service {realm} answered {response.code}", response.code)
+            raise _answered(response, f"token service {realm} answered {response.code}")
         try:
             document = json.loads(body)
             token = document.get("token") or document["access_token"]
@@ -184,9 +203,27 @@ class Upstream:
     # --- manifests -----------------------------------------------------------------------------
 
     async def manifest(
-        self, repository: str, reference: str, accept: list[str] | None = None, user_agent: str | None = None
+        self,
+        repository: str,
+        reference: str,
+        accept: list[str] | None = None,
+        user_agent: str | None = None,
+        patient: bool = True,
     ) -> FetchedManifest:
-        """GET a manifest; raises :class:`UpstreamError` (status 404 when the upstream has none)."""
+        """GET a manifest; raises :class:`UpstreamError` (status 404 when the upstream has none).
+
+        Not *patient*: one try, no retries (a cached copy is there to serve if the upstream has trouble).
+        """
+        if not patient:
+            return await self._manifest_once(repository, reference, accept, user_agent)
+        return await self._retrying(
+            f"manifest {repository}:{reference}",
+            lambda: self._manifest_once(repository, reference, accept, user_agent),
+        )
+
+    async def _manifest_once(
+        self, repository: str, reference: str, accept: list[str] | None, user_agent: str | None
+    ) -> FetchedManifest:
         types = list(dict.fromkeys([*DEFAULT_ACCEPT, *(accept or [])]))
         headers = {b"accept": [", ".join(types).encode()]}
         headers.update(_agent(user_agent))
@@ -196,8 +233,8 @@ class Upstream:
         response, url = await self._follow(response, url, scope, headers)
         if response.code != 200:
             await discard(response)
-            raise UpstreamError(
-                f"upstream {self.url} answered {response.code} for {repository}:{reference}", response.code
+            raise _answered(
+                response, f"upstream {self.url} answered {response.code} for {repository}:{reference}"
             )
         data = await read_small(response, MAX_MANIFEST_BYTES)
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].decode("latin-1")
@@ -212,6 +249,11 @@ class Upstream:
 
     async def blob_size(self, repository: str, digest: str, user_agent: str | None = None) -> int:
         """The exact size of a blob, by HEAD (or a one-byte ranged GET where HEAD is redirected)."""
+        return await self._retrying(
+            f"size of blob {digest}", lambda: self._blob_size_once(repository, digest, user_agent)
+        )
+
+    async def _blob_size_once(self, repository: str, digest: str, user_agent: str | None) -> int:
         url = self._blob_url(repository, digest)
         response = await self._authorized("HEAD", url, f"repository:{repository}:pull", _agent(user_agent))
         await discard(response)
@@ -220,10 +262,8 @@ class Upstream:
             if length and length[0].isdigit():
                 return int(length[0])
         elif response.code not in (301, 302, 303, 307, 308):
-            raise UpstreamError(
-                f"upstream {self.url} answered {response.code} for blob {digest}", response.code
-            )
-        response = await self.open_range(repository, digest, 0, 0, user_agent)
+            raise _answered(response, f"upstream {self.url} answered {response.code} for blob {digest}")
+        response = await self._open_range_once(repository, digest, 0, 0, user_agent)
         await discard(response)
         total = content_range_total(response)
         if response.code != 206 or total is None:
@@ -240,6 +280,14 @@ class Upstream:
         The answer is 206 (or 200 from an upstream that ignores ranges); any other status raises
         :class:`UpstreamError`.  Redirects are followed here; credentials stay with the registry.
         """
+        return await self._retrying(
+            f"blob {digest} bytes {start}-{'' if end is None else end}",
+            lambda: self._open_range_once(repository, digest, start, end, user_agent),
+        )
+
+    async def _open_range_once(
+        self, repository: str, digest: str, start: int, end: int | None, user_agent: str | None
+    ) -> IResponse:
         range_header = f"bytes={start}-{'' if end is None else end}".encode()
         headers = {b"range": [range_header], **_agent(user_agent)}
         resolved = self._resolved.get(digest)
@@ -289,28 +337,13 @@ class Upstream:
         if response.code in (200, 206):
             return response
         await discard(response)
-        raise UpstreamError(f"upstream {_origin(url)} answered {response.code} for a blob", response.code)
+        raise _answered(response, f"upstream {_origin(url)} answered {response.code} for a blob")
 
 
-class UpstreamError(Exception):
-    """The upstream could not give us what we asked: unreachable, timed out, or said no.
-
-    ``status`` is the upstream's HTTP status when it answered, ``None`` when it did not; ``kind``
-    sorts failures for metrics: ``timeout``, ``connection``, ``status``, ``idle`` or ``protocol``.
-    """
-
-    def __init__(self, message: str, status: int | None = None, kind: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.kind = kind or ("status" if status is not None else "connection")
-
-    @property
-    def transient(self) -> bool:
-        """Worth retrying: no answer, a 5xx, 408 or 429 (a request loop never heals by itself)."""
-        if self.kind == "loop":
-            return False
-        return self.status is None or self.status >= 500 or self.status in (408, 429)
+def _answered(response: IResponse, message: str) -> UpstreamError:
+    """An upstream answer that is not the one asked for, with its status and its ``Retry-After``."""
+    retry_after = parse_retry_after((response.headers.getRawHeaders(b"retry-after") or [None])[0])
+    return UpstreamError(message, response.code, retry_after=retry_after)
 
 
 def _agent(user_agent: str | None) -> dict[bytes, list[bytes]]:
@@ -423,7 +456,9 @@ async def read_small(response: IResponse, limit: int) -> bytes:
         return await collect_limited(response, limit)
     except ValueError:
         raise UpstreamError(
-            f"upstream sent more than {limit} bytes where a small document was expected"
+            f"upstream sent more than {limit} bytes where a small document was expected",
+            kind="protocol",
+            lasting=True,
         ) from None
     except NETWORK_ERRORS as e:
         raise UpstreamError(f"upstream failed while sending a document: {e}") from None

@@ -11,7 +11,7 @@ so that a request that comes back is seen as a loop (:mod:`ollama_mirror.web.loo
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from twisted.logger import Logger
@@ -21,6 +21,7 @@ from twisted.web.iweb import IAgent
 from ..config import Config, UpstreamHost
 from ..runner import Reactor
 from .client import Upstream
+from .retry import RetryPolicy
 from .trust import UpstreamEndpoints, client_policy
 
 log = Logger(namespace="ollama_mirror.upstreams")  # pinned: log names are public
@@ -59,10 +60,17 @@ class Upstreams:
 
 
 def build_upstreams(
-    config: Config, reactor: Reactor, marker: str, agent: IAgent | None = None
+    config: Config,
+    reactor: Reactor,
+    marker: str,
+    agent: IAgent | None = None,
+    retry: RetryPolicy | None = None,
+    retried: Callable[[str], None] | None = None,
 ) -> tuple[Upstreams, list[HTTPConnectionPool]]:
     """The upstreams of *config*, each with an Agent of its own (TLS trust, address override, pool),
-    or all on *agent* when one is given (tests, embedders)."""
+    or all on *agent* when one is given (tests, embedders); every request under *retry* (by default
+    ``upstream.retry_attempts`` and ``retry_delay``), and *retried* hears each retried failure's kind."""
+    retry = retry or RetryPolicy(reactor, config.upstream.retry_attempts, config.upstream.retry_delay)
     pools: list[HTTPConnectionPool] = []
     built = []
     for index, spec in enumerate(config.upstreams()):
@@ -90,6 +98,8 @@ def build_upstreams(
                 password=spec.password,
                 token=spec.token,
                 via=marker,
+                retry=retry,
+                retried=retried,
             )
         )
     return Upstreams(built, dict(config.server.virtual_hosts)), pools

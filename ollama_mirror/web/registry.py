@@ -27,7 +27,8 @@ from ..cache.manifests import Manifest, ManifestCache, ManifestUnknown
 from ..events import Events
 from ..fill.errors import FillFailed
 from ..names import InvalidName, ModelName, is_digest, is_model, is_namespace, is_tag, parse_digest
-from ..upstream.client import AsClient, Upstream, UpstreamError, ollama_agent
+from ..upstream.client import AsClient, Upstream, ollama_agent
+from ..upstream.errors import UpstreamError
 from ..upstream.hosts import Upstreams
 from .blobstream import BlobProducer, StreamingResource
 from .errors import RegistryError, json_body, registry_error, routing_answer

@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -42,6 +43,8 @@ class FakeRegistry(Resource):
     redirect_status: int = 307  # hf.co answers 302
     ignore_range: bool = False
     fail_with: int = 0  # answer every registry request with this status
+    # (status, Retry-After, how many times, path substring): answer matching requests so, then normally
+    faults: list[list[Any]] = field(default_factory=list)
     hold_manifests: bool = False  # answer manifest requests only at release(), to make them overlap
     held: list[tuple[Request, bytes]] = field(default_factory=list)
     seen: list[Seen] = field(default_factory=list)
@@ -111,6 +114,14 @@ class FakeRegistry(Resource):
                 (request.getHeader(b"user-agent") or b"").decode() or None,
             )
         )
+        for fault in self.faults:
+            status, retry_after, times, where = fault
+            if times > 0 and where in f"{host}{path}":
+                fault[2] -= 1
+                request.setResponseCode(status)
+                if retry_after is not None:
+                    request.setHeader(b"retry-after", str(retry_after).encode())
+                return b'{"errors":[{"code":"UNAVAILABLE"}]}'
         if host == "auth.example":
             return self._token(request)
         if host == "storage.example":

@@ -22,7 +22,8 @@ from ollama_mirror.fill.coordinator import Fill
 from ollama_mirror.fill.errors import DigestMismatch, DiskFull, FillFailed
 from ollama_mirror.fill.follow import FOLLOW_INTERVAL, WANTS_INTERVAL
 from ollama_mirror.runner import InlineRunner
-from ollama_mirror.upstream.client import UpstreamError
+from ollama_mirror.upstream.errors import UpstreamError
+from ollama_mirror.upstream.retry import RetryPolicy
 
 CHUNK = 1000
 
@@ -124,10 +125,10 @@ def make_fill(tmp_path: Path, blob: bytes, source: FakeSource, clock: Clock, **k
     settings: dict[str, Any] = {
         "chunk_size": CHUNK,
         "connections": 2,
-        "retry_attempts": 2,
-        "retry_delay": 1.0,
         "idle_timeout": 10.0,
     }
+    attempts = kwargs.pop("retry_attempts", 2)
+    settings["retry"] = RetryPolicy(clock, attempts, 1.0, jitter=lambda: 1.0)  # whole delays: 1 s, 2 s
     settings.update(kwargs)
     return Fill(
         hexdigest=hashlib.sha256(blob).hexdigest(),

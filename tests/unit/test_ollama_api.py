@@ -212,16 +212,17 @@ class SilentUpstream:
 
 
 def test_a_silent_upstream_shows_as_a_wait_then_a_timeout(tmp_path: Path, registry: FakeRegistry) -> None:
-    h = Harness(tmp_path, registry, upstream_agent=SilentUpstream(), **{"upstream.timeout": "30"})
+    settings = {"upstream.timeout": "30", "upstream.retry_attempts": "1", "upstream.retry_delay": "0"}
+    h = Harness(tmp_path, registry, upstream_agent=SilentUpstream(), **settings)
     response, body = h.request("POST", "/api/pull", step=1, data=b'{"model": "tiny"}')
     assert response.code == 200  # the stream had started: the error is its last line, as in Ollama
     got = lines(body)
     waiting = {"status": "pulling manifest: waiting for http://registry.example to answer"}
     assert got[0] == {"status": "pulling manifest"}
-    assert got[1:-1] == [waiting] * 5  # one every 5 s of the 30
+    assert got[1:-1] == [waiting] * 11  # one every 5 s of the two tries of 30 s
     assert got[-1] == {
         "error": "pull model manifest: upstream http://registry.example did not answer within 30 s "
-        "(upstream.timeout)"
+        "(upstream.timeout) (after 2 attempts)"
     }
 
 
