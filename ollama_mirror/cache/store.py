@@ -16,7 +16,8 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ConfigError
@@ -47,11 +48,30 @@ def _check_hex(hexdigest: str) -> str:
 
 @dataclass(frozen=True)
 class PartialState:
-    """What a restart needs to resume a download: which chunks of the partial file are final."""
+    """What a restart needs to resume a download: which chunks of the partial file are final, and how
+    far each unfinished chunk got from its start (*filled*: chunk index -> bytes, only those above 0)."""
 
     size: int
     chunk_size: int
     done: frozenset[int]
+    filled: Mapping[int, int] = field(default_factory=dict)
+
+
+def _filled_marks(document: dict[str, Any], size: int, chunk_size: int) -> dict[int, int]:
+    """The record's marks of unfinished chunks that make sense for this blob (others are dropped: the
+    chunk is fetched again from its start, which is always safe)."""
+    marks = document.get("filled")
+    if not isinstance(marks, dict):
+        return {}
+    found: dict[int, int] = {}
+    for key, mark in marks.items():
+        if not (isinstance(key, str) and key.isdigit() and isinstance(mark, int)):
+            continue
+        index = int(key)
+        length = min(chunk_size, size - index * chunk_size)
+        if 0 < mark < length:
+            found[index] = mark
+    return found
 
 
 class PartialReplaced(Exception):
@@ -158,7 +178,7 @@ class Store:
         done = document.get("done")
         if not isinstance(done, list) or not all(isinstance(i, int) for i in done):
             return None
-        return PartialState(size, chunk_size, frozenset(done))
+        return PartialState(size, chunk_size, frozenset(done), _filled_marks(document, size, chunk_size))
 
     def write_partial_state(self, hexdigest: str, fd: int, state: PartialState) -> None:
         """Record finished chunks durably: the data first, then the record of it (thread)."""
@@ -168,6 +188,7 @@ class Store:
             "size": state.size,
             "chunk_size": state.chunk_size,
             "done": sorted(state.done),
+            "filled": {str(index): mark for index, mark in sorted(state.filled.items())},
             "inode": st.st_ino,  # the record is of this file only (see read_partial_state)
             "device": st.st_dev,
         }

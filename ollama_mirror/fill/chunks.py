@@ -8,7 +8,7 @@ is bookkeeping only: no I/O, no clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 
 class ChunkMap:
@@ -58,6 +58,21 @@ class ChunkMap:
 
     def finished(self) -> frozenset[int]:
         return frozenset(i for i in range(self.count) if self.done[i])
+
+    def marks(self) -> dict[int, int]:
+        """How far each unfinished chunk with bytes on disk got from its start."""
+        return {i: mark for i, mark in enumerate(self.filled) if mark and not self.done[i]}
+
+    def resume(self, done: Iterable[int], marks: Mapping[int, int]) -> list[int]:
+        """Take what a record says is on disk (chunks finished, marks of the others); the indices of the
+        chunks that became finished, in order.  Marks only move forward."""
+        finished = sorted(i for i in done if 0 <= i < self.count and not self.done[i])
+        for index in finished:
+            self.done[index] = True
+        for index, mark in marks.items():
+            if 0 <= index < self.count and not self.done[index] and 0 < mark < self.length(index):
+                self.filled[index] = max(self.filled[index], mark)
+        return finished
 
     def record(self, start: int, end: int) -> Iterator[tuple[int, bool]]:
         """Bytes [start, end) are on disk: advance the marks of the chunks they continue, one at a time

@@ -2,10 +2,12 @@
 
 A Fill creates the partial file at full size (:mod:`.partial`), splits it into chunks (:mod:`.chunks`),
 and lets a few upstream workers fetch one chunk at a time with ``Range`` (:mod:`.fetch`); the chunk a
-reader waits on goes first.  Finished chunks are recorded durably, so a restarted daemon resumes where it
-was.  The sha256 advances over the finished prefix in a worker thread (:mod:`.verify`); at the end the
-digest is checked and the file is published by atomic rename.  Under ``server.workers`` a Fill may
-instead follow the download another process holds (:mod:`.follow`).
+reader waits on goes first.  What is on disk is recorded durably as it arrives (finished chunks, and how
+far each other chunk got), so a restarted daemon resumes where it was, to within a few hundred KiB.  The
+sha256 advances over the finished prefix in a worker thread (:mod:`.verify`; after a restart it hashes
+again what is on disk, never fetches it again); at the end the digest is checked and the file is
+published by atomic rename.  Under ``server.workers`` a Fill may instead follow the download another
+process holds (:mod:`.follow`).
 
 Readers never talk to upstream: they ask :meth:`Fill.available` how many bytes at an offset are on disk
 and :meth:`Fill.wait` for more, each getting a Deferred of its own, so a reader hanging up can never
@@ -39,6 +41,12 @@ from .waiters import Waiters
 
 log = Logger(namespace="ollama_mirror.fill")  # pinned: log names are public
 
+# How often the record of progress follows the data: after this many bytes, at most this often.  A
+# restart loses at most what arrived since the last record (the record costs an fdatasync and a small
+# atomic write, so at full speed it runs ten times a second, back to back with the data).
+PROGRESS_SAVE_BYTES = 256 * 1024
+PROGRESS_SAVE_INTERVAL = 0.1
+
 Admission = Callable[[FillView], Awaitable[None]]  # may refuse a download (no room), in words
 
 
@@ -63,10 +71,11 @@ class Fill:
         events: Events | None = None,
         admit: Admission | None = None,
         max_connections: int | None = None,
+        progress_bytes: int = PROGRESS_SAVE_BYTES,
     ) -> None:
         """*retry* is the upstream retry policy (a body that breaks off resumes under it); *admit* may
         refuse the download (no room) before anything is written; *gate* caps how many Fills download at
-        once."""
+        once; *progress_bytes* is how much may arrive before the record of progress follows."""
         self.hexdigest = hexdigest
         self.digest = "sha256:" + hexdigest
         self.size = size
@@ -105,6 +114,10 @@ class Fill:
         self.waiters = Waiters(self.available)
         self._state_lock = DeferredLock()
         self._save_queued = False
+        self._progress_bytes = progress_bytes
+        self._unsaved_bytes = 0  # received since the last record of progress was taken
+        self._saved_at = 0.0
+        self._last_save: Deferred[None] = succeed(None)  # the record of progress taken at shutdown
 
     # --- what readers use ----------------------------------------------------------------------
 
@@ -208,7 +221,8 @@ class Fill:
             return
         fd, state = opened.fd, opened.state
         resumed = sorted(i for i in (state.done if state else ()) if 0 <= i < self.chunks.count)
-        self.resumed_bytes = self.chunks.bytes_of(resumed)
+        marks = {i: m for i, m in (state.filled if state else {}).items() if i not in resumed}
+        self.resumed_bytes = self.chunks.bytes_of(resumed) + sum(marks.values())
         # The descriptor stays unset until the file is ready: readers arriving meanwhile may schedule
         # upstream requests, whose bytes a reservation (which truncates) would otherwise wipe out.
         try:
@@ -224,8 +238,7 @@ class Fill:
             os.close(fd)
             return
         self.partial.fd = fd
-        for index in resumed:  # only now: "available" must always mean "readable through the file"
-            self.chunks.done[index] = True
+        self.chunks.resume(resumed, marks)  # only now: "available" must mean "readable through the file"
         if self.size == 0:
             self.chunks.done[0] = True  # nothing to fetch: hash the empty string and publish
         self.waiters.wake()
@@ -257,10 +270,12 @@ class Fill:
         self.fetcher.schedule()
 
     def apply(self, state: PartialState | None) -> None:
-        """Chunks the holder recorded as finished are readable here too."""
-        for index in state.done if state is not None else ():
-            if 0 <= index < self.chunks.count and not self.chunks.done[index]:
-                self.chunks.done[index] = True
+        """What the holder recorded (finished chunks, how far the others got) is readable here too."""
+        if state is None:
+            return
+        self.chunks.resume(state.done, state.filled)
+        for index in {*state.done, *state.filled}:
+            if 0 <= index < self.chunks.count:
                 self.waiters.wake(index)
 
     def waited_chunks(self) -> frozenset[int]:
@@ -271,25 +286,36 @@ class Fill:
         self.partial.write_unfinished(data, offset)
 
     def wrote(self, start: int, end: int) -> None:
-        """Bytes [start, end) are on disk: advance chunk marks, wake readers, finish chunks."""
+        """Bytes [start, end) are on disk: advance chunk marks, wake readers, finish chunks, and now and
+        then record how far the chunks got (a restart resumes from there)."""
         self.received_bytes += end - start
+        self._unsaved_bytes += end - start
         self.events.upstream_bytes(end - start)
         for index, finished in self.chunks.record(start, end):
             if finished:
                 self._chunk_done(index)
             self.waiters.wake(index)
+        if (
+            self._unsaved_bytes >= self._progress_bytes
+            and self.clock.seconds() - self._saved_at >= PROGRESS_SAVE_INTERVAL
+        ):
+            self._queue_save()
 
     def _chunk_done(self, index: int) -> None:
         self.chunks.done[index] = True
-        if not self._save_queued:  # a save already waiting records this chunk too
-            self._save_queued = True
-            self._state_lock.run(self._save_state).addErrback(self.fail)
+        self._queue_save()
         self._advance_hash()
 
+    def _queue_save(self) -> None:
+        if not self._save_queued:  # a save already waiting records this progress too
+            self._save_queued = True
+            self._state_lock.run(self._save_state).addErrback(self.fail)
+
     def _save_state(self) -> Deferred[None]:
-        self._save_queued = False  # chunks finished from now on need a save of their own
+        self._save_queued = False  # progress from now on needs a save of its own
         if self.ended:
             return succeed(None)
+        self._unsaved_bytes, self._saved_at = 0, self.clock.seconds()
         return self.partial.run(self._write_state, self.partial.state())
 
     def _write_state(self, state: PartialState) -> None:
@@ -350,13 +376,28 @@ class Fill:
         if failure.check(DiskFull) and not self.link.following:  # leave the cache as it was, now
             self.partial.discard()
         self.fetcher.stop_transfers()
-        self.partial.close()
+        if self._stopping and self.partial.fd >= 0 and not self.link.following:
+            # Shutting down: record exactly what is on disk (after any save still running), then close.
+            self._last_save = self._state_lock.run(self._save_last, self.partial.state())
+        else:
+            self.partial.close()
         self.waiters.fail(failure)
+
+    def _save_last(self, state: PartialState) -> Deferred[None]:
+        def failed(failure: Failure) -> None:
+            log.warn(
+                "fill {digest}: cannot record its progress at shutdown: {error}",
+                digest=self.digest,
+                error=failure.getErrorMessage(),
+            )
+
+        saved = self.partial.run(self.partial.write_state, state).addErrback(failed)
+        return saved.addBoth(lambda _: self.partial.close())
 
     def stop(self) -> Deferred[None]:
         """Stop downloading (daemon shutdown); what is on disk stays for the next start."""
         self._stopping = True
         if not self.ended:  # fail also cuts the transfers in flight
             self.fail(Failure(FillFailed(f"download of {self.digest} stopped (shutting down)")))
-        drained = [self._state_lock.run(succeed, None), self.link.drained()]
+        drained = [self._state_lock.run(succeed, None), self.link.drained(), self._last_save]
         return DeferredList(drained).addCallback(lambda _: None)

@@ -156,8 +156,10 @@ class PartialFile:
             position = piece_end
 
     def state(self) -> PartialState:
-        """The record of the chunks finished now (made on the reactor thread, written in a thread)."""
-        return PartialState(self.chunks.size, self.chunks.chunk_size, self.chunks.finished())
+        """The record of what is on disk now: finished chunks, and how far the others got (made on the
+        reactor thread, whose writes are already in the file; written in a thread, after the data)."""
+        chunks = self.chunks
+        return PartialState(chunks.size, chunks.chunk_size, chunks.finished(), chunks.marks())
 
     def write_state(self, state: PartialState) -> None:
         """(thread) Record *state*, bound to this file."""

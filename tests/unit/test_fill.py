@@ -326,7 +326,55 @@ def test_stop_aborts_transfers_and_keeps_what_is_on_disk(tmp_path: Path, blob: b
     assert response.transport is not None and response.transport.stopped
     assert fill.failure is not None and "shutting down" in fill.failure.getErrorMessage()
     assert os.path.exists(fill.store.partial_path(fill.hexdigest))
-    assert json.loads(Path(fill.store.state_path(fill.hexdigest)).read_text())["done"] == [0]
+    record = json.loads(Path(fill.store.state_path(fill.hexdigest)).read_text())
+    assert record["done"] == [0] and record["filled"] == {"1": 100}  # every byte it had, to the last
+
+
+def test_progress_within_a_chunk_is_recorded_as_it_arrives_and_survives_a_crash(
+    tmp_path: Path, blob: bytes
+) -> None:
+    clock, source = Clock(), FakeSource(blob)
+    first = make_fill(tmp_path, blob, source, clock, connections=1, progress_bytes=300)
+    first.start()
+    source.respond(source.requests[0])
+    clock.advance(1)
+    response = source.respond(source.pending()[0], send=False)
+    response.send(blob[1000:1200])  # not yet worth a record
+    state_path = Path(first.store.state_path(first.hexdigest))
+    assert json.loads(state_path.read_text())["filled"] == {}
+    response.send(blob[1200:1400])  # 400 bytes since the last record: it follows the data
+    assert json.loads(state_path.read_text())["filled"] == {"1": 400}
+    response.send(blob[1400:1450])
+    os.close(first.partial.fd)  # killed: no goodbye, its lock goes with its descriptors
+
+    source2 = FakeSource(blob)
+    second = make_fill(tmp_path, blob, source2, clock, connections=1)
+    second.start()
+    assert second.resumed_bytes == 1400 and second.available(0) == 1400
+    assert source2.requests[0].start == 1400  # the rest of chunk 1 only
+    source2.serve_all()
+    assert second.complete and published(second) == blob
+    assert sum((r.end or len(blob) - 1) + 1 - r.start for r in source2.requests) == len(blob) - 1400
+
+
+def test_a_follower_serves_the_holders_progress_within_a_chunk(tmp_path: Path, blob: bytes) -> None:
+    clock, source_a, source_b = Clock(), FakeSource(blob), FakeSource(blob)
+    holder = make_fill(tmp_path, blob, source_a, clock, connections=1, progress_bytes=100)
+    follower = make_fill(tmp_path, blob, source_b, clock, connections=1)
+    holder.start()
+    follower.start()
+    waiting = follower.wait(0)
+    clock.advance(1)
+    response = source_a.respond(source_a.requests[0], send=False)
+    response.send(blob[:600])
+    clock.advance(FOLLOW_INTERVAL)
+    assert waiting.called and follower.available(0) == 600 and follower.available(600) == 0
+    holder.stop()  # the holder goes away mid-chunk: the follower takes over from its last byte
+    clock.advance(FOLLOW_INTERVAL)
+    assert not follower.following
+    assert source_b.requests[0].start == 600
+    source_b.serve_all()
+    assert follower.complete and published(follower) == blob and source_b.requests[0].start == 600
 
 
 def test_a_full_disk_mid_write_discards_the_partial(
@@ -666,3 +714,24 @@ def test_the_holder_fetches_first_what_readers_in_a_following_worker_wait_on(tmp
     clock.advance(FOLLOW_INTERVAL)
     assert follower.complete and published(follower) == blob
     assert source_b.requests == [] and len(source_a.requests) == 10  # every chunk fetched once
+
+
+def test_a_record_of_progress_is_believed_only_where_it_makes_sense(tmp_path: Path, blob: bytes) -> None:
+    store = Store(str(tmp_path / "cache"))
+    store.create()
+    hexdigest = hashlib.sha256(blob).hexdigest()
+    fd = os.open(store.partial_path(hexdigest), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(fd, len(blob))
+        store.write_partial_state(hexdigest, fd, PartialState(len(blob), CHUNK, frozenset({0}), {1: 250}))
+        assert store.read_partial_state(hexdigest, len(blob), CHUNK, fd) == PartialState(
+            len(blob), CHUNK, frozenset({0}), {1: 250}
+        )
+        path = Path(store.state_path(hexdigest))
+        record = json.loads(path.read_text())
+        record["filled"] = {"1": 250, "2": CHUNK, "3": -5, "4": 499, "x": 3, "5": 10}
+        path.write_text(json.dumps(record))  # a whole chunk, a negative, past the short last one, junk
+        state = store.read_partial_state(hexdigest, len(blob), CHUNK, fd)
+        assert state is not None and state.filled == {1: 250, 4: 499}
+    finally:
+        os.close(fd)
