@@ -26,6 +26,7 @@ class FillView(Protocol):
     started_at: float | None
     resumed_bytes: int
     received_bytes: int
+    allocated_bytes: int  # already taken on disk by its partial file (admission must not count them again)
 
     @property
     def ended(self) -> bool: ...
@@ -62,6 +63,10 @@ class Events:
 
     def digest_mismatch(self, fill: FillView) -> None:
         """A download's bytes did not hash to its digest (it was discarded)."""
+
+    def disk_full(self, message: str, path: str, free: int | None) -> None:
+        """The cache's disk had no room: a write at *path* failed, or a download was refused, for the
+        reason *message* says (*free* bytes left there, when known)."""
 
     def blob_served(self, source: str, count: int, complete: bool) -> None:
         """A blob response ended; *source* is ``cache`` or ``fill``, *count* the body bytes sent."""
@@ -112,6 +117,9 @@ class EventHub(Events):
 
     def digest_mismatch(self, fill: FillView) -> None:
         self._emit("digest_mismatch", fill)
+
+    def disk_full(self, message: str, path: str, free: int | None) -> None:
+        self._emit("disk_full", message, path, free)
 
     def blob_served(self, source: str, count: int, complete: bool) -> None:
         self._emit("blob_served", source, count, complete)

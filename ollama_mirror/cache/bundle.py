@@ -41,6 +41,7 @@ from ..names import InvalidName, ModelName, parse_digest
 from ..units import human_size
 from .catalog import Catalog
 from .lock import StagingLock
+from .space import free_bytes
 from .store import Store, _fsync_dir, manifest_blobs
 
 FORMAT = "ollama-mirror-bundle"
@@ -384,8 +385,7 @@ def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> by
 
 def _check_room(store: Store, index: BundleIndex, min_free: int) -> None:
     needed = sum(size for hexdigest, size in index.blobs.items() if store.blob_size(hexdigest) is None)
-    st = os.statvfs(store.root)
-    free = st.f_bavail * st.f_frsize
+    free = free_bytes(store.root)
     if needed + min_free > free:
         raise BundleError(
             f"not enough disk space for the bundle: {human_size(needed)} of new blobs, "

@@ -26,6 +26,7 @@ from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ..config import CacheConfig
 from ..events import Events, FillView
@@ -34,6 +35,7 @@ from ..runner import Runner
 from .catalog import CachedModel, Catalog, _prune_empty_dirs
 from .index import CacheIndex
 from .lock import staging_in_use
+from .space import NoSpace, free_bytes, is_no_space
 from .store import Store, pid_alive, same_file
 
 log = Logger(namespace="ollama_mirror.eviction")  # pinned: log names are public
@@ -49,9 +51,9 @@ _PARTIAL_NAME = re.compile(r"sha256-([0-9a-f]{64})\.(part|json)")
 _WANTS_NAME = re.compile(r"sha256-[0-9a-f]{64}\.part\.wants\.([0-9]{1,10})-[0-9]{1,10}")
 
 
-class NoRoom(Exception):
+class NoRoom(NoSpace):
     """A download the cache cannot take: larger than the cap, or the disk is too full (the download
-    fails with these words)."""
+    fails with these words, answered 507 Insufficient Storage)."""
 
 
 @dataclass
@@ -64,6 +66,7 @@ class SweepReport:
     models: int = 0
     seconds: float = 0.0
     by_reason: dict[str, list[int]] = field(default_factory=dict)  # reason -> [models, blobs, bytes]
+    index_skipped: bool = False  # the disk was full: the index was not updated (the files were swept)
 
     def count(self, reason: str, models: int = 0, blobs: int = 0, size: int = 0) -> None:
         totals = self.by_reason.setdefault(reason, [0, 0, 0])
@@ -122,6 +125,8 @@ class Sweeper(Events):
             self._lock.release()
         self.cache_bytes = report.cache_bytes
         self.last_report = report
+        if report.index_skipped:
+            log.warn("sweep: the cache index was not updated: the disk is full (the next sweep catches up)")
         for reason, (models, blobs, size) in report.by_reason.items():
             self.events.evicted(models, blobs, size, reason)
         if report.removed_models or report.removed_blobs or report.removed_partials:
@@ -151,10 +156,10 @@ class Sweeper(Events):
         """The sweep proper (worker thread)."""
         started = time.monotonic()
         report = SweepReport()
-        self.index.flush(pending)
+        self._index_write(report, self.index.flush, pending)
         models = self.catalog.models(complete_only=False)
         blobs = _blob_files(self.store.blobs_dir)
-        self.index.reconcile(models, blobs)
+        self._index_write(report, self.index.reconcile, models, blobs)
         usage = self.index.model_usage()
         refs: Counter[str] = Counter(digest for m in models for digest, _ in m.blobs)
         remaining = {str(m.name): m for m in models}
@@ -198,12 +203,24 @@ class Sweeper(Events):
                 total -= freed
                 report.count("orphan", blobs=1, size=freed)
         report.removed_partials = self._remove_abandoned(protected, now)
-        self.index.forget_models(report.removed_models)
-        self.index.forget_blobs(d for d in list(self.index.blob_last_used()) if d not in blobs)
+        self._index_write(report, self.index.forget_models, report.removed_models)
+        gone = [d for d in self.index.blob_last_used() if d not in blobs]
+        self._index_write(report, self.index.forget_blobs, gone)
         report.cache_bytes = total
         report.models = len([m for m in remaining.values() if m.complete])
         report.seconds = time.monotonic() - started
         return report
+
+    @staticmethod
+    def _index_write(report: SweepReport, write: Callable[..., None], *args: Any) -> None:
+        """(thread) An update of the index; on a full disk it is skipped and the sweep goes on, since
+        the sweep is what frees space (the files are the truth: the next sweep brings the index back)."""
+        try:
+            write(*args)
+        except Exception as e:
+            if not is_no_space(e):
+                raise
+            report.index_skipped = True
 
     def _unlink_manifest(self, model: CachedModel) -> bool:
         path = self.store.manifest_path(model.name)
@@ -271,19 +288,23 @@ class Sweeper(Events):
         if fill.size > self.cap:
             raise NoRoom(
                 f"blob {fill.digest} is {fill.size} bytes, more than the whole cache may hold "
-                f"(cache.max_size_gb = {self.config.max_size_gb:g})"
+                f"(cache.max_size_gb = {self.config.max_size_gb:g})",
+                self.store.root,
             )
         if self.cache_bytes + fill.size > self.cap:
             await self.sweep(room=fill.size)
-        free = await self.runner.run(_free_bytes, self.store.root)
-        needed = fill.size - fill.resumed_bytes + int(self.config.min_free_gb * GB)
+        free = await self.runner.run(free_bytes, self.store.root)
+        # what the partial file already takes on disk is ours: never count it against the download
+        needed = fill.size - max(fill.resumed_bytes, fill.allocated_bytes) + int(self.config.min_free_gb * GB)
         if free < needed:
             await self.sweep(room=fill.size + needed - free)
-            free = await self.runner.run(_free_bytes, self.store.root)
+            free = await self.runner.run(free_bytes, self.store.root)
             if free < needed:
                 raise NoRoom(
                     f"not enough disk space for blob {fill.digest}: {fill.size} bytes wanted, {free} free, "
-                    f"and cache.min_free_gb = {self.config.min_free_gb:g} must stay free"
+                    f"and cache.min_free_gb = {self.config.min_free_gb:g} must stay free",
+                    self.store.root,
+                    free,
                 )
 
     # --- removing on request -------------------------------------------------------------------
@@ -339,7 +360,7 @@ class Sweeper(Events):
             if digest not in protected:
                 report.count("admin", blobs=1, size=self._unlink_blob(digest, blobs))
         report.removed_partials = self._remove_abandoned(protected, float("inf"))
-        self.index.forget_models(report.removed_models)
+        self._index_write(report, self.index.forget_models, report.removed_models)
         report.cache_bytes = sum(size for size, _ in blobs.values())
         return report
 
@@ -367,11 +388,6 @@ def _blob_files(directory: str) -> dict[str, tuple[int, float]]:
     return found
 
 
-def _free_bytes(path: str) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
 class CacheLifecycle(MultiService):
     """The sweep on its ``TimerService`` and the index flushes, started and stopped with the daemon."""
 
@@ -391,8 +407,15 @@ class CacheLifecycle(MultiService):
     def _flush(self) -> Deferred[None]:
         index = self.sweeper.index
         d = self.sweeper.runner.run(index.flush, index.take_pending())
-        d.addErrback(lambda f: log.failure("cache index update failed", f))
+        d.addErrback(self._flush_failed)
         return d
+
+    @staticmethod
+    def _flush_failed(failure: Failure) -> None:
+        if failure.value is not None and is_no_space(failure.value):
+            log.warn("cache index: recent use times not recorded: the disk is full")
+        else:
+            log.failure("cache index update failed", failure)
 
     def startService(self) -> None:
         super().startService()

@@ -8,7 +8,7 @@ bytes are served anyway and the event is logged: that is what keeps an air-gappe
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -24,6 +24,7 @@ from ..runner import Runner
 from ..upstream.client import Upstream, media_type_of
 from ..upstream.errors import UpstreamError
 from ..upstream.hosts import Upstreams
+from .space import is_no_space, no_space
 from .store import Store, manifest_blobs
 
 log = Logger(namespace="ollama_mirror.manifests")  # pinned: log names are public
@@ -149,8 +150,8 @@ class ManifestCache:
             self._remember_sizes(cached)
             return Manifest(cached, media_type_of(cached, ""), "stale")
         if fetched.data != cached:
-            await self._runner.run(self._store.write_manifest, name, fetched.data)
-            if cached is not None:
+            kept = await self._keep(f"the manifest of {name}", self._store.write_manifest, name, fetched.data)
+            if kept and cached is not None:
                 log.info("tag {name} changed upstream; cached the new manifest", name=str(name))
         self._confirmed[name] = self._clock.seconds()
         self._events.manifest_revalidated(name)
@@ -181,9 +182,24 @@ class ManifestCache:
             raise UpstreamError(
                 f"upstream sent a manifest with digest {fetched.digest} for sha256:{hexdigest}", 502
             )
-        await self._runner.run(self._store.write_digest_manifest, hexdigest, fetched.data)
+        await self._keep(
+            f"manifest sha256:{hexdigest}", self._store.write_digest_manifest, hexdigest, fetched.data
+        )
         self._remember_sizes(fetched.data)
         return Manifest(fetched.data, fetched.media_type, "upstream")
+
+    async def _keep(self, what: str, write: Callable[[Any, bytes], None], key: Any, data: bytes) -> bool:
+        """Write a fetched manifest into the cache; whether it was.  On a full disk the manifest is
+        still served (it is in hand), only not kept: the disk-full event tells the operator."""
+        try:
+            await self._runner.run(write, key, data)
+        except Exception as e:
+            if not is_no_space(e):
+                raise
+            full = no_space(what, getattr(e, "filename", None) or self._store.root)
+            self._events.disk_full(full.message, full.path, full.free)
+            return False
+        return True
 
 
 class _Shared:

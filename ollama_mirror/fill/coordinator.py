@@ -27,12 +27,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..cache.blobs import BlobSource
+from ..cache.space import NoSpace, is_no_space
 from ..cache.store import PartialState, Store
 from ..events import Events, FillView
 from ..runner import Runner
 from ..upstream.retry import RetryPolicy
 from .chunks import ChunkMap
-from .errors import DigestMismatch, DiskFull, FillFailed
+from .errors import DigestMismatch, DiskFull, FillFailed, disk_full
 from .fetch import RangeFetcher
 from .follow import HolderLink
 from .partial import PartialFile
@@ -108,6 +109,7 @@ class Fill:
         self.complete = False
         self.failure: Failure | None = None
         self.resumed_bytes = 0
+        self.allocated_bytes = 0
         self.received_bytes = 0
         self.started_at: float | None = None
         self._stopping = False
@@ -139,6 +141,11 @@ class Fill:
     @property
     def ended(self) -> bool:
         return self.complete or self.failure is not None
+
+    @property
+    def path(self) -> str:
+        """The partial file the download writes."""
+        return self.partial.path
 
     def open_reader(self) -> int:
         """A file descriptor of the blob's data for one reader: the partial file while the Fill runs
@@ -223,14 +230,15 @@ class Fill:
         resumed = sorted(i for i in (state.done if state else ()) if 0 <= i < self.chunks.count)
         marks = {i: m for i, m in (state.filled if state else {}).items() if i not in resumed}
         self.resumed_bytes = self.chunks.bytes_of(resumed) + sum(marks.values())
+        self.allocated_bytes = opened.allocated
         # The descriptor stays unset until the file is ready: readers arriving meanwhile may schedule
         # upstream requests, whose bytes a reservation (which truncates) would otherwise wipe out.
         try:
             await self._admitted()
             if state is None and not self.ended:
                 await self.runner.run(self.partial.reserve, fd)
-        except BaseException as e:
-            if opened.created or isinstance(e, DiskFull):  # leave the cache as it was (we hold its lock)
+        except BaseException:
+            if opened.created or state is None:  # nothing in it to keep: leave the cache as it was
                 self.store.discard_partial(self.hexdigest, fd)
             os.close(fd)
             raise
@@ -251,6 +259,8 @@ class Fill:
             await self.admit(self)
         except FillFailed:
             raise
+        except NoSpace as e:
+            raise DiskFull(e.message, e.path, e.free) from e
         except Exception as e:
             raise FillFailed(str(e)) from e
 
@@ -367,17 +377,22 @@ class Fill:
     def fail(self, failure: Failure) -> None:
         if self.ended:
             return
-        if not failure.check(FillFailed):
+        error = failure.value
+        if error is not None and is_no_space(error) and not isinstance(error, DiskFull):  # (a record, say)
+            failure = Failure(disk_full(self.digest, getattr(error, "filename", None) or self.path))
+        elif not failure.check(FillFailed):
             failure = Failure(FillFailed(f"download of {self.digest} failed: {failure.getErrorMessage()}"))
         self.failure = failure
         self.link.end()
         log.debug("fill {digest}: {error}", digest=self.digest, error=failure.getErrorMessage())
         self.events.fill_ended(self, failure.getErrorMessage())
-        if failure.check(DiskFull) and not self.link.following:  # leave the cache as it was, now
-            self.partial.discard()
+        if isinstance(failure.value, NoSpace):  # (what was written stays, with its record, for a retry)
+            self.events.disk_full(failure.value.message, failure.value.path, failure.value.free)
         self.fetcher.stop_transfers()
-        if self._stopping and self.partial.fd >= 0 and not self.link.following:
-            # Shutting down: record exactly what is on disk (after any save still running), then close.
+        keeping = self._stopping or isinstance(failure.value, NoSpace)
+        if keeping and self.partial.fd >= 0 and not self.link.following:
+            # Shutting down, or out of space: record exactly what is on disk (after any save still
+            # running; on a full disk this small write may fail too: the last record stands), then close.
             self._last_save = self._state_lock.run(self._save_last, self.partial.state())
         else:
             self.partial.close()
@@ -386,7 +401,7 @@ class Fill:
     def _save_last(self, state: PartialState) -> Deferred[None]:
         def failed(failure: Failure) -> None:
             log.warn(
-                "fill {digest}: cannot record its progress at shutdown: {error}",
+                "fill {digest}: cannot record its progress: {error}",
                 digest=self.digest,
                 error=failure.getErrorMessage(),
             )

@@ -9,7 +9,6 @@ gives its chunk up and retries it.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable
 from typing import Protocol
 
@@ -23,12 +22,13 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from ..cache.blobs import BlobSource
+from ..cache.space import is_no_space
 from ..events import Events
 from ..upstream.client import content_range_start, discard
 from ..upstream.errors import UpstreamError
 from ..upstream.retry import RetryPolicy
 from .chunks import ChunkMap
-from .errors import DiskFull, FillFailed
+from .errors import FillFailed, disk_full
 
 log = Logger(namespace="ollama_mirror.fill")  # pinned: log names are public
 UPSTREAM_READ_SIZE = 2**20  # bytes per read from an upstream socket (Twisted's default is 64 KiB)
@@ -38,6 +38,10 @@ class ChunkSink(Protocol):
     """Where a fetched body goes (the Fill): written at its offset, then announced."""
 
     digest: str
+
+    @property
+    def path(self) -> str:
+        """The file written (for the operator's log line when the disk is full)."""
 
     def write_unfinished(self, data: bytes, offset: int) -> None: ...
 
@@ -93,10 +97,9 @@ class ChunkWriter(TxProtocol):
             try:
                 self.sink.write_unfinished(data, self.offset)
             except OSError as e:
-                full = e.errno == errno.ENOSPC
                 self._abort(
-                    DiskFull(f"no space left on the cache's disk for blob {self.sink.digest}")
-                    if full
+                    disk_full(self.sink.digest, self.sink.path)
+                    if is_no_space(e)
                     else FillFailed(f"cannot write blob {self.sink.digest}: {e.strerror}")
                 )
                 return

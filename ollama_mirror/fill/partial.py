@@ -20,10 +20,11 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
+from ..cache.space import is_no_space
 from ..cache.store import PartialState, Store, same_file
 from ..runner import Runner
 from .chunks import ChunkMap
-from .errors import DiskFull, FillFailed
+from .errors import FillFailed, disk_full
 
 OPEN_ATTEMPTS = 10  # tries to lock the partial file while other processes keep replacing it
 
@@ -36,6 +37,7 @@ class Opened:
     held: bool  # this process holds the download's lock: it downloads; else it follows
     created: bool = False
     state: PartialState | None = None
+    allocated: int = 0  # bytes of disk the file already takes
 
 
 class PartialFile:
@@ -115,7 +117,8 @@ class PartialFile:
                 state = self.read_state(fd, unbound_ok=not created)
                 if state is None:  # starting afresh: no record may speak for this file's bytes
                     self.store.forget_partial_state(self.hexdigest)
-                return Opened(fd, True, created, state)
+                allocated = min(self.chunks.size, os.fstat(fd).st_blocks * 512)
+                return Opened(fd, True, created, state, allocated)
             except BaseException:
                 os.close(fd)
                 raise
@@ -137,8 +140,8 @@ class PartialFile:
             if self.chunks.size:
                 os.posix_fallocate(fd, 0, self.chunks.size)
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise DiskFull(f"no space left on the cache's disk for blob {self.digest}") from None
+            if is_no_space(e):
+                raise disk_full(self.digest, self.path) from None
             os.ftruncate(fd, self.chunks.size)  # a filesystem that cannot reserve space: sparse file
 
     # --- writing -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 
 from ..cache.manifests import ManifestCache, ManifestUnknown
+from ..cache.space import NoSpace
 from ..cache.store import Store, manifest_blobs
 from ..events import Events
 from ..names import ModelName
@@ -130,5 +131,5 @@ class ModelPuller:
             await deferLater(self._clock, PROGRESS_INTERVAL)
         if fill.failure is not None:
             reason = fill.failure.getErrorMessage() if fill.failure.check(FillFailed) else "download failed"
-            raise PullFailed(reason)
+            raise PullFailed(reason, 507 if fill.failure.check(NoSpace) else 500)
         emit(line(size))

@@ -36,9 +36,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
 from .. import __version__
+from ..cache.space import free_bytes, is_no_space
 from ..cache.store import Store
 from ..runner import Runner
 from ..upstream.client import LOOP_HEADER, LOOP_STATUS, as_timeout, discard, network_reason
+from .diskfull import DiskFullWatch
 from .stats import SharedRun
 
 log = Logger(namespace="ollama_mirror.health")  # pinned: log names are public
@@ -198,19 +200,22 @@ class DiskState:
     writable: bool
     write_error: str | None
     free_bytes: int | None
+    full: bool = False  # writing found no space: a matter of disk space, not of permissions
 
 
 def inspect_cache(store: Store) -> DiskState:
     """Can the cache be written, and how much room is left?  (Blocking: runs in a thread.)
 
     A file is really written in the work area, on the same filesystem as ``blobs/``: ``os.access``
-    cannot see a full disk, exhausted inodes or a network filesystem that refuses writes.
+    cannot see exhausted inodes or a network filesystem that refuses writes.  A full disk is told apart:
+    the cache is still served from, so it is a matter of ``disk_space``, not of ``cache_writable``.
     ``blobs/`` and ``manifests/`` are only checked with ``access``, so that nothing appears there
     that Ollama would have to ignore.
     """
     if not os.path.isdir(store.root):
         return DiskState(False, False, f"{store.root} does not exist", None)
     error: str | None = None
+    full = False
     try:
         fd, path = tempfile.mkstemp(dir=store.work_dir, prefix=".health-")
         try:
@@ -220,18 +225,19 @@ def inspect_cache(store: Store) -> DiskState:
             with contextlib.suppress(OSError):
                 os.unlink(path)
     except OSError as e:
-        error = f"cannot write in {store.work_dir}: {e.strerror or e}"
+        full = is_no_space(e)
+        if not full:
+            error = f"cannot write in {store.work_dir}: {e.strerror or e}"
     if error is None:
         for directory in (store.blobs_dir, store.manifests_dir):
             if not os.access(directory, os.W_OK | os.X_OK):
                 error = f"{directory} is not writable"
                 break
     try:
-        st = os.statvfs(store.root)
-        free: int | None = st.f_bavail * st.f_frsize
+        free: int | None = free_bytes(store.root)
     except OSError:
         free = None
-    return DiskState(True, error is None, error, free)
+    return DiskState(True, error is None, error, free, full)
 
 
 @dataclass
@@ -260,8 +266,10 @@ class HealthCheck:
         upstream: ReachabilityProbe,
         backend: ReachabilityProbe | None = None,
         backend_asked: Callable[[], bool] = lambda: False,
+        disk_full: DiskFullWatch | None = None,
     ) -> None:
-        """*backend_asked*: whether a client asked for inference since start (the proxy is in use)."""
+        """*backend_asked*: whether a client asked for inference since start (the proxy is in use);
+        *disk_full* knows whether writes into the cache are failing for want of space."""
         self._store = store
         self._backend_asked = backend_asked
         self._clock = clock
@@ -270,6 +278,7 @@ class HealthCheck:
         self.upstream = upstream
         self.backend = backend
         self.last_disk: DiskState | None = None
+        self._disk_full = disk_full
 
     async def _disk_state(self) -> DiskState | str:
         """The disk's state, or why it could not be had."""
@@ -296,7 +305,7 @@ class HealthCheck:
                 "path": self._store.root,
                 "detail": disk.write_error or "writable",
             }
-            checks["disk_space"] = self._space(disk.free_bytes)
+            checks["disk_space"] = self._space(disk.free_bytes, disk.full)
         checks["upstream"] = self.upstream.state.document(self.upstream.url)
         if self.backend is not None:
             checks["backend"] = self._backend_check(self.backend)
@@ -314,7 +323,20 @@ class HealthCheck:
             )
         return document
 
-    def _space(self, free: int | None) -> dict[str, Any]:
+    def _space(self, free: int | None, full: bool = False) -> dict[str, Any]:
+        if self._disk_full is not None:
+            if free is not None and not full:
+                self._disk_full.free_space_seen(free)
+            episode = self._disk_full.health()
+            if episode is not None:
+                return episode if free is None else {**episode, "free_bytes": free}
+        if full:
+            return {
+                "status": DEGRADED,
+                "free_bytes": free,
+                "min_free_bytes": self._min_free,
+                "detail": "the disk is full: cached models are served, nothing new can be stored",
+            }
         if free is None:
             return {"status": PENDING, "detail": "free space unknown"}
         low = free < self._min_free

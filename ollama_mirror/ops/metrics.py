@@ -103,6 +103,9 @@ class MirrorMetrics(Events):
         self.digest_mismatches = counter(
             "digest_mismatches", "Downloads discarded because their bytes did not match their digest."
         )
+        self.disk_full_errors = counter(
+            "disk_full", "Writes into the cache (or downloads) that found its disk full."
+        )
         self.evicted_models = counter(
             "evicted_models", "Models removed from the cache, by reason.", ("reason",)
         )
@@ -195,6 +198,9 @@ class MirrorMetrics(Events):
 
     def digest_mismatch(self, fill: FillView) -> None:
         self.digest_mismatches.inc()
+
+    def disk_full(self, message: str, path: str, free: int | None) -> None:
+        self.disk_full_errors.inc()
 
     def evicted(self, models: int, blobs: int, size: int, reason: str) -> None:
         reason = _bounded(reason, EVICTION_REASONS)

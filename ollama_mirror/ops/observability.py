@@ -23,6 +23,7 @@ from ..config import Config
 from ..events import EventHub, FillView
 from ..runner import Runner
 from .accesslog import AccessLog, FillLog, RequestObserver
+from .diskfull import DiskFullWatch
 from .health import HealthCheck, ReachabilityProbe
 from .metrics import MetricsResource, MirrorMetrics, nan_unless
 from .stats import CacheSummary, CacheSurvey, StatsReport, TrafficTally
@@ -68,7 +69,9 @@ class Observability:
             clock, route_of, [AccessLog(), self.metrics.request_finished, self.tally.request_finished]
         )
         self.fill_log = FillLog(clock, self._fills)
-        for listener in (self.metrics, self.tally, self.fill_log):
+        min_free = int(config.cache.min_free_gb * 10**9)
+        self.disk_full = DiskFullWatch(clock, min_free)
+        for listener in (self.metrics, self.tally, self.fill_log, self.disk_full):
             events.listen(listener)
         self.survey = CacheSurvey(store, catalog, runner, clock)
         self.upstream_probe = ReachabilityProbe(
@@ -87,10 +90,11 @@ class Observability:
             store,
             runner,
             clock,
-            min_free_bytes=int(config.cache.min_free_gb * 10**9),
+            min_free_bytes=min_free,
             upstream=self.upstream_probe,
             backend=self.backend_probe,
             backend_asked=backend_asked,
+            disk_full=self.disk_full,
         )
         self.stats = StatsReport(
             survey=self.survey,

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from .. import __version__
 from ..cache.catalog import Catalog
+from ..cache.space import free_bytes
 from ..cache.store import Store
 from ..events import Events, FillView
 from ..runner import Runner
@@ -126,8 +127,7 @@ class CacheSurvey:
         )
         total, count = _directory_size(self._store.blobs_dir)
         partial, _ = _directory_size(self._store.partial_dir, ".part")
-        st = os.statvfs(self._store.root)
-        return CacheSummary(models, total, count, partial, st.f_bavail * st.f_frsize)
+        return CacheSummary(models, total, count, partial, free_bytes(self._store.root))
 
     async def refresh(self) -> CacheSummary:
         """Walk the cache now (sharing a walk already running)."""

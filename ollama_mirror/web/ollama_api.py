@@ -124,7 +124,7 @@ class OllamaApi:
             try:
                 await self.puller.pull(name, lambda _: None, agent)
             except PullFailed as e:
-                return ollama_error(request, 500, str(e))
+                return ollama_error(request, e.status, str(e))
             return json_body(request, 200, {"status": "success"})
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"application/x-ndjson")

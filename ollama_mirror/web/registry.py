@@ -24,6 +24,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from ..cache.blobs import BlobFetches, BlobStore, GrowingBlob
 from ..cache.manifests import Manifest, ManifestCache, ManifestUnknown
+from ..cache.space import NoSpace
 from ..events import Events
 from ..fill.errors import FillFailed
 from ..names import InvalidName, ModelName, is_digest, is_model, is_namespace, is_tag, parse_digest
@@ -171,7 +172,7 @@ class RegistryApi:
             return fill.open_reader() if fill is not None else self._blobs.open_blob(hexdigest)
         except FileNotFoundError:
             if fill is not None and fill.failure is not None:
-                raise UpstreamError(fill.failure.getErrorMessage(), 502) from None
+                raise _failed(fill.failure.value) from None
             raise RegistryError(
                 503, "UNAVAILABLE", "the blob left the cache while being opened; retry"
             ) from None
@@ -191,7 +192,7 @@ class RegistryApi:
                 raise
             return  # still nothing: send headers anyway and stream as bytes come
         except FillFailed as e:
-            raise UpstreamError(str(e), 502) from None
+            raise _failed(e) from None
         finally:
             if timer.active():
                 timer.cancel()
@@ -265,6 +266,10 @@ class RegistryApi:
         e: RegistryError = failure.value  # type: ignore[assignment]
         return registry_error(request, e.status, e.code, e.message)
 
+    @app.handle_errors(NoSpace)
+    def _no_space(self, request: IRequest, failure: Failure) -> bytes:
+        return registry_error(request, 507, "UNAVAILABLE", failure.getErrorMessage())
+
     @app.handle_errors(ManifestUnknown)
     def _manifest_unknown(self, request: IRequest, failure: Failure) -> bytes:
         return registry_error(request, 404, "MANIFEST_UNKNOWN", failure.getErrorMessage())
@@ -324,3 +329,11 @@ class FreshManifests(Resource):
         request.write(body)  # as Klein ends an answer (a HEAD's body is dropped by twisted.web)
         request.finish()
         return NOT_DONE_YET
+
+
+def _failed(error: BaseException | None) -> Exception:
+    """What a client is told of a download that failed before its answer began: 507 when the mirror's
+    disk is full (see :mod:`ollama_mirror.cache.space`), else 502 with the download's own words."""
+    if isinstance(error, NoSpace):
+        return error
+    return UpstreamError(str(error) if error is not None else "the download failed", 502)

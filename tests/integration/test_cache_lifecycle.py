@@ -10,14 +10,13 @@ import os
 import shutil
 import socket
 import sqlite3
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.integration.helpers import UPSTREAM_HOST, fetch_blob, get_manifest, wait_until
+from tests.support import filesystems
 from tests.support.daemon import MirrorFactory
 from tests.support.models import MiB, ModelFactory, PushedModel, http_request
 from tests.support.registry import free_port
@@ -125,21 +124,10 @@ def test_an_existing_ollama_models_directory_is_served_offline(
 
 
 @pytest.fixture
-def small_disk() -> Iterator[Path]:
-    """A 6 MiB tmpfs as the cache's disk (needs root; skipped where mounting is not allowed)."""
-    directory = Path(tempfile.mkdtemp(prefix="small-disk-"))
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(directory)], capture_output=True
-    )
-    if result.returncode != 0:
-        directory.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    try:
-        yield directory
-    finally:
-        subprocess.run(["umount", "-l", str(directory)], check=False)
-        with contextlib.suppress(OSError):
-            directory.rmdir()
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 6 MiB tmpfs as the cache's disk (needs root)."""
+    with filesystems.small_disk(tmp_path / "disk", 6) as disk:
+        yield disk
 
 
 def test_a_download_the_disk_cannot_hold_fails_clearly_and_leaves_the_cache_whole(
@@ -149,10 +137,10 @@ def test_a_download_the_disk_cannot_hold_fails_clearly_and_leaves_the_cache_whol
     mirror = mirror_factory(cache_dir=small_disk / "cache", config=lifecycle())
     assert pull(mirror.url, "tiny") == {"status": "success"}
     response = http_request("POST", mirror.url + "/api/pull", body=b'{"model": "too-big", "stream": false}')
-    assert response.status == 500
+    assert response.status == 507  # Insufficient Storage
     assert "not enough disk space" in json.loads(response.body)["error"]
     got = fetch_blob(mirror, big, big.model_layer)
-    assert got.status == 502 and "not enough disk space" in got.body.decode()
+    assert got.status == 507 and "not enough disk space" in got.body.decode()
     assert os.listdir(small_disk / "cache" / ".mirror" / "partial") == []
     assert not (small_disk / "cache" / "blobs" / f"sha256-{big.model_layer.hex}").exists()
     assert tags(mirror.url) == ["tiny:latest"]  # everything else keeps working

@@ -186,6 +186,11 @@ def _done_chunks(state_path_text: str) -> set[int]:
     return set(document["done"])
 
 
+def _marks(state_path_text: str) -> dict[int, int]:
+    """How far each unfinished chunk got, as the record says."""
+    return {int(index): mark for index, mark in json.loads(state_path_text).get("filled", {}).items()}
+
+
 def test_killed_mid_fill_resumes_without_refetching(
     start_mirror: MirrorStarter, proxy: FaultProxy, big_model: PushedModel
 ) -> None:
@@ -212,10 +217,13 @@ def test_killed_mid_fill_resumes_without_refetching(
     assert not outcome[0].clean  # the client saw the crash: a short body
     assert not cached_blob(mirror, blob).exists()
 
-    done = _done_chunks(state.read_text())  # what the crash left on disk
+    recorded = state.read_text()  # what the crash left on disk
+    done = _done_chunks(recorded)
     nchunks = -(-blob.size // CHUNK)
     assert 6 <= len(done) < nchunks
-    done_bytes = sum(min(blob.size, (i + 1) * CHUNK) - i * CHUNK for i in done)
+    done_bytes = sum(min(blob.size, (i + 1) * CHUNK) - i * CHUNK for i in done) + sum(
+        _marks(recorded).values()
+    )
     assert part.stat().st_size == blob.size
 
     proxy.throttle(None)

@@ -119,6 +119,39 @@ def test_models_unused_for_the_retention_period_go_and_shared_blobs_stay(tmp_pat
     assert ("retention", 1) in [(e[3], e[0]) for e in cache.evictions]
 
 
+def test_a_full_disk_does_not_stop_the_sweep_that_would_free_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = Cache(tmp_path, retention_days="30")
+    cache.add_model("old", 100, age=31 * DAY)
+    cache.add_model("recent", 100)
+
+    def full(*args: Any) -> None:
+        error = sqlite3.OperationalError("database or disk is full")
+        error.sqlite_errorcode = sqlite3.SQLITE_FULL  # as SQLite sets it
+        raise error
+
+    for write in ("flush", "reconcile", "forget_models", "forget_blobs"):
+        monkeypatch.setattr(cache.index, write, full)
+    report = cache.sweep()
+    assert report.index_skipped
+    assert cache.names() == ["recent:latest"]  # the files went all the same
+    assert not os.path.exists(cache.store.blob_path(cache.weights("old", 100)))
+
+
+def test_an_index_failure_that_is_not_a_full_disk_still_fails_the_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = Cache(tmp_path)
+
+    def broken(*args: Any) -> None:
+        raise sqlite3.DatabaseError("file is not a database")
+
+    monkeypatch.setattr(cache.index, "reconcile", broken)
+    with pytest.raises(sqlite3.DatabaseError):
+        cache.sweep()
+
+
 def test_use_recorded_in_the_index_keeps_a_model(tmp_path: Path) -> None:
     cache = Cache(tmp_path, retention_days="30")
     old = cache.add_model("old", 100, age=40 * DAY)
@@ -216,6 +249,7 @@ def test_admission_refuses_a_blob_larger_than_the_cache_and_makes_room_otherwise
     class Incoming:
         digest = "sha256:" + "d" * 64
         resumed_bytes = 0
+        allocated_bytes = 0
 
         def __init__(self, size: int) -> None:
             self.size = size
@@ -233,9 +267,25 @@ def test_admission_refuses_when_the_disk_would_be_too_full(tmp_path: Path) -> No
         digest = "sha256:" + "d" * 64
         size = 10
         resumed_bytes = 0
+        allocated_bytes = 0
 
     with pytest.raises(NoRoom, match="not enough disk space .* cache.min_free_gb = 1e\\+06"):
         result(Deferred.fromCoroutine(cache.sweeper.admit(Incoming())))  # type: ignore[arg-type]
+
+
+def test_admission_never_counts_the_downloads_own_partial_file_against_it(tmp_path: Path) -> None:
+    cache = Cache(tmp_path, max_size_gb="10000000", min_free_gb="0")
+
+    class Resuming:  # a petabyte blob whose partial file already takes all but 10 bytes of it
+        digest = "sha256:" + "d" * 64
+        size = 10**15
+        resumed_bytes = 0  # (no record of progress: a crash before the first one)
+        allocated_bytes = 10**15 - 10
+
+    result(Deferred.fromCoroutine(cache.sweeper.admit(Resuming())))  # type: ignore[arg-type]
+    Resuming.allocated_bytes = 0
+    with pytest.raises(NoRoom, match="not enough disk space"):
+        result(Deferred.fromCoroutine(cache.sweeper.admit(Resuming())))  # type: ignore[arg-type]
 
 
 def test_clear_removes_everything_not_in_use(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 
 from ollama_mirror.cache.store import PartialState, Store
+from ollama_mirror.events import Events
 from ollama_mirror.fill.coordinator import Fill
 from ollama_mirror.fill.errors import DigestMismatch, DiskFull, FillFailed
 from ollama_mirror.fill.follow import FOLLOW_INTERVAL, WANTS_INTERVAL
@@ -117,6 +118,14 @@ class FakeSource:
                 return
             self.respond(pending[0])
         raise AssertionError("the fill kept asking")
+
+
+class HeardDiskFull(Events):
+    def __init__(self) -> None:
+        self.full: list[str] = []
+
+    def disk_full(self, message: str, path: str, free: int | None) -> None:
+        self.full.append(path)
 
 
 def make_fill(tmp_path: Path, blob: bytes, source: FakeSource, clock: Clock, **kwargs: Any) -> Fill:
@@ -377,13 +386,14 @@ def test_a_follower_serves_the_holders_progress_within_a_chunk(tmp_path: Path, b
     assert follower.complete and published(follower) == blob and source_b.requests[0].start == 600
 
 
-def test_a_full_disk_mid_write_discards_the_partial(
+def test_a_full_disk_mid_write_keeps_what_it_had_and_resumes_once_space_returns(
     tmp_path: Path, blob: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import errno
 
     clock, source = Clock(), FakeSource(blob)
-    fill = make_fill(tmp_path, blob, source, clock, connections=1)
+    heard = HeardDiskFull()
+    fill = make_fill(tmp_path, blob, source, clock, connections=1, events=heard)
     done = fill.when_done()
     fill.start()
     source.respond(source.requests[0])  # chunk 0 is written fine
@@ -391,17 +401,50 @@ def test_a_full_disk_mid_write_discards_the_partial(
     def no_space(fd: int, data: bytes, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "pwrite", no_space)
-    response = source.respond(source.pending()[0], send=False)
-    response.send(blob[1000:1100])
+    with monkeypatch.context() as full:
+        full.setattr(os, "pwrite", no_space)
+        response = source.respond(source.pending()[0], send=False)
+        response.send(blob[1000:1100])
     assert response.transport is not None and response.transport.stopped
     response.lose(ResponseFailed([Failure(ConnectionError("aborted"))]))
     errors: list[Failure] = []
     done.addErrback(errors.append)
     assert errors and errors[0].check(DiskFull)
-    assert not os.path.exists(fill.store.partial_path(fill.hexdigest))
-    assert not os.path.exists(fill.store.state_path(fill.hexdigest))
+    assert errors[0].getErrorMessage().startswith("the mirror's disk is full: no space left to store blob")
+    assert str(tmp_path) not in errors[0].getErrorMessage()  # clients are not told where the cache is
+    assert heard.full == [fill.store.partial_path(fill.hexdigest)]  # the operator is
     assert not os.path.exists(fill.store.blob_path(fill.hexdigest))
+    assert json.loads(Path(fill.store.state_path(fill.hexdigest)).read_text())["done"] == [0]  # kept
+
+    source2 = FakeSource(blob)  # space is back: the same blob, asked again, resumes
+    again = make_fill(tmp_path, blob, source2, clock, connections=1)
+    again.start()
+    source2.serve_all()
+    assert again.complete and published(again) == blob
+    assert min(r.start for r in source2.requests) == CHUNK
+
+
+def test_a_full_disk_for_the_record_of_progress_stops_the_download_the_same_way(
+    tmp_path: Path, blob: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    clock, source = Clock(), FakeSource(blob)
+    heard = HeardDiskFull()
+    fill = make_fill(tmp_path, blob, source, clock, connections=1, events=heard)
+    done = fill.when_done()
+    fill.start()
+
+    def no_space(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", fill.store.state_path(fill.hexdigest))
+
+    monkeypatch.setattr(fill.store, "write_partial_state", no_space)
+    source.respond(source.requests[0])  # chunk 0 finished: its record cannot be written
+    errors: list[Failure] = []
+    done.addErrback(errors.append)
+    assert errors and errors[0].check(DiskFull)
+    assert heard.full == [fill.store.state_path(fill.hexdigest)]
+    assert os.path.exists(fill.store.partial_path(fill.hexdigest))  # (a retry starts from its last record)
 
 
 def test_a_whole_body_retry_never_rewrites_chunks_already_finished(tmp_path: Path, blob: bytes) -> None:
