@@ -64,6 +64,9 @@ class Events:
     def digest_mismatch(self, fill: FillView) -> None:
         """A download's bytes did not hash to its digest (it was discarded)."""
 
+    def connection_refused(self) -> None:
+        """A client connection was refused: over ``server.max_connections(_per_client)``."""
+
     def disk_full(self, message: str, path: str, free: int | None) -> None:
         """The cache's disk had no room: a write at *path* failed, or a download was refused, for the
         reason *message* says (*free* bytes left there, when known)."""
@@ -120,6 +123,9 @@ class EventHub(Events):
 
     def disk_full(self, message: str, path: str, free: int | None) -> None:
         self._emit("disk_full", message, path, free)
+
+    def connection_refused(self) -> None:
+        self._emit("connection_refused")
 
     def blob_served(self, source: str, count: int, complete: bool) -> None:
         self._emit("blob_served", source, count, complete)

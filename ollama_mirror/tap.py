@@ -152,7 +152,10 @@ class _Daemon(MultiService):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor  # twistd has installed the chosen reactor by now
 
+    from .security.connections import raise_descriptor_limit
+
     assert options.config is not None
+    raise_descriptor_limit()  # (before the workers start: they inherit it)
     try:
         if options.config.server.workers > 1:
             from .daemon.workers import build_supervisor

@@ -95,6 +95,20 @@ class ServerConfig:
         "float",
         0.001,
     )
+    max_connections_per_client: int = setting(
+        1024,
+        "MAX_CONNECTIONS_PER_CLIENT",
+        "Open connections one client address may hold, per process (beyond it a new one gets 503 and is "
+        "closed); 0 = no cap. A fleet behind one NAT address pulls with 16 connections per server.",
+        "int",
+    )
+    max_connections: int = setting(
+        0,
+        "MAX_CONNECTIONS",
+        "Open client connections in all, per process (beyond it a new one gets 503 and is closed); 0 = "
+        "automatic: half of the open-file limit left after 256 for files and upstream connections.",
+        "int",
+    )
     request_timeout: float = setting(
         60,
         "REQUEST_TIMEOUT",

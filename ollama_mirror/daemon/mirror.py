@@ -33,6 +33,7 @@ from ..fill.pulling import ModelPuller
 from ..ops.observability import Observability
 from ..runner import InlineRunner, Reactor, Runner, ThreadRunner
 from ..security.access import AccessControl
+from ..security.connections import ConnectionLimits, automatic_total, descriptor_limit
 from ..upstream.hosts import build_upstreams
 from ..upstream.retry import RetryPolicy
 from ..web.admin import AdminApi
@@ -168,6 +169,13 @@ class Mirror:
             reactor,
             self.events,
             blob_location=self.access.blob_location,
+        )
+        server = config.server
+        self.connections = ConnectionLimits(
+            reactor,
+            server.max_connections_per_client,
+            server.max_connections or automatic_total(descriptor_limit()),
+            self.events,
         )
         self._backend_pool: HTTPConnectionPool | None = None
         if backend_agent is None and config.features.enable_api_proxy:

@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 
 from ..config import Config, ConfigError
 from ..runner import Reactor
+from ..security.connections import with_backlog
 from .startup import StartupError, log_start
 
 log = Logger(namespace="ollama_mirror.workers")  # pinned: log names are public
@@ -106,7 +107,8 @@ class WorkerPool(Service):
         roles += [("metrics", d) for d in self.config.server.metrics_listen]
         for role, description in roles:
             results: list[Any] = []
-            serverFromString(self.reactor, description).listen(_NoConnections()).addBoth(results.append)
+            endpoint = serverFromString(self.reactor, with_backlog(description))
+            endpoint.listen(_NoConnections()).addBoth(results.append)
             result = results[0] if results else None
             if isinstance(result, Failure):
                 e = result.value

@@ -103,6 +103,10 @@ class MirrorMetrics(Events):
         self.digest_mismatches = counter(
             "digest_mismatches", "Downloads discarded because their bytes did not match their digest."
         )
+        self.connections_refused = counter(
+            "connections_refused",
+            "Client connections refused over server.max_connections or server.max_connections_per_client.",
+        )
         self.disk_full_errors = counter(
             "disk_full", "Writes into the cache (or downloads) that found its disk full."
         )
@@ -201,6 +205,9 @@ class MirrorMetrics(Events):
 
     def disk_full(self, message: str, path: str, free: int | None) -> None:
         self.disk_full_errors.inc()
+
+    def connection_refused(self) -> None:
+        self.connections_refused.inc()
 
     def evicted(self, models: int, blobs: int, size: int, reason: str) -> None:
         reason = _bounded(reason, EVICTION_REASONS)

@@ -5,7 +5,8 @@
 with a bare ``400`` and no body, buffers request bodies of any size, and lets a client that sends
 a byte every few seconds hold a connection for ever.  :class:`HardenedChannel` adds a body cap
 (``Content-Length`` checked up front, chunked bodies counted as they come), a deadline for the
-whole request once its first byte arrived (slowloris), and JSON bodies on every such refusal.
+whole request once its first byte arrived (slowloris), the connection caps (:mod:`.connections`), and
+JSON bodies on every such refusal.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Site
 
 from ..config import ServerConfig
+from .connections import ConnectionLimits
 
 log = Logger(namespace="ollama_mirror.hardening")  # pinned: log names are public
 
 _REASONS = {
     400: b"Bad Request",
     408: b"Request Timeout",
+    503: b"Service Unavailable",
     413: b"Content Too Large",
     431: b"Request Header Fields Too Large",
 }
@@ -36,9 +39,24 @@ class HardenedChannel(HTTPChannel):
 
     max_body_size = 64 * 2**20
     request_timeout = 60.0
+    limits: ConnectionLimits | None = None
     _body_received = 0
     _deadline: IDelayedCall | None = None
     _refused = False
+    _counted = False
+    _client: str | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.limits is None or self.transport is None:
+            return
+        peer = self.transport.getPeer()
+        self._client = getattr(peer, "host", None)  # (a Unix socket's peer has none: total cap only)
+        refusal = self.limits.admit(self._client)
+        if refusal is None:
+            self._counted = True
+        else:
+            self._refuse(503, f"too many connections: {refusal}; retry later", retry_after=1, quiet=True)
 
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
@@ -101,8 +119,9 @@ class HardenedChannel(HTTPChannel):
     def _respondToBadRequestAndDisconnect(self) -> None:
         self._refuse(400, "malformed HTTP request")
 
-    def _refuse(self, status: int, message: str) -> None:
-        """Answer with a JSON error and close: the connection's state is unusable after this."""
+    def _refuse(self, status: int, message: str, retry_after: int | None = None, quiet: bool = False) -> None:
+        """Answer with a JSON error and close: the connection's state is unusable after this.  *quiet*:
+        no log line of its own (the connection caps log their refusals, a minute apart)."""
         if self._refused or self.transport is None:
             return
         self._refused = True
@@ -110,27 +129,35 @@ class HardenedChannel(HTTPChannel):
         body = json.dumps({"error": message}).encode()
         head = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error"))
         head += b"content-type: application/json; charset=utf-8\r\n"
+        if retry_after is not None:
+            head += b"retry-after: %d\r\n" % retry_after
         head += b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
-        peer = self.transport.getPeer()
-        log.info(
-            "refused a request from {peer}: {status} {message}",
-            peer=str(getattr(peer, "host", peer)),
-            status=status,
-            message=message,
-        )
+        if not quiet:
+            peer = self.transport.getPeer()
+            log.info(
+                "refused a request from {peer}: {status} {message}",
+                peer=str(getattr(peer, "host", peer)),
+                status=status,
+                message=message,
+            )
         self.transport.write(head + body)
         self.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
+        if self._counted and self.limits is not None:
+            self._counted = False
+            self.limits.closed(self._client)
         super().connectionLost(reason)
 
 
-def harden(site: Site, config: ServerConfig) -> Site:
-    """Make *site* build :class:`HardenedChannel` connections with *config*'s limits."""
+def harden(site: Site, config: ServerConfig, limits: ConnectionLimits | None = None) -> Site:
+    """Make *site* build :class:`HardenedChannel` connections with *config*'s limits, counted by
+    *limits* (the connection caps, shared by every listener that serves clients)."""
 
     def protocol() -> _GenericHTTPChannelProtocol:
         channel = HardenedChannel()
+        channel.limits = limits
         channel.maxHeaders = config.max_headers
         channel.totalHeadersSize = config.max_header_size
         channel.MAX_LENGTH = config.max_header_size  # one line can never be longer than the whole

@@ -30,6 +30,7 @@ from zope.interface import implementer
 from ..config import ConfigError
 from ..runner import Reactor
 from ..upstream.trust import read_certificates, read_pem
+from .connections import with_backlog
 
 log = Logger(namespace="ollama_mirror.tls")  # pinned: log names are public
 
@@ -128,6 +129,7 @@ def listener(
     :class:`ServerTLS` (so that the certificate can be reloaded); any other description goes to
     strports as it is.
     """
+    description = with_backlog(description)
     if not is_managed_tls(description):
         return strports.service(description, factory, reactor=reactor)
     if tls is None:

@@ -82,8 +82,11 @@ class MirrorDaemon:
         port: int | None = None,
         start: bool = True,
         start_timeout: float = START_TIMEOUT,
+        open_files: int | None = None,
     ) -> None:
+        """*open_files*: the daemon's limit of open files (soft and hard), as a service manager sets it."""
         self._own_workdir = workdir is None
+        self.open_files = open_files
         self.workdir = Path(tempfile.mkdtemp(prefix="mirror-")) if workdir is None else Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.cache_dir = Path(cache_dir)
@@ -142,6 +145,8 @@ class MirrorDaemon:
         ]
         for key, value in self.overrides.items():
             args += ["--set", f"{key}={value}"]
+        if self.open_files is not None:  # (util-linux's prlimit sets it for the command it runs)
+            args = ["prlimit", f"--nofile={self.open_files}:{self.open_files}", "--", *args]
         return args
 
     def environment(self) -> dict[str, str]:

@@ -13,6 +13,7 @@ from twisted.web.server import Request
 
 from ollama_mirror.config import ServerConfig
 from ollama_mirror.ops.accesslog import MirrorSite
+from ollama_mirror.security.connections import ConnectionLimits, automatic_total
 from ollama_mirror.security.hardening import harden
 
 
@@ -101,3 +102,54 @@ def test_an_idle_connection_is_closed_but_a_request_being_answered_is_not() -> N
     assert not transport.disconnecting
     clock.advance(0.2)
     assert transport.disconnecting or transport.disconnected  # type: ignore[attr-defined]
+
+
+# --- connection caps -------------------------------------------------------------------------------
+
+
+def open_from(site: MirrorSite, host: str) -> tuple[object, StringTransport]:
+    address = IPv4Address("TCP", host, 5555)
+    protocol = site.buildProtocol(address)
+    assert protocol is not None
+    transport = StringTransport(peerAddress=address)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_one_address_cannot_hold_more_than_its_share_of_connections() -> None:
+    clock = Clock()
+    limits = ConnectionLimits(clock, per_client=3, total=5)
+    site = harden(MirrorSite(Echo(), reactor=clock), ServerConfig(), limits)  # type: ignore[arg-type]
+    flood = [open_from(site, "127.0.0.2") for _ in range(3)]
+    protocol, refused = open_from(site, "127.0.0.2")  # the fourth from that address
+    status, body = answer(refused)
+    assert status == 503 and refused.disconnecting
+    assert b"retry-after: 1" in refused.value().lower()
+    assert "3 connections are open from 127.0.0.2 (server.max_connections_per_client)" in body["error"]
+    protocol.connectionLost(None)  # type: ignore[attr-defined]
+    assert limits.open["127.0.0.2"] == 3  # a refused connection was never counted
+
+    protocol, normal = open_from(site, "127.0.0.1")  # another address is served
+    protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # type: ignore[attr-defined]
+    assert normal.value().startswith(b"HTTP/1.1 200")
+
+    flood[0][0].connectionLost(None)  # type: ignore[attr-defined]
+    assert limits.open["127.0.0.2"] == 2
+    _, again = open_from(site, "127.0.0.2")  # room again
+    assert not again.disconnecting
+
+
+def test_the_total_cap_refuses_everyone_beyond_it_and_counts_the_refusals() -> None:
+    clock = Clock()
+    limits = ConnectionLimits(clock, per_client=0, total=2)
+    site = harden(MirrorSite(Echo(), reactor=clock), ServerConfig(), limits)  # type: ignore[arg-type]
+    open_from(site, "10.0.0.1")
+    open_from(site, "10.0.0.2")
+    _, refused = open_from(site, "10.0.0.3")
+    assert answer(refused)[0] == 503 and "(server.max_connections)" in answer(refused)[1]["error"]
+    assert limits.refused == 1 and limits.open_total == 2
+
+
+def test_the_automatic_total_leaves_room_for_files_and_never_drops_to_nothing() -> None:
+    assert automatic_total(4096) == (4096 - 256) // 2
+    assert automatic_total(100) == 64
