@@ -1,7 +1,9 @@
 """What the cache holds, model by model: listing, details, and deletion that keeps shared blobs.
 
 The files are the truth: a model is a manifest under ``manifests/<host>/<ns>/<model>/<tag>`` whose
-blobs are all present.  Everything here walks or reads the disk, so it runs in a worker thread.
+blobs are all present.  A tag fetched before its blobs waits in ``.mirror/staged/`` (same layout) and
+moves into ``manifests/`` when its last blob arrives, so that the cache is always a models directory
+Ollama can run every model of.  Everything here walks or reads the disk, so it runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..names import InvalidName, ModelName
-from .store import Store, manifest_blobs
+from .store import Store, manifest_blobs, prune_empty_dirs
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class CachedModel:
     modified: float  # the manifest file's mtime, as Ollama reports it
     blobs: tuple[tuple[str, int], ...]  # (hex digest, size) of the config and every layer
     missing: tuple[str, ...]  # hex digests of blobs not (yet) in the cache
+    path: str = ""  # the manifest's file
+    staged: bool = False  # waiting in the work area for its blobs (Ollama does not see it)
 
     @property
     def complete(self) -> bool:
@@ -62,9 +66,8 @@ class Catalog:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def _manifest_paths(self) -> Iterator[tuple[ModelName, str]]:
-        """Every well-formed ``manifests/<host>/<ns>/<model>/<tag>`` file (others are ignored)."""
-        root = self.store.manifests_dir
+    def _manifest_paths(self, root: str) -> Iterator[tuple[ModelName, str]]:
+        """Every well-formed ``<root>/<host>/<ns>/<model>/<tag>`` file (others are ignored)."""
         for host in _entries(root):
             for namespace in _entries(os.path.join(root, host)):
                 for model in _entries(os.path.join(root, host, namespace)):
@@ -78,7 +81,7 @@ class Catalog:
                         if os.path.isfile(path):
                             yield name, path
 
-    def _load(self, name: ModelName, path: str) -> CachedModel | None:
+    def _load(self, name: ModelName, path: str, staged: bool = False) -> CachedModel | None:
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -91,14 +94,42 @@ class Catalog:
         if not blobs:
             return None  # not a manifest we can read: not a model
         missing = tuple(hexdigest for hexdigest, _ in blobs if self.store.blob_size(hexdigest) is None)
-        return CachedModel(name, data, modified, blobs, missing)
+        return CachedModel(name, data, modified, blobs, missing, path, staged)
 
     def models(self, complete_only: bool = True) -> list[CachedModel]:
-        """Cached models, newest first (as ``/api/tags`` lists them)."""
-        found = [m for name, path in self._manifest_paths() if (m := self._load(name, path)) is not None]
+        """Cached models, newest first (as ``/api/tags`` lists them); with *complete_only* false, also
+        the tags waiting for their blobs (staged), where no published manifest has the same name."""
+        found = {
+            name: m
+            for name, path in self._manifest_paths(self.store.manifests_dir)
+            if (m := self._load(name, path)) is not None
+        }
         if complete_only:
-            found = [m for m in found if m.complete]
-        return sorted(found, key=lambda m: m.modified, reverse=True)
+            return sorted((m for m in found.values() if m.complete), key=lambda m: m.modified, reverse=True)
+        for name, path in self._manifest_paths(self.store.staged_dir):
+            if name not in found and (m := self._load(name, path, staged=True)) is not None:
+                found[name] = m
+        return sorted(found.values(), key=lambda m: m.modified, reverse=True)
+
+    def staged(self) -> list[ModelName]:
+        """The tags waiting in the work area for their blobs."""
+        return [name for name, _ in self._manifest_paths(self.store.staged_dir)]
+
+    def promote(self, hexdigest: str | None = None) -> list[ModelName]:
+        """(thread) Staged tags whose blobs are all cached now move into ``manifests/`` (only those that
+        list *hexdigest*, when given: the blob that just arrived); the tags that moved."""
+        moved = []
+        for name, path in self._manifest_paths(self.store.staged_dir):
+            if hexdigest is not None:
+                try:
+                    with open(path, "rb") as f:
+                        if hexdigest.encode() not in f.read():
+                            continue
+                except OSError:
+                    continue
+            if self.store.promote_manifest(name):
+                moved.append(name)
+        return moved
 
     def find(self, name: ModelName) -> CachedModel | None:
         model = self._load(name, self.store.manifest_path(name))
@@ -124,15 +155,20 @@ class Catalog:
 
         *keep* holds hex digests that must stay (blobs being downloaded).  Returns the removed ones.
         """
-        path = self.store.manifest_path(name)
-        model = self._load(name, path)
-        if model is None:
+        published = self._load(name, self.store.manifest_path(name))
+        staged = self._load(name, self.store.staged_manifest_path(name), staged=True)
+        if published is None and staged is None:
             return None
-        os.unlink(path)
-        _prune_empty_dirs(os.path.dirname(path), self.store.manifests_dir)
+        blobs: dict[str, int] = {}
+        for model in (published, staged):
+            if model is not None:
+                os.unlink(model.path)
+                root = self.store.staged_dir if model.staged else self.store.manifests_dir
+                prune_empty_dirs(os.path.dirname(model.path), root)
+                blobs.update(model.blobs)
         still_used = {hexdigest for m in self.models(complete_only=False) for hexdigest, _ in m.blobs}
         removed = []
-        for hexdigest, _ in model.blobs:
+        for hexdigest in blobs:
             if hexdigest in still_used or hexdigest in keep:
                 continue
             try:
@@ -148,12 +184,3 @@ def _entries(directory: str) -> list[str]:
         return sorted(entry for entry in os.listdir(directory) if not entry.startswith("."))
     except (FileNotFoundError, NotADirectoryError):
         return []
-
-
-def _prune_empty_dirs(directory: str, stop: str) -> None:
-    while os.path.abspath(directory) != os.path.abspath(stop):
-        try:
-            os.rmdir(directory)
-        except OSError:
-            return
-        directory = os.path.dirname(directory)

@@ -11,6 +11,7 @@ reason (larger than the whole cache, or not enough free disk even after evicting
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -32,11 +33,11 @@ from ..config import CacheConfig
 from ..events import Events, FillView
 from ..names import ModelName
 from ..runner import Runner
-from .catalog import CachedModel, Catalog, _prune_empty_dirs
+from .catalog import CachedModel, Catalog
 from .index import CacheIndex
 from .lock import staging_in_use
 from .space import NoSpace, free_bytes, is_no_space
-from .store import Store, pid_alive, same_file
+from .store import Store, pid_alive, prune_empty_dirs, same_file
 
 log = Logger(namespace="ollama_mirror.eviction")  # pinned: log names are public
 
@@ -157,6 +158,7 @@ class Sweeper(Events):
         started = time.monotonic()
         report = SweepReport()
         self._index_write(report, self.index.flush, pending)
+        self._settle_manifests(protected)
         models = self.catalog.models(complete_only=False)
         blobs = _blob_files(self.store.blobs_dir)
         self._index_write(report, self.index.reconcile, models, blobs)
@@ -223,13 +225,22 @@ class Sweeper(Events):
             report.index_skipped = True
 
     def _unlink_manifest(self, model: CachedModel) -> bool:
-        path = self.store.manifest_path(model.name)
         try:
-            os.unlink(path)
+            os.unlink(model.path)
         except FileNotFoundError:
             return False
-        _prune_empty_dirs(os.path.dirname(path), self.store.manifests_dir)
+        root = self.store.staged_dir if model.staged else self.store.manifests_dir
+        prune_empty_dirs(os.path.dirname(model.path), root)
         return True
+
+    def _settle_manifests(self, protected: set[str]) -> None:
+        """(thread) Keep ``manifests/`` a models directory Ollama can run: a tag there whose blobs are
+        not all cached (an older cache, a blob removed by hand) waits among the staged again, unless one
+        of its blobs is arriving; a staged tag whose blobs are all here now is published."""
+        for model in self.catalog.models(complete_only=False):
+            if not model.staged and not model.complete and not _in_use(model, protected):
+                self.store.stage_manifest(model.name)
+        self.catalog.promote()
 
     def _unlink_blob(self, digest: str, blobs: dict[str, tuple[int, float]]) -> int:
         size, _ = blobs.pop(digest, (0, 0.0))
@@ -273,12 +284,13 @@ class Sweeper(Events):
                     removed += _remove_lone_record(self.store.partial_path(hexdigest), entry.path, now)
                 continue
             removed += _remove_partial(entry.path, self.store.state_path(hexdigest))
-        for directory, _, files in os.walk(self.store.manifests_dir):
-            for name in files:
-                path = os.path.join(directory, name)
-                if name.startswith(".tmp-") and now - os.stat(path).st_mtime >= TEMP_GRACE:
-                    os.unlink(path)
-                    removed += 1
+        for root in (self.store.manifests_dir, self.store.staged_dir):
+            for directory, _, files in os.walk(root):
+                for name in files:
+                    path = os.path.join(directory, name)
+                    if name.startswith(".tmp-") and now - os.stat(path).st_mtime >= TEMP_GRACE:
+                        os.unlink(path)
+                        removed += 1
         return removed
 
     # --- admission -----------------------------------------------------------------------------
@@ -354,6 +366,11 @@ class Sweeper(Events):
         for model in self.catalog.models(complete_only=False):
             if self._unlink_manifest(model):
                 report.removed_models.append(str(model.name))
+        for name in self.catalog.staged():  # (those a published manifest of the same tag hid)
+            path = self.store.staged_manifest_path(name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            prune_empty_dirs(os.path.dirname(path), self.store.staged_dir)
         blobs = _blob_files(self.store.blobs_dir)
         report.count("admin", models=len(report.removed_models))
         for digest in list(blobs):

@@ -188,6 +188,21 @@ class ManifestCache:
         self._remember_sizes(fetched.data)
         return Manifest(fetched.data, fetched.media_type, "upstream")
 
+    async def publish(self, name: ModelName, manifest: Manifest) -> bool:
+        """Write a tag's manifest at the end of a whole-model pull, so that it is in ``manifests/``
+        whether it was staged or could not be kept when it was fetched; False if a blob it lists is not
+        cached after all (then it stays staged).  Raises :class:`NoSpace` when the disk is full."""
+        try:
+            await self._runner.run(self._store.write_manifest, name, manifest.data)
+        except Exception as e:
+            if not is_no_space(e):
+                raise
+            full = no_space(f"the manifest of {name}", getattr(e, "filename", None) or self._store.root)
+            self._events.disk_full(full.message, full.path, full.free)
+            raise full from None
+        published: bool = await self._runner.run(self._store.blobs_present, manifest.data)
+        return published
+
     async def _keep(self, what: str, write: Callable[[Any, bytes], None], key: Any, data: bytes) -> bool:
         """Write a fetched manifest into the cache; whether it was.  On a full disk the manifest is
         still served (it is in hand), only not kept: the disk-full event tells the operator."""

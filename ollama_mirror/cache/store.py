@@ -16,6 +16,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,13 +110,21 @@ class Store:
         self.work_dir = os.path.join(self.root, ".mirror")
         self.partial_dir = os.path.join(self.work_dir, "partial")
         self.digest_manifests_dir = os.path.join(self.work_dir, "manifests")
+        self.staged_dir = os.path.join(self.work_dir, "staged")  # tags whose blobs are not all here yet
+        self._manifests_lock = threading.Lock()  # one manifest write or promotion at a time, per process
 
     def create(self) -> None:
         """Make the directories and check that files can be written there (at start-up, before the
         reactor runs); :class:`ConfigError` naming ``cache.directory`` when they cannot be used, so that
         the daemon stops with one line and exit status 2 (systemd does not restart it in a loop)."""
         try:
-            for path in (self.blobs_dir, self.manifests_dir, self.partial_dir, self.digest_manifests_dir):
+            for path in (
+                self.blobs_dir,
+                self.manifests_dir,
+                self.partial_dir,
+                self.digest_manifests_dir,
+                self.staged_dir,
+            ):
                 os.makedirs(path, exist_ok=True)
             with tempfile.TemporaryFile(dir=self.work_dir):
                 pass
@@ -277,28 +286,83 @@ class Store:
     # --- manifests -----------------------------------------------------------------------------
 
     def manifest_path(self, name: ModelName) -> str:
+        """Where a tag's manifest is once all its blobs are cached: what Ollama reads."""
         return os.path.join(self.manifests_dir, name.host, name.namespace, name.model, name.tag)
 
+    def staged_manifest_path(self, name: ModelName) -> str:
+        """Where a tag's manifest waits while some of its blobs are not cached yet (Ollama never looks
+        there: a models directory must not list a model it cannot run)."""
+        return os.path.join(self.staged_dir, name.host, name.namespace, name.model, name.tag)
+
     def read_manifest(self, name: ModelName) -> bytes | None:
-        try:
-            with open(self.manifest_path(name), "rb") as f:
-                return f.read()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+        """The tag's newest manifest: staged (fetched, its blobs still coming) before published."""
+        for path in (self.staged_manifest_path(name), self.manifest_path(name)):
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return None
 
     def manifest_stamp(self, name: ModelName) -> tuple[int, int, int] | None:
-        """Inode, size and mtime of a tag's manifest file (a new write is a new file), or ``None``."""
-        try:
-            st = os.stat(self.manifest_path(name))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return st.st_ino, st.st_size, st.st_mtime_ns
+        """Inode, size and mtime of the file :meth:`read_manifest` reads (a new write is a new file)."""
+        for path in (self.staged_manifest_path(name), self.manifest_path(name)):
+            try:
+                st = os.stat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            return st.st_ino, st.st_size, st.st_mtime_ns
+        return None
 
     def write_manifest(self, name: ModelName, data: bytes) -> None:
-        """Store a tag's manifest bytes verbatim, atomically (thread)."""
+        """Store a tag's manifest bytes verbatim, atomically (thread): into ``manifests/`` when all its
+        blobs are cached, else staged until they are (:meth:`promote_manifest`)."""
+        with self._manifests_lock:
+            if self.blobs_present(data):
+                _write_in(self.manifest_path(name), data)
+                _unlink_if_holds(self.staged_manifest_path(name), data)  # (a newer one waits on)
+                prune_empty_dirs(os.path.dirname(self.staged_manifest_path(name)), self.staged_dir)
+            else:
+                _write_in(self.staged_manifest_path(name), data)
+
+    def promote_manifest(self, name: ModelName) -> bool | None:
+        """(thread) Move the tag's staged manifest into ``manifests/`` if all its blobs are cached now:
+        True when it moved, False when it must wait, None when nothing is staged for the tag."""
+        staged = self.staged_manifest_path(name)
+        with self._manifests_lock:
+            try:
+                with open(staged, "rb") as f:
+                    data = f.read()
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if not self.blobs_present(data):
+                return False
+            _write_in(self.manifest_path(name), data)
+            _unlink_if_holds(staged, data)  # (unless another process staged a newer one meanwhile)
+            prune_empty_dirs(os.path.dirname(staged), self.staged_dir)
+            return True
+
+    def stage_manifest(self, name: ModelName) -> None:
+        """(thread) A published manifest whose blobs are no longer all cached goes back to waiting (a
+        staged newer one wins: the published one just goes)."""
         path = self.manifest_path(name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        _atomic_write(path, data)
+        with self._manifests_lock:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            if self.blobs_present(data):
+                return
+            if not os.path.exists(self.staged_manifest_path(name)):
+                _write_in(self.staged_manifest_path(name), data)
+            _unlink_if_holds(path, data)
+            prune_empty_dirs(os.path.dirname(path), self.manifests_dir)
+
+    def blobs_present(self, data: bytes) -> bool:
+        """Whether every blob a manifest lists is cached (a manifest that lists none is not a model)."""
+        blobs = manifest_blobs(data)  # (every digest in it checked to be sha256:<64 hex>)
+        return bool(blobs) and all(self.blob_size(digest[7:]) is not None for digest, _ in blobs)
 
     def digest_manifest_path(self, hexdigest: str) -> str:
         return os.path.join(self.digest_manifests_dir, "sha256-" + _check_hex(hexdigest))
@@ -312,6 +376,33 @@ class Store:
 
     def write_digest_manifest(self, hexdigest: str, data: bytes) -> None:
         _atomic_write(self.digest_manifest_path(hexdigest), data)
+
+
+def _write_in(path: str, data: bytes) -> None:
+    """:func:`_atomic_write`, making the directory first."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _atomic_write(path, data)
+
+
+def _unlink_if_holds(path: str, data: bytes) -> None:
+    """Remove *path* if it still holds *data* (another process may have written it anew)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read() != data:
+                return
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    _unlink(path)
+
+
+def prune_empty_dirs(directory: str, stop: str) -> None:
+    """Remove *directory* and its parents up to (not including) *stop* while they are empty (thread)."""
+    while os.path.abspath(directory) != os.path.abspath(stop):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
+        directory = os.path.dirname(directory)
 
 
 def _atomic_write(path: str, data: bytes) -> None:

@@ -17,6 +17,7 @@ from ..cache.eviction import Sweeper
 from ..cache.files import cache_marker
 from ..cache.index import CacheIndex
 from ..cache.manifests import ManifestCache
+from ..cache.staging import ManifestPublisher
 from ..cache.store import Store
 from ..config import Config
 from ..events import EventHub
@@ -37,6 +38,7 @@ class CacheFiller:
         store = Store(config.cache.directory)
         store.create()
         events = EventHub()
+        events.listen(ManifestPublisher(Catalog(store), self.runner, events))
         self.index = CacheIndex(os.path.join(store.work_dir, "index.sqlite3"), reactor)
         events.listen(self.index)
         sweeper = Sweeper(

@@ -25,6 +25,7 @@ from ..cache.eviction import CacheLifecycle, Sweeper
 from ..cache.files import cache_marker
 from ..cache.index import CacheIndex
 from ..cache.manifests import ManifestCache
+from ..cache.staging import ManifestPublisher
 from ..cache.store import Store
 from ..config import Config
 from ..events import EventHub
@@ -112,6 +113,10 @@ class Mirror:
         )  # the Via of our upstream requests: one back is a loop
         self.events = EventHub()
         self.catalog = Catalog(self.store)
+        self.publisher = ManifestPublisher(
+            self.catalog, self.runner, self.events
+        )  # staged tags, as blobs come
+        self.events.listen(self.publisher)
         self.index = CacheIndex(os.path.join(self.store.work_dir, "index.sqlite3"), reactor)
         self.events.listen(self.index)
         self.sweeper = Sweeper(

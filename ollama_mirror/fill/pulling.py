@@ -90,6 +90,14 @@ class ModelPuller:
             await self._report_blob(name, upstream, digest, size, emit)
         emit({"status": "verifying sha256 digest"})
         emit({"status": "writing manifest"})
+        try:
+            published = await self._manifests.publish(name, manifest)
+        except NoSpace as e:
+            raise PullFailed(e.message, 507) from None
+        if not published:
+            raise PullFailed(
+                f"writing manifest: a blob of {name.display()} left the cache meanwhile; pull again"
+            )
         emit({"status": "success"})
         return fetched
 

@@ -22,6 +22,7 @@ import pytest
 from tests.integration.helpers import (
     UPSTREAM_SETTINGS,
     MirrorStarter,
+    assert_valid_models_dir,
 )
 from tests.support.daemon import MirrorDaemon, MirrorFactory
 from tests.support.faultproxy import FaultProxy
@@ -127,11 +128,21 @@ def mirror_factory(registry: RegistryProcess, tmp_path: Path) -> Iterator[Mirror
             daemon.start()
         return daemon
 
+    make.created = daemons  # type: ignore[attr-defined]
     try:
-        yield make
+        yield make  # type: ignore[misc]
     finally:
         for daemon in daemons:
             daemon.stop()
+
+
+@pytest.fixture
+def models_dir_stays_valid(mirror_factory: MirrorFactory) -> Iterator[None]:
+    """After the test (whatever faults it made), every daemon's cache is a models directory Ollama can
+    run every model of (``helpers.assert_valid_models_dir``); use it with ``pytestmark``."""
+    yield
+    for daemon in mirror_factory.created:
+        assert_valid_models_dir(daemon.cache_dir)
 
 
 @pytest.fixture

@@ -202,6 +202,19 @@ def go_pull(mirror: MirrorDaemon, model: PushedModel, dest: Path) -> PullResult:
     )
 
 
+def assert_valid_models_dir(cache_dir: Path) -> None:
+    """The cache is a models directory Ollama can run every model of: each manifest under ``manifests/``
+    lists only blobs that are in ``blobs/`` at their full size (whatever fault came before)."""
+    for manifest in (cache_dir / "manifests").rglob("*"):
+        if not manifest.is_file() or manifest.name.startswith("."):
+            continue
+        document = json.loads(manifest.read_bytes())
+        for entry in [document["config"], *document["layers"]]:
+            blob = cache_dir / "blobs" / entry["digest"].replace(":", "-")
+            assert blob.exists(), f"{manifest.relative_to(cache_dir)} lists {entry['digest']}, not in blobs/"
+            assert blob.stat().st_size == entry["size"], f"{blob.name} is not whole"
+
+
 def blob_records_bytes(proxy: FaultProxy, blob: Blob) -> int:
     """Body bytes the upstream (through the proxy) sent for one blob, redirected fetches included."""
     return proxy.bytes_for(blob.hex)

@@ -21,6 +21,7 @@ import pytest
 from tests.integration.helpers import (
     CONNECTIONS,
     MirrorStarter,
+    assert_valid_models_dir,
     blob_records_bytes,
     blob_url,
     cached_blob,
@@ -31,6 +32,8 @@ from tests.integration.helpers import (
 )
 from tests.support.faultproxy import FaultProxy
 from tests.support.models import KiB, MiB, ModelFactory, PushedModel
+
+pytestmark = pytest.mark.usefixtures("models_dir_stays_valid")  # after every fault: Ollama can run the cache
 
 BLOB_MIB = 200
 TRICKLE = 512 * KiB  # per upstream connection while the kills go on: ~2 MiB/s for the blob
@@ -85,6 +88,7 @@ def test_repeated_kills_during_a_fill_cost_at_most_a_tenth_more(
         assert not client.is_alive()
         assert not published.exists(), f"published during life {life} (seed {seed}): the trickle is too fast"
         assert part.stat().st_size == blob.size  # kept, at full size, for the next life
+        assert_valid_models_dir(mirror.cache_dir)  # the model is not in manifests/ before its blob
         mirror.start()
 
     proxy.throttle(None)

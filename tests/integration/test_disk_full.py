@@ -13,8 +13,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.integration.helpers import (
     UPSTREAM_SETTINGS,
+    assert_valid_models_dir,
     blob_records_bytes,
     blob_url,
     cached_blob,
@@ -29,6 +32,8 @@ from tests.support.daemon import MirrorDaemon, MirrorFactory
 from tests.support.faultproxy import FaultProxy
 from tests.support.filesystems import fill_up, small_disk
 from tests.support.models import MiB, ModelFactory, http_request
+
+pytestmark = pytest.mark.usefixtures("models_dir_stays_valid")  # after every fault: Ollama can run the cache
 
 DISK_MIB = 96
 BLOB_MIB = 40
@@ -74,6 +79,7 @@ def test_a_disk_that_fills_up_mid_fill_is_survived_and_the_pull_completes_once_s
 
         assert part.exists() and record.exists()  # kept, for the same pull later
         assert not cached_blob(mirror, blob).exists()  # nothing unverified published
+        assert_valid_models_dir(mirror.cache_dir)
         log = mirror.log_text()
         assert log.count("cache disk full") == 1 and str(record.parent) in log and " free)" in log
         code, health = get_json(mirror, "/mirror/health")

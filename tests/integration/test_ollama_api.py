@@ -416,10 +416,11 @@ def test_abandoned_pull_is_finished_by_the_mirror(
     hung_up = time.monotonic()
 
     with client_for(mirror) as other:
-        # The manifest is in the cache already, but an incomplete model is not listed.
-        assert cached_manifest(mirror, big_model).exists()
+        # An incomplete model is neither listed nor in manifests/ (Ollama would list it, and fail to run it).
+        assert not cached_manifest(mirror, big_model).exists()
         assert "bigpull:latest" not in listed(other)
         wait_until(lambda: "bigpull:latest" in listed(other), 20.0, "the abandoned pull to finish")
+        assert cached_manifest(mirror, big_model).exists()
     assert time.monotonic() - hung_up > 0.3  # it really was still downloading
     assert_cached(mirror, big_model)
     assert proxy.bytes_for(big_model.model_layer.hex) <= 1.1 * big_model.model_layer.size

@@ -11,6 +11,8 @@ import json
 import threading
 import time
 
+import pytest
+
 from ollama_mirror.units import human_size
 from tests.integration.helpers import (
     CHUNK,
@@ -29,6 +31,8 @@ from tests.integration.helpers import (
 )
 from tests.support.faultproxy import FaultProxy
 from tests.support.models import KiB, MiB, ModelFactory, PushedModel
+
+pytestmark = pytest.mark.usefixtures("models_dir_stays_valid")  # after every fault: Ollama can run the cache
 
 
 def assert_not_served_cleanly(got: Fetched, size: int) -> None:

@@ -124,8 +124,10 @@ def test_manifest_verbatim_and_exact_head_sizes(
     assert response.header("docker-content-digest") == model.digest
     assert response.header("content-type") == MANIFEST_V2
     assert response.header("content-length") == str(len(model.manifest))
-    stored = mirror.cache_dir / "manifests" / UPSTREAM_HOST / "library" / "medium" / "latest"
-    assert stored.read_bytes() == model.manifest
+    tag = (UPSTREAM_HOST, "library", "medium", "latest")
+    staged = mirror.cache_dir.joinpath(".mirror", "staged", *tag)  # until its blobs are cached
+    assert staged.read_bytes() == model.manifest
+    assert not mirror.cache_dir.joinpath("manifests", *tag).exists()
 
     head_manifest = get_manifest(mirror, model, method="HEAD")
     assert head_manifest.status == 200

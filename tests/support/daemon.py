@@ -46,6 +46,8 @@ class MirrorFactory(Protocol):
     ``overrides``, ``start``…); ``cache_dir`` and ``upstream_url`` default to a fresh directory and the
     session's registry."""
 
+    created: list[MirrorDaemon]  # every daemon made so far in the test
+
     def __call__(self, **kwargs: Any) -> MirrorDaemon: ...
 
 

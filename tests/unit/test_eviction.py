@@ -415,3 +415,44 @@ def test_a_following_workers_list_of_wanted_chunks_stays_while_it_lives(tmp_path
         os.utime(path, (cache.clock.seconds() - 2 * DAY,) * 2)
     cache.sweep()
     assert mine.exists() and not gone.exists() and not absurd.exists()
+
+
+# --- manifests/ holds only models whose blobs are all here ---------------------------------------------
+
+
+def test_a_manifest_whose_blobs_are_missing_waits_among_the_staged_until_they_are_in(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    name = cache.add_model("whole", 100)
+    weights = cache.weights("whole", 100)
+    os.unlink(cache.store.blob_path(weights))  # (an operator, or an older cache that wrote it early)
+    cache.sweep()
+    assert not os.path.exists(cache.store.manifest_path(name))  # Ollama would list it and fail to run it
+    assert os.path.exists(cache.store.staged_manifest_path(name))
+    assert cache.names() == []
+    assert [m.name for m in Catalog(cache.store).models(complete_only=False)] == [name]  # `ls --all`
+
+    cache.write_blob(b"whole".ljust(100, b"w"))  # the blob is back
+    cache.sweep()
+    assert os.path.exists(cache.store.manifest_path(name))
+    assert not os.path.exists(cache.store.staged_manifest_path(name))
+    assert cache.names() == ["whole:latest"]
+
+
+def test_a_manifest_written_before_its_blobs_is_staged_and_deleting_the_tag_removes_it(
+    tmp_path: Path,
+) -> None:
+    cache = Cache(tmp_path)
+    name = ModelName.parse("later")
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "config": {"digest": "sha256:" + "c" * 64, "size": 10},
+            "layers": [{"digest": "sha256:" + "d" * 64, "size": 20}],
+        }
+    ).encode()
+    cache.store.write_manifest(name, manifest)
+    assert cache.store.read_manifest(name) == manifest  # served to registry clients meanwhile
+    assert not os.path.exists(cache.store.manifest_path(name))
+    assert cache.store.promote_manifest(name) is False  # its blobs are not here
+    assert Catalog(cache.store).delete(name) == []
+    assert cache.store.read_manifest(name) is None

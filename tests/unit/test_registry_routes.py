@@ -15,7 +15,7 @@ from .fakeregistry import FakeRegistry
 from .harness import Harness
 
 
-def test_manifest_is_served_verbatim_and_stored_in_the_ollama_layout(
+def test_manifest_is_served_verbatim_and_stored_in_the_ollama_layout_once_its_blobs_are(
     tmp_path: Path, registry: FakeRegistry
 ) -> None:
     h = Harness(tmp_path, registry)
@@ -25,8 +25,15 @@ def test_manifest_is_served_verbatim_and_stored_in_the_ollama_layout(
     assert response.headers.getRawHeaders("docker-content-digest") == [
         "sha256:" + hashlib.sha256(body).hexdigest()
     ]
-    stored = tmp_path / "cache" / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest"
-    assert stored.read_bytes() == body
+    tag = ("registry.ollama.ai", "library", "tiny", "latest")
+    stored = tmp_path.joinpath("cache", "manifests", *tag)
+    staged = tmp_path.joinpath("cache", ".mirror", "staged", *tag)
+    assert not stored.exists() and staged.read_bytes() == body  # Ollama must not see it yet
+    digests = registry.digests()
+    for digest in digests:
+        assert h.request("GET", f"/v2/library/tiny/blobs/{digest}")[0].code == 200
+        assert stored.exists() == (digest == digests[-1])  # published with its last blob, not before
+    assert stored.read_bytes() == body and not staged.exists()
 
 
 def test_a_cached_tag_is_revalidated_only_after_the_ttl(tmp_path: Path, registry: FakeRegistry) -> None:
@@ -40,13 +47,21 @@ def test_a_cached_tag_is_revalidated_only_after_the_ttl(tmp_path: Path, registry
     assert response.headers.getRawHeaders("x-mirror-cache") == ["cache"]  # unchanged upstream
 
 
-def test_a_changed_tag_is_replaced(tmp_path: Path, registry: FakeRegistry) -> None:
+def test_a_changed_tag_is_served_at_once_and_replaces_the_cached_model_once_its_blobs_are_in(
+    tmp_path: Path, registry: FakeRegistry
+) -> None:
     h = Harness(tmp_path, registry, **{"cache.manifest_ttl": "0"})
-    h.request("GET", "/v2/library/tiny/manifests/latest")
+    _, old = h.request("GET", "/v2/library/tiny/manifests/latest")
+    for digest in registry.digests():
+        h.request("GET", f"/v2/library/tiny/blobs/{digest}")
+    stored = tmp_path / "cache" / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest"
+    assert stored.read_bytes() == old
     new = registry.add_model("library/tiny", "latest", [b"new weights"])
     _, body = h.request("GET", "/v2/library/tiny/manifests/latest")
-    assert body == new
-    stored = tmp_path / "cache" / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest"
+    assert body == new  # registry clients get what the upstream says now...
+    assert stored.read_bytes() == old  # ...while Ollama keeps the model it can run
+    for digest in registry.digests():
+        h.request("GET", f"/v2/library/tiny/blobs/{digest}")
     assert stored.read_bytes() == new
 
 
@@ -334,7 +349,8 @@ def test_a_fresh_cached_tag_gets_the_routes_answer_and_follows_its_file(
     assert (
         len([s for s in registry.seen if "/manifests/" in s.path]) == 4
     )  # 3 routed (ttl 0), 1 to fill the fast one
-    stored = tmp_path / "fast" / "cache" / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest"
+    stored = tmp_path.joinpath("fast", "cache", ".mirror", "staged", "registry.ollama.ai", "library", "tiny")
+    stored = stored / "latest"  # (its blobs were never fetched: the tag waits among the staged)
     other = json.dumps({"schemaVersion": 2, "mediaType": "application/x-test", "layers": []}).encode()
     (stored.parent / "new").write_bytes(other)
     (stored.parent / "new").replace(stored)  # as another worker's atomic write

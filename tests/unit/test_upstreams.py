@@ -67,8 +67,8 @@ def test_v2_routes_choose_the_upstream_by_host(
     response, body = h.request("GET", MANIFEST, headers=headers)
     assert response.code == 200
     assert asked_hosts(registry) == {upstream_host}
-    stored = tmp_path / "cache" / "manifests" / cache_dir / "library" / "tiny" / "latest"
-    assert stored.read_bytes() == body
+    stored = tmp_path / "cache" / ".mirror" / "staged" / cache_dir / "library" / "tiny" / "latest"
+    assert stored.read_bytes() == body  # (kept apart by host, until its blobs are cached)
     digest = registry.digests()[1]
     _, data = h.request("GET", f"/v2/library/tiny/blobs/{digest}", headers=headers)
     assert data == registry.blobs[digest]
