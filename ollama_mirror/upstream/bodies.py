@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -10,6 +11,10 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 _DRAIN_LIMIT = 64 * 1024
+
+
+class BodyTooSlow(Exception):
+    """A small body did not arrive within its time."""
 
 
 class _Collector(Protocol):
@@ -22,6 +27,7 @@ class _Collector(Protocol):
         self.received = 0
         self.done: Deferred[bytes] = Deferred()
         self.over = False
+        self.late = False
 
     def dataReceived(self, data: bytes) -> None:
         self.received += len(data)
@@ -34,8 +40,16 @@ class _Collector(Protocol):
         if self.keep:
             self.parts.append(data)
 
+    def give_up(self) -> None:
+        """Too slow: drop the connection, and fail with :class:`BodyTooSlow`."""
+        self.late = True
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
-        if self.over:
+        if self.late:
+            self.done.errback(BodyTooSlow("the body did not arrive in time"))
+        elif self.over:
             if self.keep:
                 self.done.errback(ValueError("body too large"))
             else:
@@ -46,11 +60,22 @@ class _Collector(Protocol):
             self.done.errback(reason)
 
 
-async def collect_limited(response: IResponse, limit: int) -> bytes:
-    """The whole body, which must be at most *limit* bytes (else ``ValueError``)."""
+async def collect_limited(
+    response: IResponse, limit: int, clock: IReactorTime | None = None, timeout: float = 0
+) -> bytes:
+    """The whole body, which must be at most *limit* bytes (else ``ValueError``) and, with a *clock*,
+    arrive within *timeout* seconds (else the connection is dropped and :class:`BodyTooSlow` raised: a
+    body that stalls must not hold the request that waits for it)."""
     collector = _Collector(limit, keep=True)
     response.deliverBody(collector)
-    return await collector.done
+    if clock is None:
+        return await collector.done
+    timer = clock.callLater(timeout, collector.give_up)
+    try:
+        return await collector.done
+    finally:
+        if timer.active():
+            timer.cancel()
 
 
 async def drain(response: IResponse) -> None:

@@ -30,7 +30,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
 from .. import __version__
-from .bodies import collect_limited, drain
+from .bodies import BodyTooSlow, collect_limited, drain
 from .errors import UpstreamError
 from .retry import RetryPolicy, parse_retry_after
 
@@ -190,7 +190,7 @@ class Upstream:
         if self._basic:
             headers[b"authorization"] = [self._basic]
         response = await self._send("GET", url, headers)
-        body = await read_small(response, 64 * 1024)
+        body = await read_small(response, 64 * 1024, self._clock, self._timeout)
         if response.code != 200:
             raise _answered(response, f"token service {realm} answered {response.code}")
         try:
@@ -236,11 +236,18 @@ class Upstream:
             raise _answered(
                 response, f"upstream {self.url} answered {response.code} for {repository}:{reference}"
             )
-        data = await read_small(response, MAX_MANIFEST_BYTES)
+        data = await read_small(response, MAX_MANIFEST_BYTES, self._clock, self._timeout)
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0].decode("latin-1")
-        return FetchedManifest(
-            data, media_type_of(data, content_type), "sha256:" + hashlib.sha256(data).hexdigest()
-        )
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        advertised = (response.headers.getRawHeaders(b"docker-content-digest") or [b""])[0].decode("latin-1")
+        if advertised.startswith("sha256:") and advertised.strip() != digest:  # damaged on its way: again
+            raise UpstreamError(
+                f"upstream {self.url} sent a manifest for {repository}:{reference} that does not match its "
+                f"Docker-Content-Digest {advertised.strip()}",
+                502,
+                kind="protocol",
+            )
+        return FetchedManifest(data, media_type_of(data, content_type), digest)
 
     # --- blobs ---------------------------------------------------------------------------------
 
@@ -450,10 +457,17 @@ def content_range_start(response: IResponse) -> int | None:
     return int(match.group(1)) if match else None
 
 
-async def read_small(response: IResponse, limit: int) -> bytes:
-    """Read a body that should be small; more than *limit* bytes is an upstream error."""
+async def read_small(
+    response: IResponse, limit: int, clock: IReactorTime | None = None, timeout: float = 0
+) -> bytes:
+    """Read a body that should be small; more than *limit* bytes, or (with a *clock*) a body that takes
+    more than *timeout* seconds, is an upstream error."""
     try:
-        return await collect_limited(response, limit)
+        return await collect_limited(response, limit, clock, timeout)
+    except BodyTooSlow:
+        raise UpstreamError(
+            f"upstream sent a document too slowly (not within {timeout:g} s, upstream.timeout)", kind="idle"
+        ) from None
     except ValueError:
         raise UpstreamError(
             f"upstream sent more than {limit} bytes where a small document was expected",

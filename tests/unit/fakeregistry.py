@@ -46,6 +46,8 @@ class FakeRegistry(Resource):
     # (status, Retry-After, how many times, path substring): answer matching requests so, then normally
     faults: list[list[Any]] = field(default_factory=list)
     hold_manifests: bool = False  # answer manifest requests only at release(), to make them overlap
+    stall_manifests: int = 0  # so many manifest answers send half their body, the rest only at release()
+    damage_manifests: int = 0  # so many manifest answers have a byte flipped (their digest header is right)
     held: list[tuple[Request, bytes]] = field(default_factory=list)
     seen: list[Seen] = field(default_factory=list)
     tokens_issued: int = 0
@@ -164,6 +166,15 @@ class FakeRegistry(Resource):
             return b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}'
         request.setHeader(b"content-type", MANIFEST_V2.encode())
         request.setHeader(b"docker-content-digest", ("sha256:" + hashlib.sha256(data).hexdigest()).encode())
+        if self.damage_manifests > 0:
+            self.damage_manifests -= 1
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        if self.stall_manifests > 0:
+            self.stall_manifests -= 1
+            request.setHeader(b"content-length", str(len(data)).encode())
+            request.write(data[: len(data) // 2])
+            self.held.append((request, data[len(data) // 2 :]))
+            return NOT_DONE_YET  # type: ignore[no-any-return]
         if self.hold_manifests:
             self.held.append((request, data))
             return NOT_DONE_YET  # type: ignore[no-any-return]

@@ -113,6 +113,20 @@ def test_one_transient_answer_never_reaches_the_client(
     assert registry.faults[0][2] == 0  # the fault was met, and got past
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize(
+    ("status", "retry_after"), [(502, None), (503, None), (504, None), (429, 1), (408, None)]
+)
+def test_each_passing_answer_on_a_cold_manifest_is_retried(
+    tmp_path: Path, registry: FakeRegistry, method: str, status: int, retry_after: int | None
+) -> None:
+    registry.faults.append([status, retry_after, 1, "/manifests/"])
+    h = Harness(tmp_path, registry, **{"upstream.retry_delay": "0.1"})
+    response, _ = h.request(method, "/v2/library/tiny/manifests/latest", step=0.25, headers=ACCEPT)
+    assert response.code == 200
+    assert registry.faults[0][2] == 0
+
+
 def test_429_waits_what_retry_after_asks(tmp_path: Path, registry: FakeRegistry) -> None:
     registry.faults.append([429, 5, 1, "/manifests/"])
     h = Harness(tmp_path, registry, **{"upstream.retry_delay": "0.1"})
@@ -140,3 +154,31 @@ def test_a_404_is_final_at_once(tmp_path: Path, registry: FakeRegistry) -> None:
 
 def test_the_wall_clock_date_form_is_read_against_now() -> None:
     assert parse_retry_after(formatdate(time.time() + 60, usegmt=True).encode()) == pytest.approx(60, abs=2)
+
+
+def test_a_manifest_body_that_stalls_is_given_up_and_asked_again(
+    tmp_path: Path, registry: FakeRegistry
+) -> None:
+    registry.stall_manifests = 1
+    h = Harness(tmp_path, registry, **{"upstream.timeout": "2", "upstream.retry_delay": "0.1"})
+    started = h.clock.seconds()
+    response, body = h.request("GET", "/v2/library/tiny/manifests/latest", step=0.5, headers=ACCEPT)
+    assert response.code == 200 and body == registry.manifests[("library/tiny", "latest")]
+    assert 2 <= h.clock.seconds() - started < 10  # not held for as long as the upstream stalls
+    assert len([s for s in registry.seen if "/manifests/" in s.path]) == 2
+
+
+def test_a_manifest_damaged_on_its_way_is_asked_again_never_served(
+    tmp_path: Path, registry: FakeRegistry
+) -> None:
+    registry.damage_manifests = 1
+    h = Harness(tmp_path, registry, **{"upstream.retry_delay": "0.1"})
+    response, body = h.request("GET", "/v2/library/tiny/manifests/latest", step=0.5, headers=ACCEPT)
+    assert response.code == 200 and body == registry.manifests[("library/tiny", "latest")]
+    assert len([s for s in registry.seen if "/manifests/" in s.path]) == 2
+
+    registry.add_model("library/other", "latest", [b"other weights"])
+    registry.damage_manifests = 99  # damaged every time: an error that says so
+    response, body = h.request("GET", "/v2/library/other/manifests/latest", step=0.5, headers=ACCEPT)
+    assert response.code == 502
+    assert "does not match its Docker-Content-Digest" in json.loads(body)["errors"][0]["message"]
