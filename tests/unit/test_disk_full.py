@@ -7,28 +7,16 @@ import errno
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.logger import globalLogPublisher
 
 from .fakeregistry import FakeRegistry
 from .harness import Harness
 from .test_metrics import scrape, value
 
 CHUNK = 65536  # the harness's upstream.chunk_size
-
-
-@pytest.fixture
-def logged() -> Iterator[list[dict[str, Any]]]:
-    seen: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(seen.append)
-    try:
-        yield seen
-    finally:
-        globalLogPublisher.removeObserver(seen.append)
 
 
 class FillingDisk:
@@ -46,12 +34,12 @@ class FillingDisk:
         return self.real(fd, data, offset)
 
 
-def disk_full_lines(logged: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [e for e in logged if str(e.get("log_format", "")).startswith("cache disk full")]
+def disk_full_lines(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if str(e.get("log_format", "")).startswith("cache disk full")]
 
 
 def test_a_blob_meeting_a_full_disk_is_a_507_and_completes_once_space_is_back(
-    tmp_path: Path, registry: FakeRegistry, monkeypatch: pytest.MonkeyPatch, logged: list[dict[str, Any]]
+    tmp_path: Path, registry: FakeRegistry, monkeypatch: pytest.MonkeyPatch, events: list[dict[str, Any]]
 ) -> None:
     settings = {"upstream.connections_per_blob": "1"}  # (chunks in order: the first fits, then no more)
     h = Harness(
@@ -66,8 +54,8 @@ def test_a_blob_meeting_a_full_disk_is_a_507_and_completes_once_space_is_back(
         assert error["message"].startswith("the mirror's disk is full: no space left to store blob")
         assert str(tmp_path) not in error["message"]
 
-    assert len(disk_full_lines(logged)) == 1  # once, however many requests meet it
-    line = disk_full_lines(logged)[0]
+    assert len(disk_full_lines(events)) == 1  # once, however many requests meet it
+    line = disk_full_lines(events)[0]
     assert line["path"].endswith(".part") and line["free"]  # where, and how much is free there
     response, body = h.request("GET", "/mirror/health")
     code, health = response.code, json.loads(body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -389,8 +390,6 @@ def test_a_follower_serves_the_holders_progress_within_a_chunk(tmp_path: Path, b
 def test_a_full_disk_mid_write_keeps_what_it_had_and_resumes_once_space_returns(
     tmp_path: Path, blob: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import errno
-
     clock, source = Clock(), FakeSource(blob)
     heard = HeardDiskFull()
     fill = make_fill(tmp_path, blob, source, clock, connections=1, events=heard)
@@ -427,8 +426,6 @@ def test_a_full_disk_mid_write_keeps_what_it_had_and_resumes_once_space_returns(
 def test_a_full_disk_for_the_record_of_progress_stops_the_download_the_same_way(
     tmp_path: Path, blob: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import errno
-
     clock, source = Clock(), FakeSource(blob)
     heard = HeardDiskFull()
     fill = make_fill(tmp_path, blob, source, clock, connections=1, events=heard)

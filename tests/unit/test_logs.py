@@ -6,17 +6,15 @@ import io
 import json
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from prometheus_client import CollectorRegistry
 from twisted.application.service import Application
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 from twisted.web.resource import Resource
@@ -31,17 +29,6 @@ from ollama_mirror.web.routes import ROUTES, route_of
 
 from .fakeregistry import FakeRegistry
 from .harness import Harness
-
-
-@pytest.fixture
-def events() -> Iterator[list[dict[str, Any]]]:
-    """Every log event published while the test runs."""
-    seen: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(seen.append)
-    try:
-        yield seen
-    finally:
-        globalLogPublisher.removeObserver(seen.append)
 
 
 def lines_of(events: list[dict[str, Any]], namespace: str) -> list[dict[str, Any]]:
