@@ -20,7 +20,7 @@ import errno
 import os
 from collections.abc import Awaitable, Callable
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredLock, DeferredSemaphore, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, succeed
 from twisted.internet.defer import fail as failed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -37,16 +37,11 @@ from .errors import DigestMismatch, DiskFull, FillFailed, disk_full
 from .fetch import RangeFetcher
 from .follow import HolderLink
 from .partial import PartialFile
+from .progress import PROGRESS_SAVE_BYTES, ProgressRecord
 from .verify import PrefixHasher
 from .waiters import Waiters
 
 log = Logger(namespace="ollama_mirror.fill")  # pinned: log names are public
-
-# How often the record of progress follows the data: after this many bytes, at most this often.  A
-# restart loses at most what arrived since the last record (the record costs an fdatasync and a small
-# atomic write, so at full speed it runs ten times a second, back to back with the data).
-PROGRESS_SAVE_BYTES = 256 * 1024
-PROGRESS_SAVE_INTERVAL = 0.1
 
 Admission = Callable[[FillView], Awaitable[None]]  # may refuse a download (no room), in words
 
@@ -114,12 +109,9 @@ class Fill:
         self.started_at: float | None = None
         self._stopping = False
         self.waiters = Waiters(self.available)
-        self._state_lock = DeferredLock()
-        self._save_queued = False
-        self._progress_bytes = progress_bytes
-        self._unsaved_bytes = 0  # received since the last record of progress was taken
-        self._saved_at = 0.0
-        self._last_save: Deferred[None] = succeed(None)  # the record of progress taken at shutdown
+        self.progress = ProgressRecord(
+            self.partial, clock, running=lambda: not self.ended, fail=self.fail, every_bytes=progress_bytes
+        )
 
     # --- what readers use ----------------------------------------------------------------------
 
@@ -299,38 +291,18 @@ class Fill:
         """Bytes [start, end) are on disk: advance chunk marks, wake readers, finish chunks, and now and
         then record how far the chunks got (a restart resumes from there)."""
         self.received_bytes += end - start
-        self._unsaved_bytes += end - start
         self.events.upstream_bytes(end - start)
+        self.progress.count(end - start)
         for index, finished in self.chunks.record(start, end):
             if finished:
                 self._chunk_done(index)
             self.waiters.wake(index)
-        if (
-            self._unsaved_bytes >= self._progress_bytes
-            and self.clock.seconds() - self._saved_at >= PROGRESS_SAVE_INTERVAL
-        ):
-            self._queue_save()
+        self.progress.keep_up()
 
     def _chunk_done(self, index: int) -> None:
         self.chunks.done[index] = True
-        self._queue_save()
+        self.progress.save()
         self._advance_hash()
-
-    def _queue_save(self) -> None:
-        if not self._save_queued:  # a save already waiting records this progress too
-            self._save_queued = True
-            self._state_lock.run(self._save_state).addErrback(self.fail)
-
-    def _save_state(self) -> Deferred[None]:
-        self._save_queued = False  # progress from now on needs a save of its own
-        if self.ended:
-            return succeed(None)
-        self._unsaved_bytes, self._saved_at = 0, self.clock.seconds()
-        return self.partial.run(self._write_state, self.partial.state())
-
-    def _write_state(self, state: PartialState) -> None:
-        if not self.ended:  # (thread) a failed Fill's partial may already be gone or someone else's
-            self.partial.write_state(state)
 
     # --- verifying and publishing --------------------------------------------------------------
 
@@ -339,7 +311,7 @@ class Fill:
             self.hasher.advance()
 
     async def _finish(self, actual: str) -> None:
-        await self._state_lock.acquire()  # no state record may be written after this
+        await self.progress.lock.acquire()  # no record of progress may be written after this
         try:
             if self.ended:  # stopped or failed while waiting for the lock
                 return
@@ -351,7 +323,7 @@ class Fill:
                 return
             await self.partial.run(self.partial.publish)
         finally:
-            self._state_lock.release()
+            self.progress.lock.release()
         if self.ended:  # failed (shutdown) during the publish: the published blob is verified and stays
             return
         elapsed = self.clock.seconds() - (self.started_at or self.clock.seconds())
@@ -393,26 +365,15 @@ class Fill:
         if keeping and self.partial.fd >= 0 and not self.link.following:
             # Shutting down, or out of space: record exactly what is on disk (after any save still
             # running; on a full disk this small write may fail too: the last record stands), then close.
-            self._last_save = self._state_lock.run(self._save_last, self.partial.state())
+            self.progress.last(self.digest)
         else:
             self.partial.close()
         self.waiters.fail(failure)
-
-    def _save_last(self, state: PartialState) -> Deferred[None]:
-        def failed(failure: Failure) -> None:
-            log.warn(
-                "fill {digest}: cannot record its progress: {error}",
-                digest=self.digest,
-                error=failure.getErrorMessage(),
-            )
-
-        saved = self.partial.run(self.partial.write_state, state).addErrback(failed)
-        return saved.addBoth(lambda _: self.partial.close())
 
     def stop(self) -> Deferred[None]:
         """Stop downloading (daemon shutdown); what is on disk stays for the next start."""
         self._stopping = True
         if not self.ended:  # fail also cuts the transfers in flight
             self.fail(Failure(FillFailed(f"download of {self.digest} stopped (shutting down)")))
-        drained = [self._state_lock.run(succeed, None), self.link.drained(), self._last_save]
+        drained = [self.progress.drained(), self.link.drained()]
         return DeferredList(drained).addCallback(lambda _: None)
