@@ -64,6 +64,9 @@ class Events:
     def digest_mismatch(self, fill: FillView) -> None:
         """A download's bytes did not hash to its digest (it was discarded)."""
 
+    def manifest_published(self, name: ModelName) -> None:
+        """A tag's manifest entered ``manifests/``: all its blobs are held here."""
+
     def connection_refused(self) -> None:
         """A client connection was refused: over ``server.max_connections(_per_client)``."""
 
@@ -126,6 +129,9 @@ class EventHub(Events):
 
     def connection_refused(self) -> None:
         self._emit("connection_refused")
+
+    def manifest_published(self, name: ModelName) -> None:
+        self._emit("manifest_published", name)
 
     def blob_served(self, source: str, count: int, complete: bool) -> None:
         self._emit("blob_served", source, count, complete)

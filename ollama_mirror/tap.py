@@ -157,6 +157,8 @@ def makeService(options: Options) -> IService:
     assert options.config is not None
     raise_descriptor_limit()  # (before the workers start: they inherit it)
     try:
+        if options.config.cluster.storage_url:  # a bad endpoint, bucket or key: say so now, exit 2
+            _check_storage(options.config)
         if options.config.server.workers > 1:
             from .daemon.workers import build_supervisor
 
@@ -170,6 +172,16 @@ def makeService(options: Options) -> IService:
     daemon = _Daemon(_log_observer(options), reactor)
     mirror.setServiceParent(daemon)
     return daemon
+
+
+def _check_storage(config: Config) -> None:
+    from .cluster import missing_extra
+
+    try:
+        from .cluster.s3 import check_storage
+    except ImportError as e:
+        raise missing_extra(e) from None
+    check_storage(config.cluster)
 
 
 def _log_observer(options: Options) -> ILogObserver | None:

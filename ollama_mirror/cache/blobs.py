@@ -8,7 +8,7 @@ models directory (:class:`ollama_mirror.cache.store.Store`), whose files the web
 ``sendfile``.  A shared tier (an S3-compatible store in a cluster) slots in behind the same interfaces:
 as a :class:`BlobSource` that downloads read before the upstream, as a store a verified blob is also
 published to, and as a place clients may be redirected to; the local directory stays the read-through
-cache the web layer serves from.
+cache the web layer serves from (:class:`SharedTier`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class ManifestStore(Protocol):
     def manifest_stamp(self, name: ModelName) -> tuple[int, int, int] | None:
         """Something that changes whenever the tag's manifest is rewritten (a stat, locally)."""
 
-    def write_manifest(self, name: ModelName, data: bytes) -> None: ...
+    def write_manifest(self, name: ModelName, data: bytes) -> bool:
+        """Keep a tag's manifest; whether it is published (all its blobs are held) or waits for them."""
 
     def read_digest_manifest(self, hexdigest: str) -> bytes | None: ...
 
@@ -75,6 +76,17 @@ class BlobSource(Protocol):
     """Where a download gets bytes from: the upstream registry, or a shared storage tier."""
 
     async def open_range(self, repository: str, digest: str, start: int, end: int | None) -> IResponse: ...
+
+
+class SharedTier(Protocol):
+    """The cluster's shared copy of blobs and manifests (an S3-compatible store), read before the upstream;
+    what this node verifies is added to it (:mod:`ollama_mirror.cluster.shared`)."""
+
+    def source(self, fallback: BlobSource) -> BlobSource:
+        """A source that reads a blob from the shared copy when it holds it, else from *fallback*."""
+
+    async def read_manifest(self, name: ModelName) -> bytes | None:
+        """The tag's manifest in the shared copy (whose blobs are all there too), or ``None``."""
 
 
 class BlobFetches(Protocol):

@@ -24,6 +24,7 @@ from ..runner import Runner
 from ..upstream.client import Upstream, media_type_of
 from ..upstream.errors import UpstreamError
 from ..upstream.hosts import Upstreams
+from .blobs import SharedTier
 from .space import is_no_space, no_space
 from .store import Store, manifest_blobs
 
@@ -58,8 +59,13 @@ class ManifestCache:
         clock: IReactorTime,
         ttl: float,
         events: Events | None = None,
+        shared: SharedTier | None = None,
     ) -> None:
+        """*shared*: the cluster's copy, where a tag this node has never seen is looked for before the
+        upstream (then it is a cached copy like any other: revalidated after the TTL, served when the
+        upstream is away)."""
         self._events = events or Events()
+        self._shared = shared
         self._store = store
         self._upstreams = upstreams
         self._runner = runner
@@ -122,15 +128,17 @@ class ManifestCache:
         if hit is not None:
             return hit
         cached = self._store.read_manifest(name)
-        shared = self._revalidating.get(name)
-        if shared is None:  # the first asker fetches; everyone asking meanwhile shares its answer
-            shared = self._revalidating[name] = _Shared(self._revalidate(name, cached, accept, user_agent))
-            shared.done.addBoth(lambda _: self._revalidating.pop(name, None))
-        return await shared.wait()
+        running = self._revalidating.get(name)
+        if running is None:  # the first asker fetches; everyone asking meanwhile shares its answer
+            running = self._revalidating[name] = _Shared(self._revalidate(name, cached, accept, user_agent))
+            running.done.addBoth(lambda _: self._revalidating.pop(name, None))
+        return await running.wait()
 
     async def _revalidate(
         self, name: ModelName, cached: bytes | None, accept: list[str] | None, user_agent: str | None
     ) -> Manifest:
+        if cached is None and self._shared is not None:
+            cached = await self._from_shared(name)
         try:
             # with a cached copy to fall back on, one try: the upstream's trouble must not delay it
             upstream = self._upstream(name)
@@ -157,6 +165,21 @@ class ManifestCache:
         self._events.manifest_revalidated(name)
         self._remember_sizes(fetched.data)
         return Manifest(fetched.data, fetched.media_type, "upstream" if fetched.data != cached else "cache")
+
+    async def _from_shared(self, name: ModelName) -> bytes | None:
+        """The tag from the cluster's copy, kept here too (staged until its blobs are on this node)."""
+        try:
+            data = await self._shared.read_manifest(name) if self._shared is not None else None
+        except UpstreamError as e:
+            log.warn(
+                "shared storage failed for {name} ({error}); asking the upstream",
+                name=str(name),
+                error=e.message,
+            )
+            return None
+        if data is not None:
+            await self._keep(f"the manifest of {name}", self._store.write_manifest, name, data)
+        return data
 
     async def by_digest(
         self, name: ModelName, hexdigest: str, accept: list[str] | None = None, user_agent: str | None = None
@@ -193,27 +216,31 @@ class ManifestCache:
         whether it was staged or could not be kept when it was fetched; False if a blob it lists is not
         cached after all (then it stays staged).  Raises :class:`NoSpace` when the disk is full."""
         try:
-            await self._runner.run(self._store.write_manifest, name, manifest.data)
+            published = await self._runner.run(self._store.write_manifest, name, manifest.data)
         except Exception as e:
             if not is_no_space(e):
                 raise
             full = no_space(f"the manifest of {name}", getattr(e, "filename", None) or self._store.root)
             self._events.disk_full(full.message, full.path, full.free)
             raise full from None
-        published: bool = await self._runner.run(self._store.blobs_present, manifest.data)
-        return published
+        if published:
+            self._events.manifest_published(name)
+        return bool(published)
 
-    async def _keep(self, what: str, write: Callable[[Any, bytes], None], key: Any, data: bytes) -> bool:
+    async def _keep(self, what: str, write: Callable[[Any, bytes], object], key: Any, data: bytes) -> bool:
         """Write a fetched manifest into the cache; whether it was.  On a full disk the manifest is
-        still served (it is in hand), only not kept: the disk-full event tells the operator."""
+        still served (it is in hand), only not kept: the disk-full event tells the operator.  A tag
+        published with it (its blobs all here) is announced."""
         try:
-            await self._runner.run(write, key, data)
+            published = await self._runner.run(write, key, data)
         except Exception as e:
             if not is_no_space(e):
                 raise
             full = no_space(what, getattr(e, "filename", None) or self._store.root)
             self._events.disk_full(full.message, full.path, full.free)
             return False
+        if published is True and isinstance(key, ModelName):
+            self._events.manifest_published(key)
         return True
 
 

@@ -36,14 +36,12 @@ class ManifestPublisher(Events):
     def publish(self, hexdigest: str | None = None) -> Deferred[list[ModelName]]:
         """Publish the staged tags that are complete now (those that list *hexdigest*, when given)."""
         d: Deferred[list[ModelName]] = self._lock.run(self._runner.run, self._catalog.promote, hexdigest)
-        return d.addErrback(self._failed, [])
+        return d.addCallbacks(self._announce, self._failed, errbackArgs=([],))
 
-    def publish_tag(self, name: ModelName) -> Deferred[bool | None]:
-        """Publish one tag if it is staged and complete: True when it is published now, False when some
-        of its blobs are still missing, None when nothing was staged for it.  Errors reach the caller."""
-        store = self._catalog.store
-        d: Deferred[bool | None] = self._lock.run(self._runner.run, store.promote_manifest, name)
-        return d
+    def _announce(self, published: list[ModelName]) -> list[ModelName]:
+        for name in published:
+            self._events.manifest_published(name)
+        return published
 
     def _failed(self, failure: Failure, default: list[ModelName]) -> list[ModelName]:
         error = failure.value

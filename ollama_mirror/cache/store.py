@@ -314,16 +314,17 @@ class Store:
             return st.st_ino, st.st_size, st.st_mtime_ns
         return None
 
-    def write_manifest(self, name: ModelName, data: bytes) -> None:
+    def write_manifest(self, name: ModelName, data: bytes) -> bool:
         """Store a tag's manifest bytes verbatim, atomically (thread): into ``manifests/`` when all its
-        blobs are cached, else staged until they are (:meth:`promote_manifest`)."""
+        blobs are cached (True), else staged until they are (:meth:`promote_manifest`)."""
         with self._manifests_lock:
             if self.blobs_present(data):
                 _write_in(self.manifest_path(name), data)
                 _unlink_if_holds(self.staged_manifest_path(name), data)  # (a newer one waits on)
                 prune_empty_dirs(os.path.dirname(self.staged_manifest_path(name)), self.staged_dir)
-            else:
-                _write_in(self.staged_manifest_path(name), data)
+                return True
+            _write_in(self.staged_manifest_path(name), data)
+            return False
 
     def promote_manifest(self, name: ModelName) -> bool | None:
         """(thread) Move the tag's staged manifest into ``manifests/`` if all its blobs are cached now:

@@ -62,6 +62,22 @@ def _override_layer(overrides: Mapping[str, str]) -> Layer:
     return layer
 
 
+# The standard names of S3 credentials, read when the mirror's own keys are not set (beneath them).
+AWS_VARIABLES = {
+    "AWS_ACCESS_KEY_ID": "cluster.s3_access_key_id",
+    "AWS_SECRET_ACCESS_KEY": "cluster.s3_secret_access_key",
+    "AWS_SESSION_TOKEN": "cluster.s3_session_token",
+}
+
+
+def _aws_layer(environ: Mapping[str, str]) -> Layer:
+    return {
+        dotted: (environ[name], f"environment {name}", True)
+        for name, dotted in AWS_VARIABLES.items()
+        if environ.get(name)
+    }
+
+
 def load_config(
     path: str | None = None,
     environ: Mapping[str, str] | None = None,
@@ -71,7 +87,7 @@ def load_config(
 
     Raises :class:`ConfigError` with a one-line message naming the key, the value and its source.
     """
-    merged: Layer = {}
+    merged: Layer = _aws_layer(environ or {})  # beneath everything else
     if path:
         merged.update(_json_layer(path))
     merged.update(_env_layer(environ or {}))

@@ -87,6 +87,11 @@ def parse_value(key: Key, value: Any, from_text: bool) -> Any:
         return _parse_list(kind, value, from_text)
     if not isinstance(value, str):
         raise ValueError("expected a string")
+    return _parse_text(kind, value)
+
+
+def _parse_text(kind: str, value: str) -> str:
+    """The kinds held as text, checked."""
     if kind == "url":
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -102,9 +107,32 @@ def parse_value(key: Key, value: Any, from_text: bool) -> Any:
         parse_address(value)
     if kind == "format" and value not in ("text", "json"):
         raise ValueError("expected text or json")
+    if kind == "storage" and value:
+        parse_storage_url(value)
+    if kind == "endpoint" and value:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError("expected an http:// or https:// URL of a host, without a path")
+        return value.rstrip("/")
     if kind == "access" and value not in ("open", "networks", "keys"):
         raise ValueError("expected open, networks or keys")
     return value
+
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def parse_storage_url(text: str) -> tuple[str, str]:
+    """``s3://BUCKET[/PREFIX]`` → (bucket, prefix without slashes at either end); raises ValueError."""
+    parts = urlsplit(text)
+    if parts.scheme != "s3" or not _BUCKET.fullmatch(parts.netloc) or parts.query or parts.fragment:
+        raise ValueError(
+            "expected s3://BUCKET or s3://BUCKET/PREFIX (a bucket name of 3 to 63 a-z, 0-9, . and -)"
+        )
+    prefix = parts.path.strip("/")
+    if any(not segment or segment in (".", "..") for segment in prefix.split("/") if prefix):
+        raise ValueError("the prefix must be path segments such as mirror/blobs-v1")
+    return parts.netloc, prefix
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -176,6 +204,12 @@ def check_consistency(config: Config) -> None:
             )
     if bool(config.server.tls_certificate) != bool(config.server.tls_key):
         raise ConfigError("server.tls_certificate and server.tls_key must be set together")
+    cluster = config.cluster
+    if cluster.storage_url and not (cluster.s3_access_key_id and cluster.s3_secret_access_key):
+        raise ConfigError(
+            "cluster.storage_url: S3 credentials are missing: set cluster.s3_access_key_id and "
+            "cluster.s3_secret_access_key (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+        )
 
 
 def _parse_list(kind: str, value: Any, from_text: bool) -> tuple[str, ...]:

@@ -400,6 +400,73 @@ class FeaturesConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    storage_url: str = setting(
+        "",
+        "STORAGE_URL",
+        "`s3://BUCKET` or `s3://BUCKET/PREFIX`: the cluster's copy of every verified blob and complete "
+        "manifest, which any node reads before going upstream; the cache directory is then a read-through "
+        "cache of it. Empty: the cache directory alone.",
+        "storage",
+    )
+    s3_endpoint: str = setting(
+        "",
+        "S3_ENDPOINT",
+        "The S3-compatible endpoint, e.g. `http://127.0.0.1:8333` (path-style addressing); empty: AWS.",
+        "endpoint",
+    )
+    s3_region: str = setting("us-east-1", "S3_REGION", "The S3 region requests are signed for.", "str")
+    s3_access_key_id: str = setting(
+        "",
+        "S3_ACCESS_KEY_ID",
+        "S3 access key id; empty: `AWS_ACCESS_KEY_ID` (never logged).",
+        "str",
+    )
+    s3_secret_access_key: str = setting(
+        "",
+        "S3_SECRET_ACCESS_KEY",
+        "S3 secret access key; empty: `AWS_SECRET_ACCESS_KEY` (never logged).",
+        "str",
+    )
+    s3_session_token: str = setting(
+        "",
+        "S3_SESSION_TOKEN",
+        "S3 session token, for temporary credentials; empty: `AWS_SESSION_TOKEN`.",
+        "str",
+    )
+    redis_url: str = setting(
+        "",
+        "REDIS_URL",
+        "`redis://[:password@]host:port/db`: leases and shared counters of the cluster (not used yet).",
+        "str",
+        planned=True,
+    )
+    node_url: str = setting(
+        "",
+        "NODE_URL",
+        "The base URL other nodes reach this node at (default `http://<hostname>:<port>`; not used yet).",
+        "str",
+        planned=True,
+    )
+    lease_seconds: float = setting(
+        15,
+        "LEASE_SECONDS",
+        "How long a download's lease lives without renewal (not used yet).",
+        "float",
+        1,
+        planned=True,
+    )
+    redirect_to_storage: bool = setting(
+        False,
+        "REDIRECT_TO_STORAGE",
+        "Answer warm blob GETs with a 307 to a presigned storage URL instead of streaming them (not used "
+        "yet).",
+        "bool",
+        planned=True,
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -408,6 +475,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def listen_endpoints(self) -> list[str]:
         """The strports descriptions to listen on: ``server.listen``, or one built from host and port."""
@@ -433,6 +501,7 @@ SECTIONS: dict[str, type[Any]] = {
     "security": SecurityConfig,
     "logging": LoggingConfig,
     "features": FeaturesConfig,
+    "cluster": ClusterConfig,
 }
 
 

@@ -20,6 +20,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource
 
+from ..cache.blobs import SharedTier
 from ..cache.catalog import Catalog
 from ..cache.eviction import CacheLifecycle, Sweeper
 from ..cache.files import cache_marker
@@ -139,8 +140,15 @@ class Mirror:
             config, reactor, self.marker, agent, retry=self.retry, retried=self.events.upstream_error
         )
         self.upstream = self.upstreams.default
+        self.shared = self._shared_store(agent)
         self.manifests = ManifestCache(
-            self.store, self.upstreams, self.runner, reactor, config.cache.manifest_ttl, self.events
+            self.store,
+            self.upstreams,
+            self.runner,
+            reactor,
+            config.cache.manifest_ttl,
+            self.events,
+            shared=self.shared,
         )
         self.fills = FillManager(
             self.store,
@@ -151,10 +159,29 @@ class Mirror:
             self.events,
             admit=self.sweeper.admit,
             retry=self.retry,
+            shared=self.shared,
         )
         self.puller = ModelPuller(
             self.store, self.manifests, self.fills, self.upstreams, reactor, self.events
         )
+
+    def _shared_store(self, agent: IAgent | None) -> SharedTier | None:
+        """The cluster's shared copy (``cluster.storage_url``), listening to what this node verifies."""
+        if not self.config.cluster.storage_url:
+            return None
+        from ..cluster import missing_extra
+
+        try:
+            from ..cluster.shared import build_shared_store
+        except ImportError as e:
+            raise missing_extra(e) from None
+        shared, pool = build_shared_store(
+            self.config.cluster, self.reactor, self.runner, self.store, self.retry, agent
+        )
+        if pool is not None:
+            self._pools.append(pool)
+        self.events.listen(shared)
+        return shared
 
     def _build_web(self, backend_agent: IAgent | None) -> None:
         """The guards and the routes: access control, the registry, the Ollama API, the proxy."""

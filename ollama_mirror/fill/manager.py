@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from ..cache.blobs import BlobSource
+from ..cache.blobs import BlobSource, SharedTier
 from ..cache.store import Store
 from ..config import UpstreamConfig
 from ..events import Events
@@ -31,9 +31,11 @@ class FillManager(Service):
         events: Events | None = None,
         admit: Admission | None = None,
         retry: RetryPolicy | None = None,
+        shared: SharedTier | None = None,
     ) -> None:
         """*source* is where downloads get bytes unless told otherwise (the default upstream); *admit*
-        may refuse a download before it writes anything (the cache's room-making)."""
+        may refuse a download before it writes anything (the cache's room-making); *shared* is the
+        cluster's copy, which downloads read before their source when it holds the blob."""
         self.store = store
         self.source = source
         self.clock = clock
@@ -44,6 +46,7 @@ class FillManager(Service):
         self.fills: dict[str, Fill] = {}
         self.admit = admit
         self.retry = retry or RetryPolicy(clock, config.retry_attempts, config.retry_delay)
+        self.shared = shared
 
     def active(self, hexdigest: str) -> Fill | None:
         """The running Fill of a blob, if any."""
@@ -56,11 +59,14 @@ class FillManager(Service):
         fill = self.active(hexdigest)
         if fill is not None:
             return fill
+        source = source or self.source
+        if self.shared is not None:
+            source = self.shared.source(source)
         fill = Fill(
             hexdigest=hexdigest,
             size=size,
             repository=repository,
-            source=source or self.source,
+            source=source,
             store=self.store,
             clock=self.clock,
             runner=self.runner,

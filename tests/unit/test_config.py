@@ -241,3 +241,39 @@ def test_the_reference_shows_every_size_default_as_a_value_that_reads_back_the_s
         "1000",
         "1536",
     ]
+
+
+# --- cluster -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "bucket", "prefix"),
+    [("s3://models", "models", ""), ("s3://models/mirror/v1/", "models", "mirror/v1")],
+)
+def test_a_storage_url_names_a_bucket_and_a_prefix(url: str, bucket: str, prefix: str) -> None:
+    from ollama_mirror.config.parsing import parse_storage_url
+
+    environ = {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"}
+    config = load_config(None, environ, {"cluster.storage_url": url})
+    assert parse_storage_url(config.cluster.storage_url) == (bucket, prefix)
+    assert (config.cluster.s3_access_key_id, config.cluster.s3_secret_access_key) == ("id", "secret")
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [("http://models", "expected s3://BUCKET"), ("s3://A_B", "bucket name"), ("s3://models/a//b", "prefix")],
+)
+def test_a_storage_url_that_cannot_be_used_is_refused_in_one_line(url: str, words: str) -> None:
+    with pytest.raises(ConfigError, match=rf"cluster.storage_url = .* \(from command line\): .*{words}"):
+        load_config(None, {}, {"cluster.storage_url": url})
+
+
+def test_shared_storage_without_credentials_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError, match="S3 credentials are missing"):
+        load_config(None, {}, {"cluster.storage_url": "s3://models"})
+
+
+def test_the_mirrors_own_credentials_win_over_the_standard_aws_variables(tmp_path: Path) -> None:
+    path = write(tmp_path, {"cluster": {"s3_access_key_id": "from-file", "s3_secret_access_key": "s"}})
+    config = load_config(path, {"AWS_ACCESS_KEY_ID": "from-aws", "AWS_SECRET_ACCESS_KEY": "x"})
+    assert config.cluster.s3_access_key_id == "from-file" and config.cluster.s3_secret_access_key == "s"

@@ -1,0 +1,201 @@
+"""The cluster's shared copy of blobs and manifests, in an S3-compatible store.
+
+Every node keeps its cache directory, now a read-through cache of the shared copy:
+
+- a download reads a blob from the shared copy when it holds it, and from the upstream only when it
+  does not (:meth:`SharedStore.source`), through the same Fill (ranges, resume, verification);
+- a tag this node has never seen is looked for in the shared copy before the upstream
+  (:meth:`SharedStore.read_manifest`);
+- what this node verifies goes into the shared copy: each blob once it is published here (uploaded
+  from the local file, whole or in parts, visible only when complete), and each tag's manifest once all
+  its blobs are in the shared copy, never before; the same rule as ``manifests/``.
+
+Objects use the models-directory layout under the configured prefix: ``blobs/sha256-<hex>`` and
+``manifests/<host>/<namespace>/<model>/<tag>``.  Uploads run in the background, two at a time; a node
+that dies mid-upload leaves at most an unfinished multipart upload (aborted when it fails here; a
+bucket lifecycle rule for incomplete uploads is the backstop, see the README).
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent, IResponse
+
+from ..cache.blobs import BlobSource
+from ..cache.store import Store, manifest_blobs
+from ..config import ClusterConfig
+from ..events import Events, FillView
+from ..names import ModelName
+from ..runner import Reactor, Runner
+from ..upstream.errors import UpstreamError
+from ..upstream.retry import RetryPolicy
+from .s3 import S3Client, Storage
+
+log = Logger(namespace="ollama_mirror.cluster")
+
+# Seconds a blob found missing in the shared copy is believed missing (another node may add it).
+ABSENT_FOR = 5.0
+UPLOADS_AT_ONCE = 2
+
+
+def blob_name(hexdigest: str) -> str:
+    return f"blobs/sha256-{hexdigest}"
+
+
+def manifest_name(name: ModelName) -> str:
+    return posixpath.join("manifests", name.host, name.namespace, name.model, name.tag)
+
+
+class SharedStore(Events):
+    def __init__(self, s3: S3Client, store: Store, clock: IReactorTime, runner: Runner) -> None:
+        self.s3 = s3
+        self._store = store
+        self._clock = clock
+        self._runner = runner
+        self._held: dict[str, int] = {}  # hex digest -> size, of blobs known to be in the shared copy
+        self._absent: dict[str, float] = {}  # hex digest -> when it was found missing
+        self._uploading: dict[str, list[Deferred[bool]]] = {}  # hex digest -> who waits for its upload
+        self._gate = DeferredSemaphore(UPLOADS_AT_ONCE)
+        self.uploaded_bytes = 0
+
+    # --- reading -------------------------------------------------------------------------------
+
+    async def holds(self, hexdigest: str) -> int | None:
+        """The blob's size in the shared copy, or ``None`` when it is not there (asked at most every few
+        seconds per blob)."""
+        if hexdigest in self._held:
+            return self._held[hexdigest]
+        missing_since = self._absent.get(hexdigest)
+        if missing_since is not None and self._clock.seconds() - missing_since < ABSENT_FOR:
+            return None
+        size = await self.s3.size(self.s3.storage.key(blob_name(hexdigest)))
+        if size is None:
+            self._absent[hexdigest] = self._clock.seconds()
+        else:
+            self._held[hexdigest] = size
+            self._absent.pop(hexdigest, None)
+        return size
+
+    def source(self, fallback: BlobSource) -> BlobSource:
+        return _TieredSource(self, fallback)
+
+    async def open_range(self, hexdigest: str, start: int, end: int | None) -> IResponse:
+        return await self.s3.open_range(self.s3.storage.key(blob_name(hexdigest)), start, end)
+
+    async def read_manifest(self, name: ModelName) -> bytes | None:
+        return await self.s3.get_document(self.s3.storage.key(manifest_name(name)))
+
+    # --- adding what this node verified ----------------------------------------------------------
+
+    def fill_ended(self, fill: FillView, error: str | None) -> None:
+        if error is None:
+            self.add_blob(fill.hexdigest).addErrback(self._failed, f"blob {fill.digest}")
+
+    def manifest_published(self, name: ModelName) -> None:
+        Deferred.fromCoroutine(self.add_manifest(name)).addErrback(self._failed, f"the manifest of {name}")
+
+    def add_blob(self, hexdigest: str) -> Deferred[bool]:
+        """Upload a blob published here unless the shared copy holds it; fires True once it does (one
+        upload per blob at a time; everyone who asks meanwhile gets its outcome)."""
+        waiting = Deferred[bool]()
+        if hexdigest in self._uploading:
+            self._uploading[hexdigest].append(waiting)
+        else:
+            self._uploading[hexdigest] = [waiting]  # (before the upload starts: it may end at once)
+            Deferred.fromCoroutine(self._upload(hexdigest)).addBoth(self._uploaded, hexdigest)
+        return waiting
+
+    def _uploaded(self, outcome: bool | Failure, hexdigest: str) -> None:
+        for waiting in self._uploading.pop(hexdigest, []):
+            if isinstance(outcome, Failure):
+                waiting.errback(outcome)
+            else:
+                waiting.callback(outcome)
+
+    async def _upload(self, hexdigest: str) -> bool:
+        size = self._store.blob_size(hexdigest)
+        if size is None:
+            return False  # (evicted meanwhile)
+        self._absent.pop(hexdigest, None)
+        if await self.holds(hexdigest) == size:
+            return True
+        await self._gate.acquire()
+        try:
+            path = self._store.blob_path(hexdigest)
+            await self.s3.upload_file(self.s3.storage.key(blob_name(hexdigest)), path, size)
+        finally:
+            self._gate.release()
+        self._held[hexdigest] = size
+        self.uploaded_bytes += size
+        log.info(
+            "blob sha256:{hexdigest} stored in {where}", hexdigest=hexdigest, where=self.s3.storage.describe()
+        )
+        return True
+
+    async def add_manifest(self, name: ModelName) -> None:
+        """Upload a tag's manifest once all its blobs are in the shared copy (uploading those that are
+        only here); a tag whose blobs cannot all be there is left out."""
+        data = await self._runner.run(self._store.read_manifest, name)
+        if data is None or not self._store.blobs_present(data):
+            return
+        for digest, _ in manifest_blobs(data):
+            if not await self.add_blob(digest.removeprefix("sha256:")):
+                return
+        key = self.s3.storage.key(manifest_name(name))
+        if await self.s3.get_document(key) == data:
+            return
+        await self.s3.put_document(key, data, "application/vnd.docker.distribution.manifest.v2+json")
+        log.info("manifest of {name} stored in {where}", name=str(name), where=self.s3.storage.describe())
+
+    def _failed(self, failure: Failure, what: str) -> None:
+        error = failure.value
+        reason = error.message if isinstance(error, UpstreamError) else failure.getErrorMessage()
+        log.warn("could not store {what} in the shared storage: {reason}", what=what, reason=reason)
+
+
+class _TieredSource:
+    """A download's source: the shared copy when it holds the blob, the fallback (upstream) otherwise."""
+
+    def __init__(self, shared: SharedStore, fallback: BlobSource) -> None:
+        self._shared = shared
+        self._fallback = fallback
+
+    async def open_range(self, repository: str, digest: str, start: int, end: int | None) -> IResponse:
+        hexdigest = digest.removeprefix("sha256:")
+        try:
+            held = await self._shared.holds(hexdigest)
+        except UpstreamError as e:
+            log.warn(
+                "shared storage failed ({error}); reading sha256:{hexdigest} upstream",
+                error=e.message,
+                hexdigest=hexdigest,
+            )
+            held = None
+        if held is not None:
+            return await self._shared.open_range(hexdigest, start, end)
+        return await self._fallback.open_range(repository, digest, start, end)
+
+
+def build_shared_store(
+    config: ClusterConfig,
+    reactor: Reactor,
+    runner: Runner,
+    store: Store,
+    retry: RetryPolicy,
+    agent: IAgent | None = None,
+) -> tuple[SharedStore, HTTPConnectionPool | None]:
+    """The shared copy ``cluster.*`` describes, and the connection pool to close with the daemon (none
+    when an *agent* is given: tests and embedding applications bring their own)."""
+    pool = None
+    if agent is None:
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 16
+        agent = Agent(reactor, pool=pool, connectTimeout=10)
+    s3 = S3Client(Storage.from_config(config), config, agent, reactor, runner, retry)
+    return SharedStore(s3, store, reactor, runner), pool
