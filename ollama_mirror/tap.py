@@ -178,10 +178,13 @@ def _check_storage(config: Config) -> None:
     from .cluster import missing_extra
 
     try:
+        from .cluster.redis import check_redis
         from .cluster.s3 import check_storage
     except ImportError as e:
         raise missing_extra(e) from None
     check_storage(config.cluster)
+    if config.cluster.redis_url:
+        check_redis(config.cluster.redis_url)
 
 
 def _log_observer(options: Options) -> ILogObserver | None:

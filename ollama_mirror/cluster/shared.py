@@ -19,7 +19,10 @@ bucket lifecycle rule for incomplete uploads is the backstop, see the README).
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -29,12 +32,14 @@ from twisted.web.iweb import IAgent, IResponse
 
 from ..cache.blobs import BlobSource
 from ..cache.store import Store, manifest_blobs
-from ..config import ClusterConfig
+from ..config import Config
 from ..events import Events, FillView
 from ..names import ModelName
 from ..runner import Reactor, Runner
 from ..upstream.errors import UpstreamError
 from ..upstream.retry import RetryPolicy
+from .leases import Leases
+from .peers import PeerSigner, PeerSource
 from .s3 import S3Client, Storage
 
 log = Logger(namespace="ollama_mirror.cluster")
@@ -42,6 +47,7 @@ log = Logger(namespace="ollama_mirror.cluster")
 # Seconds a blob found missing in the shared copy is believed missing (another node may add it).
 ABSENT_FOR = 5.0
 UPLOADS_AT_ONCE = 2
+MAX_HOLDERS_TRIED = 3  # holders that stopped answering, one after another, before fetching alone
 
 
 def blob_name(hexdigest: str) -> str:
@@ -53,15 +59,29 @@ def manifest_name(name: ModelName) -> str:
 
 
 class SharedStore(Events):
-    def __init__(self, s3: S3Client, store: Store, clock: IReactorTime, runner: Runner) -> None:
+    def __init__(
+        self,
+        s3: S3Client,
+        store: Store,
+        clock: IReactorTime,
+        runner: Runner,
+        leases: Leases | None = None,
+        peer: Callable[[str], PeerSource] | None = None,
+    ) -> None:
+        """*leases* and *peer* (a source reading from the node at a URL) make one upstream transfer per
+        blob for the whole cluster; without them each node fetches what the shared copy lacks."""
         self.s3 = s3
         self._store = store
         self._clock = clock
         self._runner = runner
+        self.leases = leases
+        self.peer = peer
         self._held: dict[str, int] = {}  # hex digest -> size, of blobs known to be in the shared copy
         self._absent: dict[str, float] = {}  # hex digest -> when it was found missing
         self._uploading: dict[str, list[Deferred[bool]]] = {}  # hex digest -> who waits for its upload
         self._gate = DeferredSemaphore(UPLOADS_AT_ONCE)
+        self.followed: set[str] = set()  # blobs read from the node holding their lease
+        self.silent: set[tuple[str, str]] = set()  # (blob, holder) pairs already logged as not answering
         self.uploaded_bytes = 0
 
     # --- reading -------------------------------------------------------------------------------
@@ -94,8 +114,21 @@ class SharedStore(Events):
     # --- adding what this node verified ----------------------------------------------------------
 
     def fill_ended(self, fill: FillView, error: str | None) -> None:
-        if error is None:
-            self.add_blob(fill.hexdigest).addErrback(self._failed, f"blob {fill.digest}")
+        hexdigest = fill.hexdigest
+        followed = hexdigest in self.followed
+        self.followed.discard(hexdigest)
+        self.silent = {pair for pair in self.silent if pair[0] != hexdigest}
+        if error is not None:
+            self._release(hexdigest)  # another node may take it from here
+            return
+        if followed and self.leases is not None and not self.leases.holds(hexdigest):
+            return  # (read from the holder, which stores it in the shared copy)
+        stored = self.add_blob(hexdigest).addErrback(self._failed, f"blob {fill.digest}")
+        stored.addBoth(lambda _: self._release(hexdigest))  # held until the shared copy has it
+
+    def _release(self, hexdigest: str) -> None:
+        if self.leases is not None and self.leases.holds(hexdigest):
+            self.leases.release(hexdigest)
 
     def manifest_published(self, name: ModelName) -> None:
         Deferred.fromCoroutine(self.add_manifest(name)).addErrback(self._failed, f"the manifest of {name}")
@@ -160,7 +193,8 @@ class SharedStore(Events):
 
 
 class _TieredSource:
-    """A download's source: the shared copy when it holds the blob, the fallback (upstream) otherwise."""
+    """A download's source: the shared copy when it holds the blob; else, in a cluster with leases, the
+    node that holds the blob's lease (or the upstream, when this node holds it); else the upstream."""
 
     def __init__(self, shared: SharedStore, fallback: BlobSource) -> None:
         self._shared = shared
@@ -168,34 +202,119 @@ class _TieredSource:
 
     async def open_range(self, repository: str, digest: str, start: int, end: int | None) -> IResponse:
         hexdigest = digest.removeprefix("sha256:")
+        shared = self._shared
         try:
-            held = await self._shared.holds(hexdigest)
+            held = await shared.holds(hexdigest)
         except UpstreamError as e:
             log.warn(
-                "shared storage failed ({error}); reading sha256:{hexdigest} upstream",
+                "shared storage failed ({error}); reading sha256:{hexdigest} elsewhere",
                 error=e.message,
                 hexdigest=hexdigest,
             )
             held = None
         if held is not None:
-            return await self._shared.open_range(hexdigest, start, end)
+            return await shared.open_range(hexdigest, start, end)
+        if shared.leases is None or shared.peer is None:
+            return await self._fallback.open_range(repository, digest, start, end)
+        return await self._from_the_holder(shared.leases, shared.peer, repository, digest, start, end)
+
+    async def _from_the_holder(
+        self,
+        leases: Leases,
+        peer: Callable[[str], PeerSource],
+        repository: str,
+        digest: str,
+        start: int,
+        end: int | None,
+    ) -> IResponse:
+        hexdigest = digest.removeprefix("sha256:")
+        try:
+            claim = await leases.claim(hexdigest)
+        except Exception as e:  # Redis away: fetch on our own (two transfers, never a failed pull)
+            log.warn(
+                "cluster leases failed ({error}); fetching sha256:{hexdigest} alone",
+                error=e,
+                hexdigest=hexdigest,
+            )
+            return await self._fallback.open_range(repository, digest, start, end)
+        for _ in range(MAX_HOLDERS_TRIED):
+            if claim.ours:
+                break
+            self._shared.followed.add(hexdigest)
+            source = peer(claim.holder)
+            try:
+                return await source.open_range(repository, digest, start, end)
+            except UpstreamError as e:
+                if e.status is not None:
+                    raise  # (it answered: the usual retries apply)
+                if (hexdigest, claim.holder) not in self._shared.silent:  # (once, not per connection)
+                    self._shared.silent.add((hexdigest, claim.holder))
+                    log.warn(
+                        "node {node} holding sha256:{hexdigest} does not answer; waiting for its lease",
+                        node=claim.holder,
+                        hexdigest=hexdigest,
+                    )
+                claim = await leases.wait_for_takeover(hexdigest, claim.holder, source.answers)
+        self._shared.followed.discard(hexdigest)  # ours now (or no holder answers): from the upstream
         return await self._fallback.open_range(repository, digest, start, end)
 
 
-def build_shared_store(
-    config: ClusterConfig,
+@dataclass
+class ClusterParts:
+    """What ``cluster.*`` adds to a node: the shared copy, the connection pools to close with the daemon,
+    the signer of node-to-node requests (with leases), and the service that gives leases up at shutdown."""
+
+    shared: SharedStore
+    pools: list[HTTPConnectionPool] = field(default_factory=list)
+    signer: PeerSigner | None = None
+    services: list[IService] = field(default_factory=list)
+
+
+class _LeasesAtShutdown(Service):
+    """Gives every lease up when the daemon stops, so that other nodes take over at once."""
+
+    def __init__(self, leases: Leases) -> None:
+        self._leases = leases
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self._leases.release_all()
+
+
+def build_cluster(
+    config: Config,
     reactor: Reactor,
     runner: Runner,
     store: Store,
     retry: RetryPolicy,
+    secret: bytes,
     agent: IAgent | None = None,
-) -> tuple[SharedStore, HTTPConnectionPool | None]:
-    """The shared copy ``cluster.*`` describes, and the connection pool to close with the daemon (none
-    when an *agent* is given: tests and embedding applications bring their own)."""
-    pool = None
-    if agent is None:
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = 16
-        agent = Agent(reactor, pool=pool, connectTimeout=10)
-    s3 = S3Client(Storage.from_config(config), config, agent, reactor, runner, retry)
-    return SharedStore(s3, store, reactor, runner), pool
+) -> ClusterParts:
+    """The shared copy ``cluster.*`` describes, with leases and node-to-node reads when
+    ``cluster.redis_url`` is set (*agent*: tests and embedding applications bring their own HTTP client;
+    then no pool is made)."""
+    cluster = config.cluster
+    pools: list[HTTPConnectionPool] = []
+    s3_agent = agent or _pooled_agent(reactor, pools, connect_timeout=10)
+    s3 = S3Client(Storage.from_config(cluster), cluster, s3_agent, reactor, runner, retry)
+    parts = ClusterParts(SharedStore(s3, store, reactor, runner), pools)
+    if cluster.redis_url:
+        from .redis import RedisKeyValue
+
+        node = config.node_url()
+        namespace = f"ollama-mirror:{s3.storage.bucket}/{s3.storage.prefix}"
+        leases = Leases(RedisKeyValue(cluster.redis_url), reactor, node, cluster.lease_seconds, namespace)
+        signer = PeerSigner(secret, node, reactor)
+        peer_agent = agent or _pooled_agent(reactor, pools, connect_timeout=5)  # connections of their own
+        parts.shared.leases = leases
+        parts.shared.peer = lambda url: PeerSource(peer_agent, signer, url)
+        parts.signer = signer
+        parts.services.append(_LeasesAtShutdown(leases))
+    return parts
+
+
+def _pooled_agent(reactor: Reactor, pools: list[HTTPConnectionPool], connect_timeout: float) -> IAgent:
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 16
+    pools.append(pool)
+    return Agent(reactor, pool=pool, connectTimeout=connect_timeout)

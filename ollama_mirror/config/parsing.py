@@ -205,6 +205,13 @@ def check_consistency(config: Config) -> None:
     if bool(config.server.tls_certificate) != bool(config.server.tls_key):
         raise ConfigError("server.tls_certificate and server.tls_key must be set together")
     cluster = config.cluster
+    if cluster.redis_url and not cluster.storage_url:
+        raise ConfigError("cluster.redis_url needs cluster.storage_url (the cluster's shared storage)")
+    if cluster.redis_url and not config.security.signing_secret:
+        raise ConfigError(
+            "cluster.redis_url needs security.signing_secret, the same on every node (nodes sign what "
+            "they ask of each other with it)"
+        )
     if cluster.storage_url and not (cluster.s3_access_key_id and cluster.s3_secret_access_key):
         raise ConfigError(
             "cluster.storage_url: S3 credentials are missing: set cluster.s3_access_key_id and "

@@ -7,6 +7,7 @@ loader, the validation messages and the README's reference table cannot drift ap
 from __future__ import annotations
 
 import dataclasses
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -437,24 +438,24 @@ class ClusterConfig:
     redis_url: str = setting(
         "",
         "REDIS_URL",
-        "`redis://[:password@]host:port/db`: leases and shared counters of the cluster (not used yet).",
+        "`redis://[:password@]host:port/db` (`rediss://`: TLS): who downloads which blob for the whole "
+        "cluster (one upstream transfer per blob; the other nodes read from that node meanwhile). Needs "
+        "`cluster.storage_url` and `security.signing_secret`, the same on every node.",
         "str",
-        planned=True,
     )
     node_url: str = setting(
         "",
         "NODE_URL",
-        "The base URL other nodes reach this node at (default `http://<hostname>:<port>`; not used yet).",
+        "The base URL other nodes reach this node at; empty: `http://<hostname>:<server.port>`.",
         "str",
-        planned=True,
     )
     lease_seconds: float = setting(
         15,
         "LEASE_SECONDS",
-        "How long a download's lease lives without renewal (not used yet).",
+        "How long a download's lease lives without renewal: a dead node's download is taken over within "
+        "twice this.",
         "float",
         1,
-        planned=True,
     )
     redirect_to_storage: bool = setting(
         False,
@@ -483,6 +484,12 @@ class Config:
             return list(self.server.listen)
         interface = self.server.host.replace(":", r"\:")
         return [f"tcp:{self.server.port}:interface={interface}"]
+
+    def node_url(self) -> str:
+        """Where other nodes of the cluster reach this one (``cluster.node_url``, or the host's name)."""
+        if self.cluster.node_url:
+            return self.cluster.node_url.rstrip("/")
+        return f"http://{socket.gethostname()}:{self.server.port}"
 
     def upstreams(self) -> list[UpstreamHost]:
         """Every upstream, the default (``upstream.*``) first."""

@@ -28,6 +28,7 @@ from ..cache.index import CacheIndex
 from ..cache.manifests import ManifestCache
 from ..cache.staging import ManifestPublisher
 from ..cache.store import Store
+from ..cluster.peers import PeerSigner
 from ..config import Config
 from ..events import EventHub
 from ..fill.manager import FillManager
@@ -36,6 +37,7 @@ from ..ops.observability import Observability
 from ..runner import InlineRunner, Reactor, Runner, ThreadRunner
 from ..security.access import AccessControl
 from ..security.connections import ConnectionLimits, automatic_total, descriptor_limit
+from ..security.registryauth import load_secret
 from ..upstream.hosts import build_upstreams
 from ..upstream.retry import RetryPolicy
 from ..web.admin import AdminApi
@@ -167,21 +169,23 @@ class Mirror:
 
     def _shared_store(self, agent: IAgent | None) -> SharedTier | None:
         """The cluster's shared copy (``cluster.storage_url``), listening to what this node verifies."""
+        self.peers: PeerSigner | None = None
+        self._cluster_services: list[IService] = []
         if not self.config.cluster.storage_url:
             return None
         from ..cluster import missing_extra
 
         try:
-            from ..cluster.shared import build_shared_store
+            from ..cluster.shared import build_cluster
         except ImportError as e:
             raise missing_extra(e) from None
-        shared, pool = build_shared_store(
-            self.config.cluster, self.reactor, self.runner, self.store, self.retry, agent
-        )
-        if pool is not None:
-            self._pools.append(pool)
-        self.events.listen(shared)
-        return shared
+        secret = load_secret(self.config.security.signing_secret, self.store.work_dir)
+        parts = build_cluster(self.config, self.reactor, self.runner, self.store, self.retry, secret, agent)
+        self._pools.extend(parts.pools)
+        self._cluster_services = parts.services
+        self.peers = parts.signer
+        self.events.listen(parts.shared)
+        return parts.shared
 
     def _build_web(self, backend_agent: IAgent | None) -> None:
         """The guards and the routes: access control, the registry, the Ollama API, the proxy."""
@@ -192,6 +196,7 @@ class Mirror:
             self.store.work_dir,
             registry_host=lambda host_header: self.upstreams.for_request_host(host_header).host,
             holdings=CacheHoldings(self.store, self.manifests, self.fills),
+            peers=self.peers,
         )
         self.registry = RegistryApi(
             self.store,
@@ -249,7 +254,7 @@ class Mirror:
         ]
         if self.config.cache.prefetch and maintenance:
             services.append(self.prefetch_service())
-        return [*services, *self.observability.services()]
+        return [*services, *self._cluster_services, *self.observability.services()]
 
     def prefetch_service(self) -> PrefetchService:
         """The ``cache.prefetch`` list, warmed at start and kept fresh every ``cache.prefetch_interval``."""

@@ -60,6 +60,13 @@ class Holdings(Protocol):
     def has_manifest(self, hexdigest: str) -> bool: ...
 
 
+class Peers(Protocol):
+    """The other nodes of a cluster: their signed requests pass (they are this mirror's own reads)."""
+
+    def verify(self, request: IRequest) -> str | None:
+        """The sending node's URL when the request carries its good signature."""
+
+
 class _HoldsNothing:
     """Without holdings to ask, every manifest, blob and pull request counts."""
 
@@ -162,6 +169,7 @@ class AccessControl:
         work_dir: str,
         registry_host: Callable[[str | None], str],
         holdings: Holdings | None = None,
+        peers: Peers | None = None,
     ) -> None:
         """*registry_host* gives the model host a ``/v2`` request means, from its ``Host`` header (the
         mirror may serve several upstreams, by virtual host); *holdings* tells which requests the
@@ -170,6 +178,7 @@ class AccessControl:
         self._clock = clock
         self._registry_host = registry_host
         self._holdings: Holdings = holdings or _HoldsNothing()
+        self._peers = peers
         self._api_keys = [k.encode() for k in (config.api_key, *config.api_keys) if k]
         self._trusted = parse_networks(config.trusted_proxies)
         self._networks = parse_networks(config.registry_networks)
@@ -217,6 +226,8 @@ class AccessControl:
             return None
         client = self.client(request)
         if path == "/v2" or path.startswith("/v2/"):
+            if self._peers is not None and self._peers.verify(request) is not None:
+                return None  # another node of the cluster, reading what this node downloads
             refusal = self._check_registry(request, path, client)
         else:
             refusal = self._check_api(request, path, client)

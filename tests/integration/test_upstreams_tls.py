@@ -153,6 +153,7 @@ def test_go_puller_pulls_through_https_as_registry_ollama_ai_from_a_verified_ups
     assert len([r for r in result.requests if r.range]) > 1  # the parallel ranged GETs, over TLS too
     assert "GET /v2/library/medium/manifests/latest" in tls_registry.log_text()  # verified TLS upstream
     cached = mirror.cache_dir / "manifests" / UPSTREAM_HOST / "library" / "medium" / "latest"
+    wait_until(cached.exists, 10.0, "the model published with its last blob")  # (just after it)
     assert cached.read_bytes() == medium_model.manifest
     for blob in medium_model.blobs:
         assert (mirror.cache_dir / "blobs" / f"sha256-{blob.hex}").stat().st_size == blob.size

@@ -277,3 +277,21 @@ def test_the_mirrors_own_credentials_win_over_the_standard_aws_variables(tmp_pat
     path = write(tmp_path, {"cluster": {"s3_access_key_id": "from-file", "s3_secret_access_key": "s"}})
     config = load_config(path, {"AWS_ACCESS_KEY_ID": "from-aws", "AWS_SECRET_ACCESS_KEY": "x"})
     assert config.cluster.s3_access_key_id == "from-file" and config.cluster.s3_secret_access_key == "s"
+
+
+def test_leases_need_the_shared_storage_and_one_secret_for_the_cluster() -> None:
+    storage = {
+        "cluster.storage_url": "s3://models",
+        "cluster.s3_access_key_id": "i",
+        "cluster.s3_secret_access_key": "s",
+    }
+    with pytest.raises(ConfigError, match="cluster.redis_url needs cluster.storage_url"):
+        load_config(None, {}, {"cluster.redis_url": "redis://127.0.0.1:6379/0"})
+    with pytest.raises(ConfigError, match="cluster.redis_url needs security.signing_secret"):
+        load_config(None, {}, {**storage, "cluster.redis_url": "redis://127.0.0.1:6379/0"})
+    config = load_config(
+        None,
+        {},
+        {**storage, "cluster.redis_url": "redis://:pw@127.0.0.1:6379/2", "security.signing_secret": "x" * 32},
+    )
+    assert config.node_url().startswith("http://") and config.node_url().endswith(":11434")
