@@ -42,6 +42,11 @@ class FillView(Protocol):
     def followed(self) -> bool:
         """This download followed another worker process's at some point."""
 
+    @property
+    def origin(self) -> str:
+        """Where its bytes come from: ``upstream``, or in a cluster ``the shared storage`` or
+        ``node <url>``."""
+
     def completed_bytes(self) -> int: ...
 
 
@@ -55,7 +60,7 @@ class Events:
         """A download ended: published and verified when *error* is ``None``."""
 
     def upstream_bytes(self, count: int) -> None:
-        """Body bytes received from an upstream for a blob."""
+        """Body bytes received from an upstream for a blob (not from a cluster's shared storage or nodes)."""
 
     def upstream_error(self, kind: str) -> None:
         """An upstream request failed; *kind* is one of ``timeout``, ``connection``, ``status``,

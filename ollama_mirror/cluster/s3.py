@@ -26,8 +26,9 @@ from xml.etree import ElementTree
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
@@ -42,6 +43,7 @@ from ..upstream.errors import UpstreamError
 from ..upstream.retry import RetryPolicy, parse_retry_after
 
 PART_SIZE = 64 * 2**20  # larger files go up in parts of this size (S3 allows 5 MiB to 5 GiB)
+PARTS_AT_ONCE = 4
 READ_SIZE = 2**20  # bytes per read of a file being uploaded (in a worker thread)
 MAX_DOCUMENT = 4 * 2**20  # small documents: manifests, S3's XML answers
 _XMLNS = re.compile(r"^\{[^}]*\}")
@@ -240,13 +242,21 @@ class S3Client:
             await self._put_part(key, path, 0, size, {})
             return
         upload_id = await self._create_upload(key)
+        gate = DeferredSemaphore(PARTS_AT_ONCE)
+
+        def part(number: int, start: int) -> Deferred[str]:
+            query = {"partNumber": str(number), "uploadId": upload_id}
+            length = min(part_size, size - start)
+            return gate.run(lambda: Deferred.fromCoroutine(self._put_part(key, path, start, length, query)))
+
         try:
-            etags = []
-            for number, start in enumerate(range(0, size, part_size), 1):
-                length = min(part_size, size - start)
-                query = {"partNumber": str(number), "uploadId": upload_id}
-                etags.append(await self._put_part(key, path, start, length, query))
-            await self._complete_upload(key, upload_id, etags)
+            parts = [part(number, start) for number, start in enumerate(range(0, size, part_size), 1)]
+            results = await DeferredList(parts, consumeErrors=True)
+            for ok, outcome in results:
+                if not ok:
+                    assert isinstance(outcome, Failure)
+                    outcome.raiseException()
+            await self._complete_upload(key, upload_id, [str(etag) for _, etag in results])
         except BaseException:
             await self._abort_upload(key, upload_id)
             raise

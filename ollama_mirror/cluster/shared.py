@@ -199,6 +199,7 @@ class _TieredSource:
     def __init__(self, shared: SharedStore, fallback: BlobSource) -> None:
         self._shared = shared
         self._fallback = fallback
+        self.origin = "upstream"  # where the latest range came from (for the fill's log line)
 
     async def open_range(self, repository: str, digest: str, start: int, end: int | None) -> IResponse:
         hexdigest = digest.removeprefix("sha256:")
@@ -213,7 +214,9 @@ class _TieredSource:
             )
             held = None
         if held is not None:
+            self.origin = "the shared storage"
             return await shared.open_range(hexdigest, start, end)
+        self.origin = "upstream"
         if shared.leases is None or shared.peer is None:
             return await self._fallback.open_range(repository, digest, start, end)
         return await self._from_the_holder(shared.leases, shared.peer, repository, digest, start, end)
@@ -241,6 +244,7 @@ class _TieredSource:
             if claim.ours:
                 break
             self._shared.followed.add(hexdigest)
+            self.origin = f"node {claim.holder}"
             source = peer(claim.holder)
             try:
                 return await source.open_range(repository, digest, start, end)
@@ -256,6 +260,7 @@ class _TieredSource:
                     )
                 claim = await leases.wait_for_takeover(hexdigest, claim.holder, source.answers)
         self._shared.followed.discard(hexdigest)  # ours now (or no holder answers): from the upstream
+        self.origin = "upstream"
         return await self._fallback.open_range(repository, digest, start, end)
 
 

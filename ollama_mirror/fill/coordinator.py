@@ -135,6 +135,12 @@ class Fill:
         return self.complete or self.failure is not None
 
     @property
+    def origin(self) -> str:
+        """Where the bytes come from (a cluster's source says; else the upstream)."""
+        origin: str = getattr(self.fetcher.source, "origin", "upstream")
+        return origin
+
+    @property
     def path(self) -> str:
         """The partial file the download writes."""
         return self.partial.path
@@ -291,7 +297,8 @@ class Fill:
         """Bytes [start, end) are on disk: advance chunk marks, wake readers, finish chunks, and now and
         then record how far the chunks got (a restart resumes from there)."""
         self.received_bytes += end - start
-        self.events.upstream_bytes(end - start)
+        if self.origin == "upstream":
+            self.events.upstream_bytes(end - start)
         self.progress.count(end - start)
         for index, finished in self.chunks.record(start, end):
             if finished:

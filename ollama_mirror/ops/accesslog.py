@@ -249,12 +249,13 @@ class FillLog(Events):
             "rate_text": human_size(rate),
             "result": "ok" if error is None else "failed",
             "error": error,
+            "origin": fill.origin,
         }
         if error is None and fill.followed and not fill.received_bytes:
             fill_log.info("fill {short} done: downloaded by another worker, verified and published", **fields)
         elif error is None:
             fill_log.info(
-                "fill {short} done: {received_text} from upstream in {elapsed:.1f} s ({rate_text}/s), "
+                "fill {short} done: {received_text} from {origin} in {elapsed:.1f} s ({rate_text}/s), "
                 "verified and published",
                 **fields,
             )

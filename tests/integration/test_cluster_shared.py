@@ -86,6 +86,10 @@ def test_a_model_one_node_verified_is_served_by_a_new_node_without_the_upstream(
         "the model published on the second node",
     )
     assert_valid_models_dir(second.cache_dir)
+    assert (
+        f"fill sha256:{medium_model.model_layer.hex[:12]} done: 4.2 MB from the shared storage"
+        in second.log_text()
+    )
 
 
 def test_with_the_upstream_away_a_new_node_serves_what_the_cluster_holds(

@@ -123,6 +123,7 @@ class _FakeFill:
         self.stopping = False
         self.following = False  # (another worker downloads it)
         self.followed = False
+        self.origin = "upstream"
 
     def completed_bytes(self) -> int:
         return self.resumed_bytes + self.received_bytes
