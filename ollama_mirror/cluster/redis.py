@@ -1,4 +1,4 @@
-"""The cluster's Redis, through txredisapi (Twisted-native): the operations leases need.
+"""The cluster's Redis, through txredisapi (Twisted-native): leases, the roster of nodes, shared counters.
 
 txredisapi keeps a small pool of connections and reconnects by itself; each command has a reply
 timeout, so a Redis that stops answering makes a command fail (the caller then goes on without the
@@ -13,6 +13,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.interfaces import IReactorTime
 
 from ..config import ConfigError
 
@@ -23,6 +25,28 @@ return 0
 DELETE_IF = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
+"""
+HEARTBEAT = """
+redis.call('set', KEYS[2], ARGV[2], 'px', ARGV[3])
+redis.call('sadd', KEYS[1], ARGV[1])
+return 1
+"""
+ROSTER = """
+local alive = {}
+for _, member in ipairs(redis.call('smembers', KEYS[1])) do
+  local document = redis.call('get', ARGV[1] .. member)
+  if document then table.insert(alive, document) else redis.call('srem', KEYS[1], member) end
+end
+return alive
+"""
+LEAVE = """
+redis.call('del', KEYS[2])
+return redis.call('srem', KEYS[1], ARGV[1])
+"""
+CHARGE = """
+local total = redis.call('incrbyfloat', KEYS[1], ARGV[1])
+redis.call('pexpire', KEYS[1], ARGV[2])
+return tostring(total)
 """
 TIMEOUT = 5.0  # seconds to connect, and to wait for each reply
 
@@ -47,10 +71,22 @@ def parse_redis_url(url: str) -> dict[str, Any]:
     }
 
 
-class RedisKeyValue:
-    """:class:`~ollama_mirror.cluster.leases.KeyValue` on a Redis server."""
+def describe_redis(url: str) -> str:
+    """``redis://host:port/db``: where Redis is, for health and log lines (never the password)."""
+    args = parse_redis_url(url)
+    scheme = "rediss" if args["ssl_context_factory"] else "redis"
+    db = f"/{args['dbid']}" if args["dbid"] is not None else ""
+    return f"{scheme}://{args['host']}:{args['port']}{db}"
 
-    def __init__(self, url: str, poolsize: int = 4) -> None:
+
+class RedisKeyValue:
+    """:class:`~ollama_mirror.cluster.leases.KeyValue` (and the roster's and counters' operations) on a
+    Redis server.  Every command fails after :data:`TIMEOUT` seconds without an answer, also while the
+    pool is reconnecting (txredisapi would queue it until Redis is back)."""
+
+    def __init__(self, url: str, clock: IReactorTime, poolsize: int = 4) -> None:
+        self._clock = clock
+        self._where = describe_redis(url)
         self._pool = txredisapi.lazyConnectionPool(
             poolsize=poolsize,
             reconnect=True,
@@ -61,20 +97,48 @@ class RedisKeyValue:
         )
 
     async def set_if_absent(self, key: str, value: str, ttl_ms: int) -> bool:
-        return bool(await self._pool.set(key, value, pexpire=ttl_ms, only_if_not_exists=True))
+        return bool(await self._timed(self._pool.set(key, value, pexpire=ttl_ms, only_if_not_exists=True)))
 
     async def get(self, key: str) -> str | None:
-        found = await self._pool.get(key)
+        found = await self._timed(self._pool.get(key))
         return None if found is None else str(found)
 
     async def renew_if(self, key: str, value: str, ttl_ms: int) -> bool:
-        return bool(await self._pool.eval(RENEW_IF, [key], [value, ttl_ms]))
+        return bool(await self._timed(self._pool.eval(RENEW_IF, [key], [value, ttl_ms])))
 
     async def delete_if(self, key: str, value: str) -> bool:
-        return bool(await self._pool.eval(DELETE_IF, [key], [value]))
+        return bool(await self._timed(self._pool.eval(DELETE_IF, [key], [value])))
 
-    async def ping(self) -> None:
-        await self._pool.ping()
+    # --- the roster of nodes (:mod:`.members`) ---
+
+    async def heartbeat(self, roster: str, member: str, key: str, document: str, ttl_ms: int) -> None:
+        """Store *member*'s document under *key* for *ttl_ms*, and list it in the set *roster*."""
+        await self._timed(self._pool.eval(HEARTBEAT, [roster, key], [member, document, ttl_ms]))
+
+    async def roster(self, roster: str, key_prefix: str) -> list[str]:
+        """The documents of the members still alive (those whose key expired leave the set)."""
+        found = await self._timed(self._pool.eval(ROSTER, [roster], [key_prefix]))
+        return [str(document) for document in found or []]
+
+    async def leave(self, roster: str, member: str, key: str) -> None:
+        await self._timed(self._pool.eval(LEAVE, [roster, key], [member]))
+
+    # --- shared counters (:mod:`.ratelimit`) ---
+
+    async def add(self, key: str, amount: float, ttl_ms: int) -> float:
+        """Add *amount* to the counter *key* (which lives *ttl_ms* after its last change): the new total."""
+        return float(await self._timed(self._pool.eval(CHARGE, [key], [repr(amount), ttl_ms])))
+
+    async def ping(self) -> str:
+        """PING (the health check): what Redis answered."""
+        return f"answered {await self._timed(self._pool.ping())}"
+
+    async def _timed(self, command: Deferred[Any]) -> Any:
+        command.addTimeout(TIMEOUT, self._clock)
+        try:
+            return await command
+        except (TimeoutError, CancelledError):
+            raise ConnectionError(f"{self._where} did not answer within {TIMEOUT:g} s") from None
 
     async def close(self) -> None:
         await self._pool.disconnect()

@@ -128,9 +128,11 @@ class S3Client:
         headers: Mapping[str, str] | None = None,
         body: bytes | IBodyProducer | None = None,
         payload_sha256: str | None = None,
+        url: str | None = None,
     ) -> IResponse:
-        """One signed request (no retries); network failures become :class:`UpstreamError`."""
-        url = self.storage.url(key, query)
+        """One signed request (no retries); network failures become :class:`UpstreamError`.  *url*,
+        when given, replaces the object's (the bucket's own, for :meth:`ping`)."""
+        url = url or self.storage.url(key, query)
         data = body if isinstance(body, bytes) else None
         request = AWSRequest(method=method, url=url, headers=dict(headers or {}), data=data)
         request.context["client_config"] = self._signing_config
@@ -165,6 +167,14 @@ class S3Client:
             response.code,
             retry_after=retry_after,
         )
+
+    async def ping(self) -> str:
+        """Whether the bucket answers a signed HEAD (the health check): what it answered, else raises."""
+        response = await self._send("HEAD", "", url=self.storage.bucket_url())
+        await discard(response)
+        if response.code != 200:
+            raise await self._answered(response, "HEAD of the bucket")
+        return f"bucket {self.storage.bucket} answered {response.code}"
 
     # --- reading -------------------------------------------------------------------------------
 

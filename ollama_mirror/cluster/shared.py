@@ -21,6 +21,7 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, DeferredSemaphore
@@ -35,12 +36,17 @@ from ..cache.store import Store, manifest_blobs
 from ..config import Config
 from ..events import Events, FillView
 from ..names import ModelName
+from ..ops.health import CallProbe, Probe
 from ..runner import Reactor, Runner
 from ..upstream.errors import UpstreamError
 from ..upstream.retry import RetryPolicy
 from .leases import Leases
+from .members import ClusterReport, Membership
 from .peers import PeerSigner, PeerSource
 from .s3 import S3Client, Storage
+
+if TYPE_CHECKING:
+    from .redis import RedisKeyValue
 
 log = Logger(namespace="ollama_mirror.cluster")
 
@@ -267,12 +273,17 @@ class _TieredSource:
 @dataclass
 class ClusterParts:
     """What ``cluster.*`` adds to a node: the shared copy, the connection pools to close with the daemon,
-    the signer of node-to-node requests (with leases), and the service that gives leases up at shutdown."""
+    the health checks of the cluster's services; with Redis, the signer of node-to-node requests, the
+    roster of nodes, and the services that keep it and give leases up at shutdown."""
 
     shared: SharedStore
     pools: list[HTTPConnectionPool] = field(default_factory=list)
     signer: PeerSigner | None = None
     services: list[IService] = field(default_factory=list)
+    probes: list[Probe] = field(default_factory=list)
+    report: ClusterReport | None = None
+    counters: RedisKeyValue | None = None
+    namespace: str = ""
 
 
 class _LeasesAtShutdown(Service):
@@ -294,27 +305,35 @@ def build_cluster(
     retry: RetryPolicy,
     secret: bytes,
     agent: IAgent | None = None,
+    report: Callable[[], dict[str, Any]] = dict,
 ) -> ClusterParts:
-    """The shared copy ``cluster.*`` describes, with leases and node-to-node reads when
-    ``cluster.redis_url`` is set (*agent*: tests and embedding applications bring their own HTTP client;
-    then no pool is made)."""
+    """The shared copy ``cluster.*`` describes, with leases, node-to-node reads and the roster of nodes
+    when ``cluster.redis_url`` is set (*agent*: tests and embedding applications bring their own HTTP
+    client; then no pool is made; *report*: what this node tells the others at each heartbeat)."""
     cluster = config.cluster
     pools: list[HTTPConnectionPool] = []
     s3_agent = agent or _pooled_agent(reactor, pools, connect_timeout=10)
     s3 = S3Client(Storage.from_config(cluster), cluster, s3_agent, reactor, runner, retry)
     parts = ClusterParts(SharedStore(s3, store, reactor, runner), pools)
+    parts.probes.append(CallProbe("shared_storage", s3.storage.describe(), s3.ping, reactor))
     if cluster.redis_url:
-        from .redis import RedisKeyValue
+        from .redis import RedisKeyValue, describe_redis
 
         node = config.node_url()
         namespace = f"ollama-mirror:{s3.storage.bucket}/{s3.storage.prefix}"
-        leases = Leases(RedisKeyValue(cluster.redis_url), reactor, node, cluster.lease_seconds, namespace)
+        redis = RedisKeyValue(cluster.redis_url, reactor)
+        parts.probes.append(CallProbe("redis", describe_redis(cluster.redis_url), redis.ping, reactor))
+        membership = Membership(redis, reactor, node, cluster.lease_seconds, namespace, report)
+        parts.report = ClusterReport(membership, s3.storage.describe())
+        parts.counters, parts.namespace = redis, namespace
+        leases = Leases(redis, reactor, node, cluster.lease_seconds, namespace)
         signer = PeerSigner(secret, node, reactor)
         peer_agent = agent or _pooled_agent(reactor, pools, connect_timeout=5)  # connections of their own
         parts.shared.leases = leases
         parts.shared.peer = lambda url: PeerSource(peer_agent, signer, url)
         parts.signer = signer
-        parts.services.append(_LeasesAtShutdown(leases))
+        parts.services += [_LeasesAtShutdown(leases), membership.service()]
+    parts.services += [probe.service(cluster.lease_seconds) for probe in parts.probes]
     return parts
 
 

@@ -10,7 +10,7 @@ everything else is built from the :class:`Config`.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from twisted.application.service import IService
@@ -29,6 +29,9 @@ from ..cache.manifests import ManifestCache
 from ..cache.staging import ManifestPublisher
 from ..cache.store import Store
 from ..cluster.peers import PeerSigner
+
+if TYPE_CHECKING:
+    from ..cluster.shared import ClusterParts
 from ..config import Config
 from ..events import EventHub
 from ..fill.manager import FillManager
@@ -86,9 +89,15 @@ class Mirror:
             backend_agent=self._backend_agent,
             backend_asked=lambda: self.proxy.asked,
             registry=metrics_registry,
+            dependencies=self.cluster.probes if self.cluster else (),
+            cluster=self.cluster.report if self.cluster else None,
         )
         self.admin = AdminApi(
-            self.observability.stats, self.observability.health, self.sweeper, trusted=self.access.trusted
+            self.observability.stats,
+            self.observability.health,
+            self.sweeper,
+            trusted=self.access.trusted,
+            cluster=self.cluster.report if self.cluster else None,
         )
         self.root = RootApi(
             registry=self.registry.resource(),
@@ -171,6 +180,7 @@ class Mirror:
         """The cluster's shared copy (``cluster.storage_url``), listening to what this node verifies."""
         self.peers: PeerSigner | None = None
         self._cluster_services: list[IService] = []
+        self.cluster: ClusterParts | None = None
         if not self.config.cluster.storage_url:
             return None
         from ..cluster import missing_extra
@@ -180,12 +190,29 @@ class Mirror:
         except ImportError as e:
             raise missing_extra(e) from None
         secret = load_secret(self.config.security.signing_secret, self.store.work_dir)
-        parts = build_cluster(self.config, self.reactor, self.runner, self.store, self.retry, secret, agent)
+        parts = build_cluster(
+            self.config,
+            self.reactor,
+            self.runner,
+            self.store,
+            self.retry,
+            secret,
+            agent,
+            report=lambda: self._node_report(),  # (asked at each heartbeat, once everything is built)
+        )
+        self.cluster = parts
         self._pools.extend(parts.pools)
         self._cluster_services = parts.services
         self.peers = parts.signer
         self.events.listen(parts.shared)
         return parts.shared
+
+    def _node_report(self) -> dict[str, Any]:
+        """What this node tells the other nodes at each heartbeat (see ``GET /mirror/cluster``)."""
+        report = self.observability.node_report()
+        if self.cluster is not None:
+            report["shared"] = {"uploaded_bytes": self.cluster.shared.uploaded_bytes}
+        return report
 
     def _build_web(self, backend_agent: IAgent | None) -> None:
         """The guards and the routes: access control, the registry, the Ollama API, the proxy."""

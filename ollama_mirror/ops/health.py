@@ -7,6 +7,8 @@ Checks and what they mean for the answer:
 - ``disk_space`` — free space against ``cache.min_free_gb``.  Too little: ``degraded`` (downloads
   will be refused, cached models are still served).
 - ``upstream`` — the upstream registry answers HTTP.  Down: ``degraded`` (cached models still work).
+- ``shared_storage`` and ``redis`` — in a cluster (``cluster.*``), the object store and the Redis the
+  nodes share.  Down: ``degraded`` (the node serves what it holds, fetches alone what it lacks).
 - ``backend`` — the backend Ollama answers, when the inference proxy is on.  Down: ``degraded`` once
   the proxy is in use (the backend answered since start, or a client asked for inference); before
   that, ``absent``, which leaves the answer alone: a cache-only mirror is healthy.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -77,48 +79,26 @@ class ProbeState:
         return None if self.status == PENDING else float(self.status == OK)
 
 
-class ReachabilityProbe:
-    """Asks one HTTP service on a timer whether it answers; ``state`` holds the last answer.
+class Probe:
+    """Asks one dependency on a timer whether it answers; ``state`` holds the last answer.
 
-    Any HTTP answer below 500 counts as reachable (a registry answers ``/v2/`` with 401 when it
-    wants a token); a 5xx, a refused connection or no answer within the timeout does not.
+    Subclasses say how to ask (:meth:`_ask`): :class:`ReachabilityProbe` for an HTTP service,
+    :class:`CallProbe` for anything with a client of its own (the cluster's Redis and object store).
     """
 
-    def __init__(
-        self,
-        name: str,
-        url: str,
-        agent: IAgent,
-        clock: IReactorTime,
-        *,
-        ok_statuses: range = range(100, 500),
-        timeout: float = PROBE_TIMEOUT,
-        via: str = "",
-    ) -> None:
-        """*via*: the mirror's ``Via`` marker, so that a probe that reaches this mirror itself (an
-        upstream that loops back, as in transparent mode without ``upstream.address``) says so."""
+    def __init__(self, name: str, url: str, clock: IReactorTime, *, timeout: float = PROBE_TIMEOUT) -> None:
+        """*url* says where the dependency is, for the health document and log lines (no secrets)."""
         self.name = name
         self.url = url
-        self._agent = agent
         self._clock = clock
-        self._ok_statuses = ok_statuses
         self._timeout = timeout
-        self._via = via.encode("latin-1")
         self._asking: Deferred[None] | None = None
         self.state = ProbeState()
-        self.answered_once = False  # the service answered OK at least once since start
+        self.answered_once = False  # the dependency answered OK at least once since start
 
     async def _ask(self) -> tuple[str, str]:
-        headers = Headers({b"user-agent": [f"ollama-mirror/{__version__} (health probe)".encode()]})
-        if self._via:
-            headers.setRawHeaders(b"via", [self._via])
-        response = await self._agent.request(b"GET", self.url.encode("ascii"), headers, None)
-        await discard(response)
-        if response.code == LOOP_STATUS and response.headers.hasHeader(LOOP_HEADER):
-            return DEGRADED, "request loop: this address leads back to this mirror (set upstream.address)"
-        if response.code in self._ok_statuses:
-            return OK, f"answered {response.code}"
-        return DEGRADED, f"answered {response.code}"
+        """(status, detail) of one question; raising means unreachable."""
+        raise NotImplementedError
 
     def check(self) -> Deferred[None]:
         """Probe once and record the result; never fails.  Cancelling it (at shutdown) records nothing."""
@@ -180,10 +160,69 @@ class ReachabilityProbe:
         return _ProbeTimer(self, interval)
 
 
+class ReachabilityProbe(Probe):
+    """An HTTP service: any answer below 500 counts as reachable (a registry answers ``/v2/`` with 401
+    when it wants a token); a 5xx, a refused connection or no answer within the timeout does not."""
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        agent: IAgent,
+        clock: IReactorTime,
+        *,
+        ok_statuses: range = range(100, 500),
+        timeout: float = PROBE_TIMEOUT,
+        via: str = "",
+    ) -> None:
+        """*via*: the mirror's ``Via`` marker, so that a probe that reaches this mirror itself (an
+        upstream that loops back, as in transparent mode without ``upstream.address``) says so."""
+        super().__init__(name, url, clock, timeout=timeout)
+        self._agent = agent
+        self._ok_statuses = ok_statuses
+        self._via = via.encode("latin-1")
+
+    async def _ask(self) -> tuple[str, str]:
+        headers = Headers({b"user-agent": [f"ollama-mirror/{__version__} (health probe)".encode()]})
+        if self._via:
+            headers.setRawHeaders(b"via", [self._via])
+        response = await self._agent.request(b"GET", self.url.encode("ascii"), headers, None)
+        await discard(response)
+        if response.code == LOOP_STATUS and response.headers.hasHeader(LOOP_HEADER):
+            return DEGRADED, "request loop: this address leads back to this mirror (set upstream.address)"
+        if response.code in self._ok_statuses:
+            return OK, f"answered {response.code}"
+        return DEGRADED, f"answered {response.code}"
+
+
+class CallProbe(Probe):
+    """A dependency asked through its own client: *ask* returns what it answered, or raises why not."""
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        ask: Callable[[], Awaitable[str]],
+        clock: IReactorTime,
+        *,
+        timeout: float = PROBE_TIMEOUT,
+    ) -> None:
+        super().__init__(name, url, clock, timeout=timeout)
+        self._call = ask
+
+    async def _ask(self) -> tuple[str, str]:
+        try:
+            return OK, await self._call()
+        except (CancelledError, TimeoutError, NetworkTimeout):
+            raise
+        except Exception as e:
+            return DEGRADED, str(e) or type(e).__name__
+
+
 class _ProbeTimer(TimerService):
     """Probes on a timer; stopping cancels the probe in flight."""
 
-    def __init__(self, probe: ReachabilityProbe, interval: float) -> None:
+    def __init__(self, probe: Probe, interval: float) -> None:
         super().__init__(interval, probe.tick)
         self.clock = probe._clock
         self._probe = probe
@@ -267,9 +306,11 @@ class HealthCheck:
         backend: ReachabilityProbe | None = None,
         backend_asked: Callable[[], bool] = lambda: False,
         disk_full: DiskFullWatch | None = None,
+        dependencies: Sequence[Probe] = (),
     ) -> None:
         """*backend_asked*: whether a client asked for inference since start (the proxy is in use);
-        *disk_full* knows whether writes into the cache are failing for want of space."""
+        *disk_full* knows whether writes into the cache are failing for want of space; *dependencies*
+        are further services the mirror uses (a cluster's Redis and object store), each a check."""
         self._store = store
         self._backend_asked = backend_asked
         self._clock = clock
@@ -279,6 +320,7 @@ class HealthCheck:
         self.backend = backend
         self.last_disk: DiskState | None = None
         self._disk_full = disk_full
+        self.dependencies = tuple(dependencies)
 
     async def _disk_state(self) -> DiskState | str:
         """The disk's state, or why it could not be had."""
@@ -309,6 +351,8 @@ class HealthCheck:
         checks["upstream"] = self.upstream.state.document(self.upstream.url)
         if self.backend is not None:
             checks["backend"] = self._backend_check(self.backend)
+        for dependency in self.dependencies:
+            checks[dependency.name] = dependency.state.document(dependency.url)
         worst = max((check["status"] for check in checks.values()), key=lambda s: _RANK.get(s, 0))
         return HealthReport(OK if worst == PENDING else worst, checks)
 

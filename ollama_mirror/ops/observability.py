@@ -8,7 +8,8 @@ that show it are the web layer's (:mod:`ollama_mirror.web.admin`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from twisted.application.service import IService
@@ -17,6 +18,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource
 
+from .. import __version__
 from ..cache.catalog import Catalog
 from ..cache.store import Store
 from ..config import Config
@@ -24,9 +26,17 @@ from ..events import EventHub, FillView
 from ..runner import Runner
 from .accesslog import AccessLog, FillLog, RequestObserver
 from .diskfull import DiskFullWatch
-from .health import HealthCheck, ReachabilityProbe
+from .health import HealthCheck, Probe, ReachabilityProbe
 from .metrics import MetricsResource, MirrorMetrics, nan_unless
-from .stats import CacheSummary, CacheSurvey, StatsReport, TrafficTally
+from .stats import (
+    CacheSummary,
+    CacheSurvey,
+    ClusterReport,
+    StatsReport,
+    TrafficTally,
+    fill_progress,
+    iso_time,
+)
 
 log = Logger(namespace="ollama_mirror.admin")  # pinned: log names are public
 
@@ -39,7 +49,8 @@ class Observability:
     for inference (then a missing backend degrades health).  *fills* lists the downloads running now;
     *marker* is the mirror's ``Via`` value (a probe that comes back to this mirror is a loop); *route_of*
     and *routes* name requests' routes for logs and metrics.  *registry* is where the metrics live: a
-    fresh ``CollectorRegistry`` unless an embedding application brings its own.
+    fresh ``CollectorRegistry`` unless an embedding application brings its own.  *dependencies* are
+    the cluster's services, checked for health; *cluster* reports on the nodes (stats and metrics).
     """
 
     def __init__(
@@ -59,8 +70,11 @@ class Observability:
         backend_agent: IAgent | None,
         backend_asked: Callable[[], bool],
         registry: CollectorRegistry | None = None,
+        dependencies: Sequence[Probe] = (),
+        cluster: ClusterReport | None = None,
     ) -> None:
         self._config = config
+        self._clock = clock
         self._fills = lambda: list(fills())
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = MirrorMetrics(self.registry, clock, routes)
@@ -95,6 +109,7 @@ class Observability:
             backend=self.backend_probe,
             backend_asked=backend_asked,
             disk_full=self.disk_full,
+            dependencies=dependencies,
         )
         self.stats = StatsReport(
             survey=self.survey,
@@ -103,7 +118,11 @@ class Observability:
             clock=clock,
             cache_directory=config.cache.directory,
             upstream_url=config.upstream.url,
+            cluster=cluster,
         )
+        self.cluster = cluster
+        if cluster is not None:
+            self.registry.register(cluster.collector())
         self.metrics.start_time.set(clock.seconds())
         self._read_state()
 
@@ -155,3 +174,19 @@ class Observability:
         if self.backend_probe is not None:
             services.append(self.backend_probe.service())
         return services
+
+    def node_report(self) -> dict[str, Any]:
+        """This node in a few numbers, for the other nodes of a cluster (its heartbeat)."""
+        latest = self.survey.latest
+        now = self._clock.seconds()
+        return {
+            "version": __version__,
+            "started_at": iso_time(self.stats.started_at),
+            "fills": [fill_progress(fill, now) for fill in self._fills() if not fill.ended],
+            "traffic": self.tally.document(),
+            "cache": {
+                "size": latest.total_size if latest else None,
+                "models": len(latest.models) if latest else None,
+                "disk_free": latest.free_bytes if latest else None,
+            },
+        }

@@ -12,8 +12,9 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
+from prometheus_client.registry import Collector
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -199,7 +200,16 @@ class TrafficTally(Events):
 # --- the document ----------------------------------------------------------------------------------
 
 
-def _iso(timestamp: float) -> str:
+class ClusterReport(Protocol):
+    """The cluster's nodes and totals (:mod:`ollama_mirror.cluster.members`)."""
+
+    async def summary(self) -> dict[str, Any]: ...
+
+    def collector(self) -> Collector: ...
+
+
+def iso_time(timestamp: float) -> str:
+    """A Unix time as ISO 8601 in UTC, to the second."""
     return datetime.fromtimestamp(timestamp, tz=UTC).isoformat(timespec="seconds")
 
 
@@ -218,7 +228,7 @@ def fill_progress(fill: FillView, now: float) -> dict[str, Any]:
         "progress": round(completed / fill.size, 4) if fill.size else 1.0,
         "received": fill.received_bytes,
         "resumed": fill.resumed_bytes,
-        "started_at": _iso(fill.started_at) if fill.started_at is not None else None,
+        "started_at": iso_time(fill.started_at) if fill.started_at is not None else None,
         "elapsed_seconds": round(elapsed, 3),
         "rate_bytes_per_second": round(rate),
         "eta_seconds": round((fill.size - completed) / rate) if rate > 0 else None,
@@ -237,8 +247,11 @@ class StatsReport:
         clock: IReactorTime,
         cache_directory: str,
         upstream_url: str,
+        cluster: ClusterReport | None = None,
     ) -> None:
+        """*cluster*, for a node of a cluster, adds the cluster's totals and nodes."""
         self._survey = survey
+        self._cluster = cluster
         self._tally = tally
         self._fills = fills
         self._clock = clock
@@ -265,6 +278,7 @@ class StatsReport:
             **self._tally.document(),
             "active_fills": fills,
             "version": __version__,
-            "started_at": _iso(self.started_at),
+            "started_at": iso_time(self.started_at),
             "uptime_seconds": round(now - self.started_at, 3),
+            **({} if self._cluster is None else {"cluster": await self._cluster.summary()}),
         }

@@ -1,4 +1,4 @@
-"""The operator's routes, ``/mirror``: stats, health, and emptying the cache."""
+"""The operator's routes, ``/mirror``: stats, health, the cluster's nodes, and emptying the cache."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
-from .errors import add_ollama_error_handlers, json_body
+from .errors import add_ollama_error_handlers, json_body, ollama_error
 
 
 class Report(Protocol):
@@ -50,10 +50,12 @@ class AdminApi:
         health: Health,
         sweeper: Clearer,
         trusted: Callable[[IRequest], bool] = lambda request: True,
+        cluster: Report | None = None,
     ) -> None:
         """*trusted* says whether a request may see details (paths, URLs): ``/mirror/health`` is open to
-        load balancers, which need only the statuses."""
+        load balancers, which need only the statuses.  *cluster* reports on a cluster's nodes."""
         self._stats = stats
+        self._cluster = cluster
         self._health = health
         self._sweeper = sweeper
         self._trusted = trusted
@@ -65,6 +67,19 @@ class AdminApi:
     async def stats(self, request: IRequest) -> bytes:
         """What the mirror holds and saves, and what it is downloading."""
         return json_body(request, 200, await self._stats.document())
+
+    @app.route("/cluster", methods=["GET", "HEAD"])
+    async def cluster(self, request: IRequest) -> bytes:
+        """The cluster's live nodes, what each is doing, and their totals."""
+        if self._cluster is None:
+            return ollama_error(
+                request, 404, "this mirror is not part of a cluster (cluster.redis_url is not set)"
+            )
+        try:
+            document = await self._cluster.document()
+        except Exception as e:
+            return ollama_error(request, 503, f"the cluster's Redis does not answer: {e}")
+        return json_body(request, 200, document)
 
     @app.route("/health", methods=["GET", "HEAD"])
     async def health(self, request: IRequest) -> bytes:

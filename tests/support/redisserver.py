@@ -120,13 +120,14 @@ class RedisServer:
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
-    def start(self) -> None:
-        """Start redis-server on a new free port (up to 3 tries when the port was taken meanwhile)."""
+    def start(self, port: int | None = None) -> None:
+        """Start redis-server on *port*, or on a new free port (up to 3 tries when the port was taken
+        meanwhile)."""
         if self.is_running():
             raise RuntimeError("redis-server already running")
         last_error: RedisStartError | None = None
-        for _attempt in range(3):
-            self.port = free_port()
+        for _attempt in range(1 if port else 3):
+            self.port = port or free_port()
             try:
                 self._spawn_and_wait()
                 return

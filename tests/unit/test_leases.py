@@ -9,50 +9,9 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
 from ollama_mirror.cluster.leases import Claim, Leases
+from tests.unit.fakeredis import FakeRedis
 
 HEX = "a" * 64
-
-
-class FakeRedis:
-    """SET NX PX, GET, and the two compare-and-act scripts, with expiry on the clock; *down* fails all."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.keys: dict[str, tuple[str, float]] = {}
-        self.down = False
-
-    def _live(self, key: str) -> str | None:
-        self._check()
-        found = self.keys.get(key)
-        if found is None or found[1] <= self.clock.seconds():
-            self.keys.pop(key, None)
-            return None
-        return found[0]
-
-    def _check(self) -> None:
-        if self.down:
-            raise ConnectionError("redis is down")
-
-    async def set_if_absent(self, key: str, value: str, ttl_ms: int) -> bool:
-        if self._live(key) is not None:
-            return False
-        self.keys[key] = (value, self.clock.seconds() + ttl_ms / 1000)
-        return True
-
-    async def get(self, key: str) -> str | None:
-        return self._live(key)
-
-    async def renew_if(self, key: str, value: str, ttl_ms: int) -> bool:
-        if self._live(key) != value:
-            return False
-        self.keys[key] = (value, self.clock.seconds() + ttl_ms / 1000)
-        return True
-
-    async def delete_if(self, key: str, value: str) -> bool:
-        if self._live(key) != value:
-            return False
-        del self.keys[key]
-        return True
 
 
 def result(d: Deferred[Any]) -> Any:

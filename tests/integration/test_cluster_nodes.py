@@ -1,0 +1,149 @@
+"""What operators see of a cluster: its live nodes (``GET /mirror/cluster``), the whole cluster's totals in
+``/mirror/stats`` and ``/metrics`` on any node, and which of its services is down in ``/mirror/health``.
+
+Real parts: SeaweedFS (S3), ``redis-server`` (one of the session, or one of the test's own when the test
+stops it), the distribution registry, and daemons under twistd with ``cluster.lease_seconds`` 3.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.helpers import UPSTREAM_SETTINGS, fetch, pull_into_cache, wait_until
+from tests.support.daemon import MirrorDaemon, MirrorFactory
+from tests.support.faultproxy import FaultProxy
+from tests.support.models import PushedModel
+from tests.support.redisserver import RedisServer
+from tests.support.registry import free_port
+from tests.support.s3server import S3Server
+
+pytestmark = pytest.mark.usefixtures("models_dir_stays_valid")
+
+SECRET = "cluster-test-secret-of-enough-length"
+LEASE = 3
+
+
+def cluster_section(s3_server: S3Server, redis_url: str) -> dict[str, Any]:
+    return {
+        "storage_url": f"s3://{s3_server.bucket}/nodes-{uuid.uuid4().hex[:12]}",
+        "s3_endpoint": s3_server.endpoint,
+        "s3_access_key_id": s3_server.access_key_id,
+        "s3_secret_access_key": s3_server.secret_access_key,
+        "redis_url": redis_url,
+        "lease_seconds": LEASE,
+    }
+
+
+def start_node(mirror_factory: MirrorFactory, proxy: FaultProxy, cluster: dict[str, Any]) -> MirrorDaemon:
+    port = free_port()
+    config = {
+        "upstream": UPSTREAM_SETTINGS,
+        "cluster": {**cluster, "node_url": f"http://127.0.0.1:{port}"},
+        "security": {"signing_secret": SECRET},
+    }
+    return mirror_factory(upstream_url=proxy.url, config=config, port=port)
+
+
+def get_json(node: MirrorDaemon, path: str) -> tuple[int | None, Any]:
+    got = fetch(node.url + path)
+    return got.status, json.loads(got.body) if got.body else None
+
+
+def listed(node: MirrorDaemon) -> list[str]:
+    status, document = get_json(node, "/mirror/cluster")
+    assert status == 200, document
+    return [entry["url"] for entry in document["nodes"]]
+
+
+def test_the_cluster_lists_its_live_nodes_and_a_killed_one_drops_out(
+    mirror_factory: MirrorFactory,
+    proxy: FaultProxy,
+    s3_server: S3Server,
+    redis_server: RedisServer,
+    small_model: PushedModel,
+) -> None:
+    cluster = cluster_section(s3_server, redis_server.url)
+    first, second, third = (start_node(mirror_factory, proxy, cluster) for _ in range(3))
+    everyone = sorted(node.url for node in (first, second, third))
+    wait_until(lambda: listed(first) == everyone, 10.0, "all three nodes in /mirror/cluster")
+
+    pull_into_cache(second, small_model)  # traffic on one node...
+    pull_into_cache(third, small_model)  # ...and on another (from the shared copy or the first node)
+    time.sleep(LEASE / 3 + 0.5)  # (a heartbeat carries them)
+    _, document = get_json(first, "/mirror/cluster")  # ...is seen from a third one
+    entries = {entry["url"]: entry for entry in document["nodes"]}
+    assert all(entry["alive"] for entry in entries.values())
+    assert entries[first.url]["self"] and not entries[second.url]["self"]
+    totals = document["totals"]
+    assert totals["nodes"] == 3
+    served = sum(entries[n.url]["traffic"]["bytes_served"]["total"] for n in (second, third))
+    assert served >= 2 * small_model.total_size
+    assert totals["bytes_served"]["total"] >= served
+    _, stats = get_json(first, "/mirror/stats")
+    assert stats["cluster"]["nodes"] == 3
+    assert sorted(stats["cluster"]["node_urls"]) == everyone
+    assert stats["cluster"]["bytes_served"]["total"] == totals["bytes_served"]["total"]
+    metrics = fetch(first.url + "/metrics").body.decode()
+    assert "ollama_mirror_cluster_nodes 3.0" in metrics
+    assert f'ollama_mirror_cluster_node_up{{node="{second.url}"}} 1.0' in metrics
+
+    third.kill()  # SIGKILL: no goodbye
+    killed_at = time.monotonic()
+    wait_until(lambda: third.url not in listed(first), 2 * LEASE + 5, "the killed node out of the list")
+    gone_after = time.monotonic() - killed_at
+    print(f"\nkilled node dropped out of /mirror/cluster after {gone_after:.1f} s (lease {LEASE} s)")
+    assert listed(second) == sorted([first.url, second.url])
+
+    second.stop()  # a clean stop leaves at once
+    assert listed(first) == [first.url]
+
+
+def test_health_names_the_cluster_service_that_is_down_and_the_node_recovers_by_itself(
+    mirror_factory: MirrorFactory,
+    proxy: FaultProxy,
+    s3_server: S3Server,
+    small_model: PushedModel,
+    tmp_path: Path,
+) -> None:
+    redis = RedisServer(tmp_path / "redis")  # this test's own: it is stopped and started again
+    try:
+        node = start_node(mirror_factory, proxy, cluster_section(s3_server, redis.url))
+
+        def check(name: str) -> dict[str, Any]:
+            _, health = get_json(node, "/mirror/health")
+            found: dict[str, Any] = health["checks"][name]
+            return found
+
+        def redis_check() -> dict[str, Any]:
+            return check("redis")
+
+        wait_until(lambda: redis_check()["status"] == "ok", 10.0, "redis ok in /mirror/health")
+        wait_until(lambda: check("shared_storage")["status"] == "ok", 10.0, "the shared storage ok")
+        assert check("shared_storage")["url"].startswith("s3://")
+        assert "password" not in json.dumps(redis_check()) and (redis.password or "@") not in json.dumps(
+            redis_check()
+        )
+        pull_into_cache(node, small_model)
+
+        port = redis.port
+        redis.stop()
+        wait_until(lambda: redis_check()["status"] == "degraded", 2 * LEASE + 10, "redis degraded")
+        assert check("shared_storage")["status"] == "ok"
+        status, health = get_json(node, "/mirror/health")
+        assert status == 200 and health["status"] == "degraded"  # still serving: not taken out
+        print(f"\nredis down: {redis_check()['detail']}")
+        pull_into_cache(node, small_model)  # what the node holds is still served
+        status, document = get_json(node, "/mirror/cluster")
+        assert status == 503 and "Redis" in document["error"]
+
+        redis.start(port=port)
+        wait_until(lambda: redis_check()["status"] == "ok", 2 * LEASE + 15, "redis ok again")
+        wait_until(lambda: listed(node) == [node.url], 2 * LEASE + 15, "the node back in the roster")
+    finally:
+        redis.stop()
