@@ -358,7 +358,7 @@ class SecurityConfig:
         "RATE_LIMIT_REQUESTS",
         "Requests per window and client address that send the mirror upstream (a tag not fresh in the "
         "cache, a blob no served manifest lists) or fail authentication; what the mirror holds or is "
-        "already fetching is free. 0: no limit.",
+        "already fetching is free. In a cluster with Redis, counted across all nodes. 0: no limit.",
         "int",
     )
     rate_limit_window: float = setting(

@@ -29,6 +29,7 @@ from ..cache.manifests import ManifestCache
 from ..cache.staging import ManifestPublisher
 from ..cache.store import Store
 from ..cluster.peers import PeerSigner
+from ..cluster.ratelimit import SharedRateLimiter
 
 if TYPE_CHECKING:
     from ..cluster.shared import ClusterParts
@@ -40,6 +41,7 @@ from ..ops.observability import Observability
 from ..runner import InlineRunner, Reactor, Runner, ThreadRunner
 from ..security.access import AccessControl
 from ..security.connections import ConnectionLimits, automatic_total, descriptor_limit
+from ..security.ratelimit import RateLimiter
 from ..security.registryauth import load_secret
 from ..upstream.hosts import build_upstreams
 from ..upstream.retry import RetryPolicy
@@ -214,6 +216,14 @@ class Mirror:
             report["shared"] = {"uploaded_bytes": self.cluster.shared.uploaded_bytes}
         return report
 
+    def _cluster_limiter(self) -> SharedRateLimiter | None:
+        """In a cluster with Redis, the rate limit counts each client across every node."""
+        security = self.config.security
+        if self.cluster is None or self.cluster.counters is None or not security.rate_limit_requests:
+            return None
+        local = RateLimiter(self.reactor, security.rate_limit_requests, security.rate_limit_window)
+        return SharedRateLimiter(local, self.cluster.counters, self.reactor, self.cluster.namespace)
+
     def _build_web(self, backend_agent: IAgent | None) -> None:
         """The guards and the routes: access control, the registry, the Ollama API, the proxy."""
         config, reactor = self.config, self.reactor
@@ -224,6 +234,7 @@ class Mirror:
             registry_host=lambda host_header: self.upstreams.for_request_host(host_header).host,
             holdings=CacheHoldings(self.store, self.manifests, self.fills),
             peers=self.peers,
+            limiter=self._cluster_limiter(),
         )
         self.registry = RegistryApi(
             self.store,

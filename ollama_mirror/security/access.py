@@ -60,6 +60,16 @@ class Holdings(Protocol):
     def has_manifest(self, hexdigest: str) -> bool: ...
 
 
+class Limiter(Protocol):
+    """A rate limit: :class:`RateLimiter`, or one counted across a cluster's nodes."""
+
+    requests: int
+    window: float
+
+    def take(self, key: str, cost: float = 1.0) -> float | None:
+        """Count a request of *cost* units for *key*: ``None`` if allowed, else the seconds to wait."""
+
+
 class Peers(Protocol):
     """The other nodes of a cluster: their signed requests pass (they are this mirror's own reads)."""
 
@@ -170,10 +180,12 @@ class AccessControl:
         registry_host: Callable[[str | None], str],
         holdings: Holdings | None = None,
         peers: Peers | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         """*registry_host* gives the model host a ``/v2`` request means, from its ``Host`` header (the
         mirror may serve several upstreams, by virtual host); *holdings* tells which requests the
-        mirror answers without going upstream (those cost nothing against the rate limit)."""
+        mirror answers without going upstream (those cost nothing against the rate limit); *limiter*
+        replaces this node's own rate limit (a cluster counts clients across its nodes)."""
         self.config = config
         self._clock = clock
         self._registry_host = registry_host
@@ -183,7 +195,11 @@ class AccessControl:
         self._trusted = parse_networks(config.trusted_proxies)
         self._networks = parse_networks(config.registry_networks)
         self.rules = ModelRules(config.allowed_models, config.blocked_models)
-        self.limiter = RateLimiter(clock, config.rate_limit_requests, config.rate_limit_window)
+        self.limiter: Limiter = (
+            limiter
+            if limiter is not None
+            else RateLimiter(clock, config.rate_limit_requests, config.rate_limit_window)
+        )
         self.mode = config.registry_access
         self.signer: Signer | None = None
         self.issuer: TokenIssuer | None = None

@@ -147,3 +147,26 @@ def test_health_names_the_cluster_service_that_is_down_and_the_node_recovers_by_
         wait_until(lambda: listed(node) == [node.url], 2 * LEASE + 15, "the node back in the roster")
     finally:
         redis.stop()
+
+
+def test_the_rate_limit_counts_a_client_across_the_nodes(
+    mirror_factory: MirrorFactory, proxy: FaultProxy, s3_server: S3Server, redis_server: RedisServer
+) -> None:
+    cluster = cluster_section(s3_server, redis_server.url)
+    limit = {"rate_limit_requests": 10, "rate_limit_window": 60, "signing_secret": SECRET}
+    nodes = []
+    for _ in range(2):
+        port = free_port()
+        config = {
+            "upstream": UPSTREAM_SETTINGS,
+            "cluster": {**cluster, "node_url": f"http://127.0.0.1:{port}"},
+            "security": limit,
+        }
+        nodes.append(mirror_factory(upstream_url=proxy.url, config=config, port=port))
+    statuses = [
+        fetch(f"{nodes[i % 2].url}/v2/library/unknown-{i}/manifests/latest").status for i in range(30)
+    ]
+    answered = sum(status != 429 for status in statuses)
+    print(f"\n30 upstream-bound requests over 2 nodes, limit 10: {answered} answered, the rest 429")
+    assert 10 <= answered <= 12, statuses  # (one node alone would answer 10, two 20)
+    assert 429 in statuses[10:13]
