@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from urllib.parse import quote, urlencode
 from xml.etree import ElementTree
 
-from botocore.auth import S3SigV4Auth
+from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
@@ -114,6 +114,7 @@ class S3Client:
         credentials = Credentials(
             config.s3_access_key_id, config.s3_secret_access_key, config.s3_session_token or None
         )
+        self._credentials = credentials
         self._signer = _Signer(credentials, "s3", config.s3_region)
         self._signing_config = SimpleNamespace(s3={"payload_signing_enabled": True})
 
@@ -167,6 +168,13 @@ class S3Client:
             response.code,
             retry_after=retry_after,
         )
+
+    def presigned_get(self, key: str, expires: int) -> str:
+        """A URL anyone may GET the object with (Range too) for *expires* seconds: SigV4 in the query."""
+        request = AWSRequest(method="GET", url=self.storage.url(key), headers={})
+        request.context["client_config"] = self._signing_config
+        S3SigV4QueryAuth(self._credentials, "s3", self.storage.region, expires=expires).add_auth(request)
+        return str(request.url)
 
     async def ping(self) -> str:
         """Whether the bucket answers a signed HEAD (the health check): what it answered, else raises."""

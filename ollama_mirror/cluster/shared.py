@@ -53,6 +53,7 @@ log = Logger(namespace="ollama_mirror.cluster")
 # Seconds a blob found missing in the shared copy is believed missing (another node may add it).
 ABSENT_FOR = 5.0
 UPLOADS_AT_ONCE = 2
+REDIRECT_SECONDS = 3600  # how long a presigned blob URL works (a slow client's parts need it that long)
 MAX_HOLDERS_TRIED = 3  # holders that stopped answering, one after another, before fetching alone
 
 
@@ -113,6 +114,17 @@ class SharedStore(Events):
 
     async def open_range(self, hexdigest: str, start: int, end: int | None) -> IResponse:
         return await self.s3.open_range(self.s3.storage.key(blob_name(hexdigest)), start, end)
+
+    async def redirect(self, hexdigest: str) -> str | None:
+        """``cluster.redirect_to_storage``: a presigned URL of the blob when the shared copy holds it (a
+        store that fails now answers ``None``: the node streams the blob itself)."""
+        try:
+            held = await self.holds(hexdigest)
+        except UpstreamError:
+            return None
+        if held is None:
+            return None
+        return self.s3.presigned_get(self.s3.storage.key(blob_name(hexdigest)), REDIRECT_SECONDS)
 
     async def read_manifest(self, name: ModelName) -> bytes | None:
         return await self.s3.get_document(self.s3.storage.key(manifest_name(name)))

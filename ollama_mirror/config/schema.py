@@ -460,10 +460,10 @@ class ClusterConfig:
     redirect_to_storage: bool = setting(
         False,
         "REDIRECT_TO_STORAGE",
-        "Answer warm blob GETs with a 307 to a presigned storage URL instead of streaming them (not used "
-        "yet).",
+        "Answer blob GETs with a 307 to a presigned URL of the shared storage (valid an hour) when it holds "
+        "the blob, instead of streaming it through the node; HEAD is still answered by the node. Ollama "
+        "follows it only when the storage's host name differs from the mirror's.",
         "bool",
-        planned=True,
     )
 
 

@@ -10,6 +10,7 @@ everything else is built from the :class:`Config`.
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
@@ -216,6 +217,12 @@ class Mirror:
             report["shared"] = {"uploaded_bytes": self.cluster.shared.uploaded_bytes}
         return report
 
+    def _storage_redirect(self) -> Callable[[str], Awaitable[str | None]] | None:
+        """``cluster.redirect_to_storage``: blob GETs go to the shared storage when it holds the blob."""
+        if self.cluster is None or not self.config.cluster.redirect_to_storage:
+            return None
+        return self.cluster.shared.redirect
+
     def _cluster_limiter(self) -> SharedRateLimiter | None:
         """In a cluster with Redis, the rate limit counts each client across every node."""
         security = self.config.security
@@ -244,6 +251,7 @@ class Mirror:
             reactor,
             self.events,
             blob_location=self.access.blob_location,
+            redirect=self._storage_redirect(),
         )
         server = config.server
         self.connections = ConnectionLimits(

@@ -9,8 +9,9 @@ redirect-like answer before it sends its parallel ranged GETs, and hangs up on t
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from klein import Klein
 from twisted.internet.defer import CancelledError
@@ -60,9 +61,12 @@ class RegistryApi:
         clock: IReactorTime,
         events: Events | None = None,
         blob_location: Callable[[str], str] = lambda path: path,
+        redirect: Callable[[str], Awaitable[str | None]] | None = None,
     ) -> None:
         """*blob_location* makes the ``Location`` of a blob's discovery answer from its path (the
-        access control signs it when the registry needs keys)."""
+        access control signs it when the registry needs keys); *redirect* gives a URL elsewhere that
+        serves a blob, when there is one (``cluster.redirect_to_storage``), for a GET to answer 307."""
+        self._redirect = redirect
         self._clock = clock
         self._events = events or Events()
         self.reading: Counter[str] = Counter()  # hex digest -> responses streaming it now
@@ -166,6 +170,20 @@ class RegistryApi:
                 raise RegistryError(404, "BLOB_UNKNOWN", f"blob unknown: sha256:{hexdigest}") from None
             raise
 
+    async def _redirected(self, request: IRequest, hexdigest: str) -> bool:
+        """Answer a GET with a 307 to where the blob is served from elsewhere, if it is (the client
+        reads the bytes, ranges too, from there)."""
+        if request.method != b"GET" or self._redirect is None:
+            return False
+        elsewhere = await self._redirect(hexdigest)
+        if elsewhere is None or _same_hostname(elsewhere, _header(request, b"host")):
+            return False  # (Ollama follows a 307 to the same host name itself, and then finds no Location)
+        request.setResponseCode(307)
+        request.setHeader(b"location", elsewhere.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")  # (the URL expires)
+        request.setHeader(b"content-length", b"0")
+        return True
+
     def _open(self, hexdigest: str, fill: GrowingBlob | None) -> int:
         """The descriptor the response reads from, opened before any header is sent."""
         try:
@@ -206,6 +224,8 @@ class RegistryApi:
             hexdigest = parse_digest(digest)
         except InvalidName:
             raise RegistryError(400, "DIGEST_INVALID", f"invalid digest {digest!r}") from None
+        if await self._redirected(request, hexdigest):
+            return b""
         size, fill = await self._locate(upstream, name, hexdigest)
         try:
             wanted = parse_range(_header(request, b"range"), size)
@@ -229,13 +249,7 @@ class RegistryApi:
                 fd = self._open(hexdigest, fill)  # now, so that a vanished file is still a clean error
             else:  # still queued behind other downloads: open when its first bytes are on disk
                 fd = fill.open_reader
-        request.setHeader(*API_VERSION)
-        request.setHeader(b"docker-content-digest", digest.encode())
-        request.setHeader(b"etag", f'"{digest}"'.encode())
-        request.setHeader(b"accept-ranges", b"bytes")
-        request.setHeader(b"cache-control", b"public, max-age=31536000, immutable")
-        request.setHeader(b"content-type", b"application/octet-stream")
-        request.setHeader(b"content-length", str(last - first + 1).encode())
+        _blob_headers(request, digest, last - first + 1)
         if wanted is None:
             location = self._blob_location(f"/v2/{name.repository}/blobs/{digest}")
             request.setHeader(b"location", location.encode())
@@ -337,3 +351,20 @@ def _failed(error: BaseException | None) -> Exception:
     if isinstance(error, NoSpace):
         return error
     return UpstreamError(str(error) if error is not None else "the download failed", 502)
+
+
+def _blob_headers(request: IRequest, digest: str, length: int) -> None:
+    """The headers of every blob answer: what it is, that it never changes, that ranges work."""
+    request.setHeader(*API_VERSION)
+    request.setHeader(b"docker-content-digest", digest.encode())
+    request.setHeader(b"etag", f'"{digest}"'.encode())
+    request.setHeader(b"accept-ranges", b"bytes")
+    request.setHeader(b"cache-control", b"public, max-age=31536000, immutable")
+    request.setHeader(b"content-type", b"application/octet-stream")
+    request.setHeader(b"content-length", str(length).encode())
+
+
+def _same_hostname(url: str, host_header: str | None) -> bool:
+    """Whether *url* names the host the client asked (``Host``), ports aside."""
+    asked = urlsplit(f"//{host_header}").hostname if host_header else None
+    return asked is not None and urlsplit(url).hostname == asked

@@ -145,7 +145,8 @@ def fetch(url: str, headers: Mapping[str, str] | None = None, timeout: float = C
     pieces: list[bytes] = []
     error: str | None = None
     try:
-        conn.request("GET", parsed.path, headers=dict(headers or {}))
+        target = parsed.path + (f"?{parsed.query}" if parsed.query else "")
+        conn.request("GET", target, headers=dict(headers or {}))
         response = conn.getresponse()
         status = response.status
         response_headers = {k.lower(): v for k, v in response.getheaders()}

@@ -8,7 +8,9 @@ blobs come from the shared copy, not the upstream, and its cache ends a models d
 
 from __future__ import annotations
 
+import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,8 +19,11 @@ from tests.integration.helpers import (
     UPSTREAM_SETTINGS,
     assert_blob_served,
     assert_valid_models_dir,
+    blob_url,
+    fetch,
     fetch_blob,
     get_manifest,
+    go_pull,
     pull_into_cache,
     wait_until,
 )
@@ -148,3 +153,46 @@ def test_storage_that_cannot_be_used_stops_start_up_with_one_line(
     assert output.startswith("ollama-mirror: configuration error: cluster."), output
     assert words in output and "Traceback" not in output and len(output.splitlines()) == 1
     assert "wrong" not in output.replace("were refused", "")  # (no secret in the line)
+
+
+def test_blob_gets_go_to_the_shared_storage_with_redirect_to_storage(
+    mirror_factory: MirrorFactory,
+    proxy: FaultProxy,
+    storage: dict[str, Any],
+    s3_server: S3Server,
+    s3: Any,
+    medium_model: PushedModel,
+    tmp_path: Path,
+) -> None:
+    first = node(mirror_factory, proxy, storage)
+    pull_into_cache(first, medium_model)
+    wait_shared(s3, s3_server, storage, medium_model)
+    proxy.clear_records()
+
+    # The storage by another host name than the mirror's (localhost, not 127.0.0.1), as Ollama needs
+    elsewhere = {**storage, "s3_endpoint": s3_server.endpoint.replace("127.0.0.1", "localhost")}
+    redirecting = node(mirror_factory, proxy, {**elsewhere, "redirect_to_storage": True})
+    blob = medium_model.model_layer
+    data = blob.path.read_bytes()
+    got = fetch_blob(redirecting, medium_model, blob)
+    assert got.status == 307, got
+    location = got.header("location")
+    assert location.startswith(elsewhere["s3_endpoint"] + "/") and "X-Amz-Signature=" in location
+    part = fetch(location, {"Range": "bytes=100-199"})  # (what Ollama's parts do, with no credentials)
+    assert part.status == 206 and part.body == data[100:200]
+    head = urllib.request.urlopen(
+        urllib.request.Request(blob_url(redirecting, medium_model, blob), method="HEAD")
+    )
+    assert head.status == 200 and head.headers["content-length"] == str(blob.size)  # the node's own answer
+
+    result = go_pull(redirecting, medium_model, tmp_path / "puller")  # Ollama's way, checking every sha256
+    assert {digest for digest, _, _ in result.blobs} == {b.digest for b in medium_model.blobs}
+    blob_parts = [r for r in result.requests if r.range is not None]
+    assert blob_parts and all(r.url.startswith(elsewhere["s3_endpoint"]) for r in blob_parts)
+    assert not list((redirecting.cache_dir / "blobs").iterdir())  # no blob went through the node
+    assert all(proxy.bytes_for(b.hex) == 0 for b in medium_model.blobs)
+
+    # The storage by the mirror's own host name: Ollama would follow the 307 itself, so the node streams
+    same_host = node(mirror_factory, proxy, {**storage, "redirect_to_storage": True})
+    streamed = fetch_blob(same_host, medium_model, blob)
+    assert streamed.status == 200 and streamed.body == data

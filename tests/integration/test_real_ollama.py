@@ -32,6 +32,7 @@ from tests.support.models import MiB, PushedModel, build_model, push_model
 from tests.support.ollama import OllamaServer, ollama_version, plain_text, require_ollama, run_cli
 from tests.support.recorder import RecordingProxy
 from tests.support.registry import RegistryProcess, free_port
+from tests.support.s3server import S3Server
 from tests.support.vectors import Bindings, Vector, normalize
 
 RECORD = os.environ.get("RECORD_VECTORS") == "1"
@@ -480,3 +481,38 @@ def test_a_fleet_of_32_ollama_servers_behind_one_address_on_default_settings(
     finally:
         for server in servers:
             server.cleanup()
+
+
+def test_a_cluster_node_sends_ollamas_blob_reads_to_the_shared_storage(
+    ollama_bin: str,
+    real_registry: RegistryProcess,
+    models: Models,
+    mirror_factory: MirrorFactory,
+    s3_server: S3Server,
+    tmp_path: Path,
+) -> None:
+    storage = {
+        "storage_url": f"s3://{s3_server.bucket}/ollama-{free_port()}",
+        "s3_endpoint": s3_server.endpoint,
+        "s3_access_key_id": s3_server.access_key_id,
+        "s3_secret_access_key": s3_server.secret_access_key,
+    }
+    with FaultProxy(real_registry.url) as upstream:
+        first = mirror_factory(upstream_url=upstream.url, config={"cluster": storage})
+        with OllamaServer(ollama_bin, tmp_path / "warm") as server:
+            assert "success" in ok(server.cli("pull", "--insecure", f"{first.host}/library/big"))
+        # the storage by another host name than the mirror's: Ollama reads from it what the 307 names
+        elsewhere = {**storage, "s3_endpoint": s3_server.endpoint.replace("127.0.0.1", "localhost")}
+        second = mirror_factory(
+            upstream_url=upstream.url, config={"cluster": {**elsewhere, "redirect_to_storage": True}}
+        )
+        layer = models.big.model_layer
+        prefix = storage["storage_url"].split("/", 3)[3]
+        manifest = f"/{s3_server.bucket}/{prefix}/manifests/registry.ollama.ai/library/big/latest"
+        wait_until(lambda: s3_server.request("HEAD", manifest).status == 200, 60.0, "the model shared")
+        fetched = upstream.bytes_for(layer.hex)
+        with OllamaServer(ollama_bin, tmp_path / "redirected") as server:
+            assert "success" in ok(server.cli("pull", "--insecure", f"{second.host}/library/big"))
+            blob_files_match(server.models_dir, models.big)
+        assert not list((second.cache_dir / "blobs").glob("sha256-*"))  # no blob went through the node
+        assert upstream.bytes_for(layer.hex) == fetched
