@@ -5,13 +5,19 @@
 - ``model_factory`` (session): ``model_factory(repo, tag, size, seed)`` builds and pushes more models.
 - ``mirror`` (function): ``twistd -n ollama-mirror`` against ``registry`` with a fresh cache in ``tmp_path``.
 - ``mirror_factory`` (function): ``mirror_factory(config=..., env=..., ...)`` for custom configurations.
+- ``s3_server`` and ``moto_s3_server`` (session): two real S3 implementations on loopback, SeaweedFS
+  (``tests.support.s3server``) and moto's server mode (``tests.support.motoserver``); ``s3_store``
+  (function) is SeaweedFS unless a test runs on both (``helpers.on_every_s3_store``); ``s3`` is a botocore
+  client for it. ``redis_server`` (session): a real Redis.
 
 Every test in this directory is marked ``integration``. Without ``/usr/bin/docker-registry`` the registry
-fixtures skip, except under CI (``CI`` set), where they fail.
+fixtures skip (and so do the S3 and Redis ones without their programs), except under CI (``CI`` set),
+where they fail.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from collections.abc import Iterator, Mapping
@@ -37,9 +43,10 @@ from tests.support.models import (
     build_model,
     push_model,
 )
+from tests.support.motoserver import MotoServer, moto_missing
 from tests.support.redisserver import REDIS_BINARY, RedisServer
 from tests.support.registry import REGISTRY_BINARY, RegistryProcess
-from tests.support.s3server import WEED_ENV, S3Server, weed_binary
+from tests.support.s3server import WEED_ENV, S3Server, S3Store, weed_binary
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -211,6 +218,27 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 
 @pytest.fixture(scope="session")
+def moto_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """moto's server mode, a second S3 implementation: authentication on, one bucket, for the session."""
+    missing = moto_missing()
+    _require(missing is None, str(missing))
+    with MotoServer(tmp_path_factory.mktemp("moto")) as server:
+        yield server
+
+
+S3_STORES = {"seaweedfs": "s3_server", "moto": "moto_s3_server"}
+
+
+@pytest.fixture
+def s3_store(request: pytest.FixtureRequest) -> S3Store:
+    """The S3 store of this test: SeaweedFS (``s3_server``), unless the test is parametrised over both with
+    ``helpers.on_every_s3_store`` (``indirect``: ``"seaweedfs"``, ``"moto"``)."""
+    name = getattr(request, "param", "seaweedfs")
+    store: S3Store = request.getfixturevalue(S3_STORES[name])
+    return store
+
+
+@pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """redis-server with a password and nothing persisted, shared by the session."""
     _require(os.path.exists(REDIS_BINARY), f"{REDIS_BINARY} is missing (Debian package redis-server)")
@@ -218,16 +246,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
 
 
-@pytest.fixture(scope="session")
-def s3(s3_server: S3Server) -> Any:
-    """A botocore S3 client for ``s3_server`` (path-style, Signature Version 4)."""
+@functools.cache
+def botocore_s3_client(endpoint: str, region: str, access_key_id: str, secret_access_key: str) -> Any:
+    """A botocore S3 client (path-style, Signature Version 4, no retries), one per store."""
     return botocore.session.get_session().create_client(
         "s3",
-        endpoint_url=s3_server.endpoint,
-        region_name=s3_server.region,
-        aws_access_key_id=s3_server.access_key_id,
-        aws_secret_access_key=s3_server.secret_access_key,
+        endpoint_url=endpoint,
+        region_name=region,
+        aws_access_key_id=access_key_id,
+        aws_secret_access_key=secret_access_key,
         config=botocore.config.Config(
             s3={"addressing_style": "path"}, signature_version="s3v4", retries={"max_attempts": 1}
         ),
+    )
+
+
+@pytest.fixture
+def s3(s3_store: S3Store) -> Any:
+    """A botocore S3 client for this test's store (``s3_store``: SeaweedFS unless parametrised)."""
+    return botocore_s3_client(
+        s3_store.endpoint, s3_store.region, s3_store.access_key_id, s3_store.secret_access_key
     )

@@ -35,6 +35,9 @@ CHUNK = 256 * KiB  # the mirror's upstream chunk size in these tests
 CONNECTIONS = 4  # upstream.connections_per_blob (the default)
 UPSTREAM_HOST = "registry.ollama.ai"  # upstream.host default: the cache's manifests/<host>/ directory
 CLIENT_TIMEOUT = 30.0
+on_every_s3_store = pytest.mark.parametrize("s3_store", ["seaweedfs", "moto"], indirect=True)
+"""Run the test once on each S3 implementation of the test bed (the ``s3_store`` fixture)."""
+
 UPSTREAM_SETTINGS: dict[str, Any] = {
     "chunk_size": "256KiB",
     "connections_per_blob": CONNECTIONS,

@@ -1,8 +1,9 @@
 """Three nodes, one bucket, one Redis: a cold model pulled on all three at the same moment crosses the
 upstream once, and every puller verifies it; a holder killed mid-download is taken over.
 
-Real parts: SeaweedFS (S3), ``redis-server``, the distribution registry behind the counting fault proxy,
-three daemons under twistd, and Go-style pullers (16 ranged parts) from ``tests.support.puller``.
+Real parts: SeaweedFS (S3; the first test runs on moto's server mode too), ``redis-server``, the
+distribution registry behind the counting fault proxy, three daemons under twistd, and Go-style pullers
+(16 ranged parts) from ``tests.support.puller``.
 """
 
 from __future__ import annotations
@@ -15,14 +16,20 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import UPSTREAM_SETTINGS, assert_valid_models_dir, sha256_file, wait_until
+from tests.integration.helpers import (
+    UPSTREAM_SETTINGS,
+    assert_valid_models_dir,
+    on_every_s3_store,
+    sha256_file,
+    wait_until,
+)
 from tests.support.daemon import MirrorDaemon, MirrorFactory
 from tests.support.faultproxy import FaultProxy
 from tests.support.models import KiB, MiB, ModelFactory, PushedModel
 from tests.support.puller import PullResult, pull
 from tests.support.redisserver import RedisServer
 from tests.support.registry import free_port
-from tests.support.s3server import S3Server
+from tests.support.s3server import S3Store
 
 pytestmark = pytest.mark.usefixtures("models_dir_stays_valid")
 
@@ -30,13 +37,13 @@ SECRET = "cluster-test-secret-of-enough-length"
 
 
 @pytest.fixture
-def cluster(s3_server: S3Server, redis_server: RedisServer) -> dict[str, Any]:
+def cluster(s3_store: S3Store, redis_server: RedisServer) -> dict[str, Any]:
     """The ``cluster`` section every node of this test shares: one prefix, one Redis namespace."""
     return {
-        "storage_url": f"s3://{s3_server.bucket}/herd-{uuid.uuid4().hex[:12]}",
-        "s3_endpoint": s3_server.endpoint,
-        "s3_access_key_id": s3_server.access_key_id,
-        "s3_secret_access_key": s3_server.secret_access_key,
+        "storage_url": f"s3://{s3_store.bucket}/herd-{uuid.uuid4().hex[:12]}",
+        "s3_endpoint": s3_store.endpoint,
+        "s3_access_key_id": s3_store.access_key_id,
+        "s3_secret_access_key": s3_store.secret_access_key,
         "redis_url": redis_server.url,
         "lease_seconds": 3,
     }
@@ -95,6 +102,7 @@ def assert_pulled(result: PullResult, model: PushedModel) -> None:
         assert sha256_file(got[blob.digest]) == blob.hex, f"{blob.digest} is wrong"
 
 
+@on_every_s3_store
 def test_a_cold_model_pulled_on_three_nodes_at_once_crosses_the_upstream_once(
     mirror_factory: MirrorFactory,
     proxy: FaultProxy,

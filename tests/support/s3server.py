@@ -65,7 +65,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 __all__ = [
     "REGION",
@@ -74,7 +74,11 @@ __all__ = [
     "S3Response",
     "S3Server",
     "S3StartError",
+    "S3Store",
+    "free_ports",
+    "send_request",
     "sign_v4",
+    "tail",
     "weed_binary",
 ]
 
@@ -211,6 +215,71 @@ class S3Response:
         return f"<S3Response {self.status} {self.body[:200]!r}>"
 
 
+class S3Store(Protocol):
+    """What the tests use of a running S3 store, whichever implementation serves it (``S3Server`` here,
+    ``tests.support.motoserver.MotoServer``): a path-style endpoint on loopback, one identity, a bucket."""
+
+    name: str
+    bucket: str
+    access_key_id: str
+    secret_access_key: str
+    region: str
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def endpoint(self) -> str: ...
+
+    def create_bucket(self, bucket: str) -> None: ...
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+        *,
+        signed: bool = True,
+        timeout: float = 10.0,
+    ) -> S3Response: ...
+
+    def is_running(self) -> bool: ...
+
+
+def send_request(
+    store: S3Store,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: Mapping[str, str] | None = None,
+    *,
+    signed: bool = True,
+    timeout: float = 10.0,
+) -> S3Response:
+    """One request to ``store``'s endpoint (``path`` is ``/bucket/key?query``, already URL-encoded), signed
+    with its credentials unless ``signed`` is false."""
+    all_headers = dict(headers or {})
+    if signed:
+        all_headers = sign_v4(
+            method,
+            store.endpoint + path,
+            access_key_id=store.access_key_id,
+            secret_access_key=store.secret_access_key,
+            region=store.region,
+            headers=all_headers,
+            payload_sha256=hashlib.sha256(body).hexdigest(),
+        )
+    connection = http.client.HTTPConnection("127.0.0.1", store.port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body or None, headers=all_headers)
+        response = connection.getresponse()
+        data = response.read()
+        return S3Response(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+    finally:
+        connection.close()
+
+
 class S3Server:
     """SeaweedFS's S3 gateway on ``127.0.0.1:<free port>`` with its own storage, started at construction.
 
@@ -242,6 +311,7 @@ class S3Server:
         self.access_key_id = access_key_id or "AKID" + secrets.token_hex(8).upper()
         self.secret_access_key = secret_access_key or secrets.token_urlsafe(30)
         self.region = REGION
+        self.name = "seaweedfs"
         self.start_timeout = start_timeout
         self.ports: dict[str, int] = {}
         self.startup_seconds = 0.0
@@ -482,25 +552,7 @@ class S3Server:
     ) -> S3Response:
         """One request to the S3 endpoint (``path`` is ``/bucket/key?query``, already URL-encoded), signed
         with the server's credentials unless ``signed`` is false."""
-        all_headers = dict(headers or {})
-        if signed:
-            all_headers = sign_v4(
-                method,
-                self.endpoint + path,
-                access_key_id=self.access_key_id,
-                secret_access_key=self.secret_access_key,
-                region=self.region,
-                headers=all_headers,
-                payload_sha256=hashlib.sha256(body).hexdigest(),
-            )
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            connection.request(method, path, body=body or None, headers=all_headers)
-            response = connection.getresponse()
-            data = response.read()
-            return S3Response(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
-        finally:
-            connection.close()
+        return send_request(self, method, path, body, headers, signed=signed, timeout=timeout)
 
     def is_running(self) -> bool:
         return bool(self._processes) and all(p.poll() is None for p in self._processes.values())
