@@ -20,33 +20,26 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import IResponse
 
 from ..cache.blobs import BlobSource
 from ..cache.store import Store, manifest_blobs
-from ..config import Config
 from ..events import Events, FillView
 from ..names import ModelName
-from ..ops.health import CallProbe, Probe
-from ..runner import Reactor, Runner
+from ..runner import Runner
 from ..upstream.errors import UpstreamError
-from ..upstream.retry import RetryPolicy
 from .leases import Leases
-from .members import ClusterReport, Membership
-from .peers import PeerSigner, PeerSource
-from .s3 import S3Client, Storage
+from .peers import PeerSource
+from .s3 import S3Client
 
 if TYPE_CHECKING:
-    from .redis import RedisKeyValue
+    pass
 
 log = Logger(namespace="ollama_mirror.cluster")
 
@@ -128,6 +121,16 @@ class SharedStore(Events):
 
     async def read_manifest(self, name: ModelName) -> bytes | None:
         return await self.s3.get_document(self.s3.storage.key(manifest_name(name)))
+
+    async def remove_manifest(self, name: ModelName) -> bool:
+        """Remove the tag from the shared copy (its blobs go with the next sweep once no tag references
+        them); whether it was there."""
+        key = self.s3.storage.key(manifest_name(name))
+        if await self.s3.size(key) is None:
+            return False
+        await self.s3.delete(key)
+        log.info("manifest of {name} removed from {where}", name=str(name), where=self.s3.storage.describe())
+        return True
 
     # --- adding what this node verified ----------------------------------------------------------
 
@@ -280,77 +283,3 @@ class _TieredSource:
         self._shared.followed.discard(hexdigest)  # ours now (or no holder answers): from the upstream
         self.origin = "upstream"
         return await self._fallback.open_range(repository, digest, start, end)
-
-
-@dataclass
-class ClusterParts:
-    """What ``cluster.*`` adds to a node: the shared copy, the connection pools to close with the daemon,
-    the health checks of the cluster's services; with Redis, the signer of node-to-node requests, the
-    roster of nodes, and the services that keep it and give leases up at shutdown."""
-
-    shared: SharedStore
-    pools: list[HTTPConnectionPool] = field(default_factory=list)
-    signer: PeerSigner | None = None
-    services: list[IService] = field(default_factory=list)
-    probes: list[Probe] = field(default_factory=list)
-    report: ClusterReport | None = None
-    counters: RedisKeyValue | None = None
-    namespace: str = ""
-
-
-class _LeasesAtShutdown(Service):
-    """Gives every lease up when the daemon stops, so that other nodes take over at once."""
-
-    def __init__(self, leases: Leases) -> None:
-        self._leases = leases
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        return self._leases.release_all()
-
-
-def build_cluster(
-    config: Config,
-    reactor: Reactor,
-    runner: Runner,
-    store: Store,
-    retry: RetryPolicy,
-    secret: bytes,
-    agent: IAgent | None = None,
-    report: Callable[[], dict[str, Any]] = dict,
-) -> ClusterParts:
-    """The shared copy ``cluster.*`` describes, with leases, node-to-node reads and the roster of nodes
-    when ``cluster.redis_url`` is set (*agent*: tests and embedding applications bring their own HTTP
-    client; then no pool is made; *report*: what this node tells the others at each heartbeat)."""
-    cluster = config.cluster
-    pools: list[HTTPConnectionPool] = []
-    s3_agent = agent or _pooled_agent(reactor, pools, connect_timeout=10)
-    s3 = S3Client(Storage.from_config(cluster), cluster, s3_agent, reactor, runner, retry)
-    parts = ClusterParts(SharedStore(s3, store, reactor, runner), pools)
-    parts.probes.append(CallProbe("shared_storage", s3.storage.describe(), s3.ping, reactor))
-    if cluster.redis_url:
-        from .redis import RedisKeyValue, describe_redis
-
-        node = config.node_url()
-        namespace = f"ollama-mirror:{s3.storage.bucket}/{s3.storage.prefix}"
-        redis = RedisKeyValue(cluster.redis_url, reactor)
-        parts.probes.append(CallProbe("redis", describe_redis(cluster.redis_url), redis.ping, reactor))
-        membership = Membership(redis, reactor, node, cluster.lease_seconds, namespace, report)
-        parts.report = ClusterReport(membership, s3.storage.describe())
-        parts.counters, parts.namespace = redis, namespace
-        leases = Leases(redis, reactor, node, cluster.lease_seconds, namespace)
-        signer = PeerSigner(secret, node, reactor)
-        peer_agent = agent or _pooled_agent(reactor, pools, connect_timeout=5)  # connections of their own
-        parts.shared.leases = leases
-        parts.shared.peer = lambda url: PeerSource(peer_agent, signer, url)
-        parts.signer = signer
-        parts.services += [_LeasesAtShutdown(leases), membership.service()]
-    parts.services += [probe.service(cluster.lease_seconds) for probe in parts.probes]
-    return parts
-
-
-def _pooled_agent(reactor: Reactor, pools: list[HTTPConnectionPool], connect_timeout: float) -> IAgent:
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 16
-    pools.append(pool)
-    return Agent(reactor, pool=pool, connectTimeout=connect_timeout)

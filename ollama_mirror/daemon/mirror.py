@@ -33,7 +33,7 @@ from ..cluster.peers import PeerSigner
 from ..cluster.ratelimit import SharedRateLimiter
 
 if TYPE_CHECKING:
-    from ..cluster.shared import ClusterParts
+    from ..cluster.build import ClusterParts
 from ..config import Config
 from ..events import EventHub
 from ..fill.manager import FillManager
@@ -101,6 +101,7 @@ class Mirror:
             self.sweeper,
             trusted=self.access.trusted,
             cluster=self.cluster.report if self.cluster else None,
+            removal=self.cluster.removal if self.cluster else None,
         )
         self.root = RootApi(
             registry=self.registry.resource(),
@@ -189,7 +190,7 @@ class Mirror:
         from ..cluster import missing_extra
 
         try:
-            from ..cluster.shared import build_cluster
+            from ..cluster.build import build_cluster
         except ImportError as e:
             raise missing_extra(e) from None
         secret = load_secret(self.config.security.signing_secret, self.store.work_dir)
@@ -202,6 +203,7 @@ class Mirror:
             secret,
             agent,
             report=lambda: self._node_report(),  # (asked at each heartbeat, once everything is built)
+            delete_here=self.sweeper.delete_model,
         )
         self.cluster = parts
         self._pools.extend(parts.pools)
@@ -278,7 +280,9 @@ class Mirror:
             self.upstreams,
             self.runner,
             self.proxy,
-            delete_model=self.sweeper.delete_model,
+            delete_model=self.cluster.removal.delete
+            if self.cluster and self.cluster.removal
+            else self.sweeper.delete_model,
         )
 
     def _busy_blobs(self) -> set[str]:

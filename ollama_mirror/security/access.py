@@ -241,9 +241,9 @@ class AccessControl:
         if path == "/mirror/health":
             return None
         client = self.client(request)
+        if path.startswith(("/v2/", "/mirror/cluster/models/")) and self._from_a_node(request):
+            return None  # another node of the cluster, reading what this node downloads, or removing
         if path == "/v2" or path.startswith("/v2/"):
-            if self._peers is not None and self._peers.verify(request) is not None:
-                return None  # another node of the cluster, reading what this node downloads
             refusal = self._check_registry(request, path, client)
         else:
             refusal = self._check_api(request, path, client)
@@ -251,6 +251,9 @@ class AccessControl:
             return refusal
         cost = self._upstream_cost(request, path)
         return self._charge(client, cost) if cost else None
+
+    def _from_a_node(self, request: IRequest) -> bool:
+        return self._peers is not None and self._peers.verify(request) is not None
 
     def _check_api(self, request: Request, path: str, client: str) -> Refusal | None:
         family = path.split("/", 2)[1] if path.count("/") >= 1 else ""

@@ -9,6 +9,7 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
+from ..names import InvalidName, ModelName
 from .errors import add_ollama_error_handlers, json_body, ollama_error
 
 
@@ -25,6 +26,14 @@ class HealthReport(Protocol):
 
 class Health(Protocol):
     async def report(self) -> HealthReport: ...
+
+
+class Removal(Protocol):
+    """Removals across a cluster (:class:`ollama_mirror.cluster.removal.ClusterRemoval`)."""
+
+    def from_a_node(self, request: IRequest) -> bool: ...
+
+    async def forget(self, name: ModelName) -> list[str] | None: ...
 
 
 class Cleared(Protocol):
@@ -51,11 +60,14 @@ class AdminApi:
         sweeper: Clearer,
         trusted: Callable[[IRequest], bool] = lambda request: True,
         cluster: Report | None = None,
+        removal: Removal | None = None,
     ) -> None:
         """*trusted* says whether a request may see details (paths, URLs): ``/mirror/health`` is open to
-        load balancers, which need only the statuses.  *cluster* reports on a cluster's nodes."""
+        load balancers, which need only the statuses.  *cluster* reports on a cluster's nodes;
+        *removal* is how another node asks this one to forget a model."""
         self._stats = stats
         self._cluster = cluster
+        self._removal = removal
         self._health = health
         self._sweeper = sweeper
         self._trusted = trusted
@@ -80,6 +92,18 @@ class AdminApi:
         except Exception as e:
             return ollama_error(request, 503, f"the cluster's Redis does not answer: {e}")
         return json_body(request, 200, document)
+
+    @app.route("/cluster/models/<path:name>", methods=["DELETE"])
+    async def forget(self, request: IRequest, name: str) -> bytes:
+        """Another node removed a model from the cluster: remove it from this node's cache too."""
+        if self._removal is None or not self._removal.from_a_node(request):
+            return ollama_error(request, 403, "only the other nodes of this cluster may ask this")
+        try:
+            model = ModelName.parse(name)
+        except InvalidName:
+            return ollama_error(request, 400, "invalid model name")
+        removed = await self._removal.forget(model)
+        return json_body(request, 200, {"removed_blobs": None if removed is None else len(removed)})
 
     @app.route("/health", methods=["GET", "HEAD"])
     async def health(self, request: IRequest) -> bytes:

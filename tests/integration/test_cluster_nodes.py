@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.integration.helpers import UPSTREAM_SETTINGS, fetch, pull_into_cache, wait_until
+from tests.support.cli import run_cli
 from tests.support.daemon import MirrorDaemon, MirrorFactory
 from tests.support.faultproxy import FaultProxy
 from tests.support.models import PushedModel
@@ -170,3 +173,46 @@ def test_the_rate_limit_counts_a_client_across_the_nodes(
     print(f"\n30 upstream-bound requests over 2 nodes, limit 10: {answered} answered, the rest 429")
     assert 10 <= answered <= 12, statuses  # (one node alone would answer 10, two 20)
     assert 429 in statuses[10:13]
+
+
+def tags(node: MirrorDaemon) -> list[str]:
+    _, document = get_json(node, "/api/tags")
+    return sorted(model["name"] for model in document["models"])
+
+
+def test_rm_and_prefetch_on_one_node_act_for_the_whole_cluster(
+    mirror_factory: MirrorFactory,
+    proxy: FaultProxy,
+    s3_server: S3Server,
+    redis_server: RedisServer,
+    small_model: PushedModel,
+) -> None:
+    cluster = cluster_section(s3_server, redis_server.url)
+    first, second = (start_node(mirror_factory, proxy, cluster) for _ in range(2))
+    wait_until(lambda: len(listed(first)) == 2 and len(listed(second)) == 2, 10.0, "both nodes listed")
+    short = small_model.repo.removeprefix("library/") + ":" + small_model.tag
+
+    prefetched = run_cli("prefetch", short, "--mirror", first.url)  # one node fetches...
+    assert prefetched.returncode == 0, prefetched.stderr
+    prefix = cluster["storage_url"].split("/", 3)[3]
+    manifest_key = (
+        f"/{s3_server.bucket}/{prefix}/manifests/registry.ollama.ai/{small_model.repo}/{small_model.tag}"
+    )
+    wait_until(lambda: s3_server.request("HEAD", manifest_key).status == 200, 30.0, "the model shared")
+    proxy.clear_records()
+    pull_into_cache(second, small_model)  # ...and the other serves it from the shared copy
+    assert all(proxy.bytes_for(blob.hex) == 0 for blob in small_model.blobs)
+    assert tags(first) == tags(second) == [short]
+
+    forged = urllib.request.Request(f"{first.url}/mirror/cluster/models/{small_model.repo}", method="DELETE")
+    with pytest.raises(urllib.error.HTTPError) as refused:  # (what only the nodes may ask)
+        urllib.request.urlopen(forged, timeout=10)
+    assert refused.value.code == 403
+    assert tags(first) == [short]
+
+    removed = run_cli("rm", short, "--mirror", second.url)  # rm on one node...
+    assert removed.returncode == 0, removed.stderr
+    assert tags(second) == [] and tags(first) == []  # ...removes it from every node
+    assert s3_server.request("HEAD", manifest_key).status == 404  # and from the shared storage
+    gone = run_cli("rm", short, "--mirror", first.url)
+    assert gone.returncode == 1 and b"not in the cache" in gone.stderr
