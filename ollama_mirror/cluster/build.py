@@ -14,6 +14,7 @@ from twisted.web.iweb import IAgent
 
 from ..cache.store import Store
 from ..config import Config
+from ..events import Events
 from ..names import ModelName
 from ..ops.health import CallProbe, Probe
 from ..runner import Reactor, Runner
@@ -25,6 +26,7 @@ from .redis import RedisKeyValue, describe_redis
 from .removal import ClusterRemoval
 from .s3 import S3Client, Storage
 from .shared import SharedStore
+from .sweep import SharedSweep
 
 
 @dataclass
@@ -40,6 +42,7 @@ class ClusterParts:
     probes: list[Probe] = field(default_factory=list)
     report: ClusterReport | None = None
     removal: ClusterRemoval | None = None
+    listeners: list[Events] = field(default_factory=list)
     counters: RedisKeyValue | None = None
     namespace: str = ""
 
@@ -75,6 +78,7 @@ def build_cluster(
     s3_agent = agent or _pooled_agent(reactor, pools, connect_timeout=10)
     s3 = S3Client(Storage.from_config(cluster), cluster, s3_agent, reactor, runner, retry)
     parts = ClusterParts(SharedStore(s3, store, reactor, runner), pools)
+    parts.listeners.append(parts.shared)
     parts.probes.append(CallProbe("shared_storage", s3.storage.describe(), s3.ping, reactor))
     if cluster.redis_url:
         node = config.node_url()
@@ -90,7 +94,11 @@ def build_cluster(
         parts.shared.leases = leases
         parts.shared.peer = lambda url: PeerSource(peer_agent, signer, url)
         parts.signer = signer
-        parts.services += [_LeasesAtShutdown(leases), membership.service()]
+        sweep = SharedSweep(
+            s3, redis, reactor, node, namespace, config.cache.retention_days, config.cache.cleanup_interval
+        )
+        parts.listeners.append(sweep)
+        parts.services += [_LeasesAtShutdown(leases), membership.service(), sweep.service()]
         if delete_here is not None:
             parts.removal = ClusterRemoval(parts.shared, delete_here, membership, peer_agent, signer)
     elif delete_here is not None:

@@ -129,6 +129,18 @@ class RedisKeyValue:
         """Add *amount* to the counter *key* (which lives *ttl_ms* after its last change): the new total."""
         return float(await self._timed(self._pool.eval(CHARGE, [key], [repr(amount), ttl_ms])))
 
+    # --- when each tag was last used, cluster-wide (:mod:`.sweep`) ---
+
+    async def mark_used(self, key: str, name: str, when: float) -> None:
+        await self._timed(self._pool.hset(key, name, repr(when)))
+
+    async def used(self, key: str) -> dict[str, float]:
+        found = await self._timed(self._pool.hgetall(key))
+        return {str(name): float(when) for name, when in (found or {}).items()}
+
+    async def forget_used(self, key: str, name: str) -> None:
+        await self._timed(self._pool.hdel(key, name))
+
     async def ping(self) -> str:
         """PING (the health check): what Redis answered."""
         return f"answered {await self._timed(self._pool.ping())}"

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from types import SimpleNamespace
 from urllib.parse import quote, urlencode
 from xml.etree import ElementTree
@@ -227,6 +228,54 @@ class S3Client:
 
         return await self._retry.run(f"storage: {key}", once)
 
+    async def list_objects(self, prefix: str) -> list[Listed]:
+        """Every object whose key starts with *prefix* (ListObjectsV2, a page of up to 1000 at a time)."""
+        found: list[Listed] = []
+        token = ""
+        while True:
+            query = {"list-type": "2", "prefix": prefix, **({"continuation-token": token} if token else {})}
+            root = await self._bucket_document(query, f"the list of {prefix}")
+            for entry in _elements(root, "Contents"):
+                found.append(Listed(_text(entry, "Key"), int(_text(entry, "Size") or 0), _when(entry)))
+            token = _text(root, "NextContinuationToken")
+            if _text(root, "IsTruncated") != "true" or not token:
+                return found
+
+    async def list_uploads(self, prefix: str) -> list[Upload]:
+        """The multipart uploads under *prefix* that are neither completed nor aborted."""
+        found: list[Upload] = []
+        markers: dict[str, str] = {}
+        while True:
+            root = await self._bucket_document({"uploads": "", "prefix": prefix, **markers}, "the uploads")
+            for entry in _elements(root, "Upload"):
+                found.append(Upload(_text(entry, "Key"), _text(entry, "UploadId"), _when(entry, "Initiated")))
+            markers = {
+                "key-marker": _text(root, "NextKeyMarker"),
+                "upload-id-marker": _text(root, "NextUploadIdMarker"),
+            }
+            if _text(root, "IsTruncated") != "true" or not markers["key-marker"]:
+                return found
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort an abandoned multipart upload (what the sweep of the shared copy finds)."""
+
+        async def once() -> None:
+            response = await self._send("DELETE", key, query={"uploadId": upload_id})
+            if response.code not in (200, 204, 404):
+                raise await self._answered(response, f"DELETE {key}?uploadId")
+            await discard(response)
+
+        await self._retry.run(f"storage: abort upload of {key}", once)
+
+    async def _bucket_document(self, query: Mapping[str, str], what: str) -> ElementTree.Element:
+        async def once() -> bytes:
+            response = await self._send("GET", "", query=query)
+            if response.code != 200:
+                raise await self._answered(response, what)
+            return await collect_limited(response, MAX_DOCUMENT)
+
+        return ElementTree.fromstring(await self._retry.run(f"storage: {what}", once))
+
     # --- writing -------------------------------------------------------------------------------
 
     async def put_document(
@@ -340,6 +389,38 @@ class S3Client:
             await discard(response)
         except UpstreamError:
             pass  # (the store's own lifecycle rule is the backstop: documented)
+
+
+@dataclass(frozen=True)
+class Listed:
+    """An object of a listing: its key, size, and when it was last written (Unix time)."""
+
+    key: str
+    size: int
+    modified: float
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A multipart upload in progress (or abandoned): its key, id, and when it started (Unix time)."""
+
+    key: str
+    upload_id: str
+    initiated: float
+
+
+def _elements(root: ElementTree.Element, name: str) -> list[ElementTree.Element]:
+    """The direct children of *root* named *name*, namespace or not."""
+    return [element for element in root if _XMLNS.sub("", element.tag) == name]
+
+
+def _when(entry: ElementTree.Element, name: str = "LastModified") -> float:
+    """An S3 time stamp (``2026-12-07T14:38:00.000Z``) as Unix time; 0 when there is none."""
+    text = _text(entry, name)
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _text(root: ElementTree.Element, name: str) -> str:

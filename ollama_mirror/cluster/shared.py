@@ -45,6 +45,8 @@ log = Logger(namespace="ollama_mirror.cluster")
 
 # Seconds a blob found missing in the shared copy is believed missing (another node may add it).
 ABSENT_FOR = 5.0
+# Seconds a blob found in the shared copy is believed there (the sweep of the shared copy may remove it).
+HELD_FOR = 300.0
 UPLOADS_AT_ONCE = 2
 REDIRECT_SECONDS = 3600  # how long a presigned blob URL works (a slow client's parts need it that long)
 MAX_HOLDERS_TRIED = 3  # holders that stopped answering, one after another, before fetching alone
@@ -76,7 +78,7 @@ class SharedStore(Events):
         self._runner = runner
         self.leases = leases
         self.peer = peer
-        self._held: dict[str, int] = {}  # hex digest -> size, of blobs known to be in the shared copy
+        self._held: dict[str, tuple[int, float]] = {}  # hex digest -> (size, when seen) in the shared copy
         self._absent: dict[str, float] = {}  # hex digest -> when it was found missing
         self._uploading: dict[str, list[Deferred[bool]]] = {}  # hex digest -> who waits for its upload
         self._gate = DeferredSemaphore(UPLOADS_AT_ONCE)
@@ -89,8 +91,9 @@ class SharedStore(Events):
     async def holds(self, hexdigest: str) -> int | None:
         """The blob's size in the shared copy, or ``None`` when it is not there (asked at most every few
         seconds per blob)."""
-        if hexdigest in self._held:
-            return self._held[hexdigest]
+        held = self._held.get(hexdigest)
+        if held is not None and self._clock.seconds() - held[1] < HELD_FOR:
+            return held[0]
         missing_since = self._absent.get(hexdigest)
         if missing_since is not None and self._clock.seconds() - missing_since < ABSENT_FOR:
             return None
@@ -98,7 +101,7 @@ class SharedStore(Events):
         if size is None:
             self._absent[hexdigest] = self._clock.seconds()
         else:
-            self._held[hexdigest] = size
+            self._held[hexdigest] = (size, self._clock.seconds())
             self._absent.pop(hexdigest, None)
         return size
 
@@ -106,7 +109,12 @@ class SharedStore(Events):
         return _TieredSource(self, fallback)
 
     async def open_range(self, hexdigest: str, start: int, end: int | None) -> IResponse:
-        return await self.s3.open_range(self.s3.storage.key(blob_name(hexdigest)), start, end)
+        try:
+            return await self.s3.open_range(self.s3.storage.key(blob_name(hexdigest)), start, end)
+        except UpstreamError as e:
+            if e.status == 404:  # (swept meanwhile): look again next time
+                self._held.pop(hexdigest, None)
+            raise
 
     async def redirect(self, hexdigest: str) -> str | None:
         """``cluster.redirect_to_storage``: a presigned URL of the blob when the shared copy holds it (a
@@ -185,7 +193,7 @@ class SharedStore(Events):
             await self.s3.upload_file(self.s3.storage.key(blob_name(hexdigest)), path, size)
         finally:
             self._gate.release()
-        self._held[hexdigest] = size
+        self._held[hexdigest] = (size, self._clock.seconds())
         self.uploaded_bytes += size
         log.info(
             "blob sha256:{hexdigest} stored in {where}", hexdigest=hexdigest, where=self.s3.storage.describe()
@@ -236,7 +244,11 @@ class _TieredSource:
             held = None
         if held is not None:
             self.origin = "the shared storage"
-            return await shared.open_range(hexdigest, start, end)
+            try:
+                return await shared.open_range(hexdigest, start, end)
+            except UpstreamError as e:
+                if e.status != 404:
+                    raise  # (else it was swept from the shared copy meanwhile: read it elsewhere)
         self.origin = "upstream"
         if shared.leases is None or shared.peer is None:
             return await self._fallback.open_range(repository, digest, start, end)

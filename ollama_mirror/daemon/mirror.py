@@ -209,7 +209,8 @@ class Mirror:
         self._pools.extend(parts.pools)
         self._cluster_services = parts.services
         self.peers = parts.signer
-        self.events.listen(parts.shared)
+        for listener in parts.listeners:
+            self.events.listen(listener)
         return parts.shared
 
     def _node_report(self) -> dict[str, Any]:

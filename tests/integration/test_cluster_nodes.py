@@ -216,3 +216,31 @@ def test_rm_and_prefetch_on_one_node_act_for_the_whole_cluster(
     assert s3_server.request("HEAD", manifest_key).status == 404  # and from the shared storage
     gone = run_cli("rm", short, "--mirror", first.url)
     assert gone.returncode == 1 and b"not in the cache" in gone.stderr
+
+
+def test_the_shared_copy_follows_the_retention_rule(
+    mirror_factory: MirrorFactory,
+    proxy: FaultProxy,
+    s3_server: S3Server,
+    redis_server: RedisServer,
+    small_model: PushedModel,
+) -> None:
+    cluster = cluster_section(s3_server, redis_server.url)
+    port = free_port()
+    config = {
+        "upstream": UPSTREAM_SETTINGS,
+        "cache": {"retention_days": 10 / 86400, "cleanup_interval": 2},  # unused for 10 s: gone
+        "cluster": {**cluster, "node_url": f"http://127.0.0.1:{port}"},
+        "security": {"signing_secret": SECRET},
+    }
+    node = mirror_factory(upstream_url=proxy.url, config=config, port=port)
+    pull_into_cache(node, small_model)
+    prefix = cluster["storage_url"].split("/", 3)[3]
+    manifest_key = (
+        f"/{s3_server.bucket}/{prefix}/manifests/registry.ollama.ai/{small_model.repo}/{small_model.tag}"
+    )
+    wait_until(lambda: s3_server.request("HEAD", manifest_key).status == 200, 30.0, "the model shared")
+    wait_until(lambda: s3_server.request("HEAD", manifest_key).status == 404, 30.0, "the tag swept")
+    assert "tags past retention" in node.log_text()
+    blob_key = f"/{s3_server.bucket}/{prefix}/blobs/{small_model.model_layer.cache_name}"
+    assert s3_server.request("HEAD", blob_key).status == 200  # (blobs wait an hour for a manifest)

@@ -131,3 +131,24 @@ async def test_a_range_past_the_end_is_an_error_with_the_store_s_code(
     assert raised.value.status == 416 and "InvalidRange" in raised.value.message
     await s3.delete(key)
     await s3.delete(key)  # (a missing key is no error)
+
+
+@ensure  # type: ignore[untyped-decorator, misc, unused-ignore]
+async def test_objects_and_unfinished_uploads_are_listed_and_an_upload_is_aborted(
+    s3_store: S3Store, runner: ThreadRunner
+) -> None:
+    s3 = client(s3_store, runner)
+    names = [f"blobs/sha256-{i:064x}" for i in range(3)]
+    for name in names:
+        await s3.put_document(s3.storage.key(name), b"x" * 5)
+    await s3.put_document(s3.storage.key("manifests/h/ns/m/t"), b"{}")
+    listed = await s3.list_objects(s3.storage.key("blobs/"))
+    assert [entry.key for entry in listed] == [s3.storage.key(name) for name in names]
+    assert all(entry.size == 5 and entry.modified > 0 for entry in listed)
+    upload_key = s3.storage.key("blobs/sha256-" + "f" * 64)
+    upload_id = await s3._create_upload(upload_key)  # (as a node that died mid-upload leaves it)
+    uploads = await s3.list_uploads(s3.storage.key(""))
+    assert [(u.key, u.upload_id) for u in uploads] == [(upload_key, upload_id)]
+    assert uploads[0].initiated > 0
+    await s3.abort_upload(upload_key, upload_id)
+    assert await s3.list_uploads(s3.storage.key("")) == []

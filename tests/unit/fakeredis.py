@@ -14,6 +14,7 @@ class FakeRedis:
         self.keys: dict[str, tuple[str, float]] = {}
         self.down = False
         self.sets: dict[str, set[str]] = {}
+        self.hashes: dict[str, dict[str, float]] = {}
 
     def _live(self, key: str) -> str | None:
         self._check()
@@ -79,3 +80,17 @@ class FakeRedis:
         total = float(self._live(key) or 0) + amount
         self._set(key, repr(total), ttl_ms)
         return total
+
+    # --- notes of use (hashes) ---
+
+    async def mark_used(self, key: str, name: str, when: float) -> None:
+        self._check()
+        self.hashes.setdefault(key, {})[name] = when
+
+    async def used(self, key: str) -> dict[str, float]:
+        self._check()
+        return dict(self.hashes.get(key, {}))
+
+    async def forget_used(self, key: str, name: str) -> None:
+        self._check()
+        self.hashes.get(key, {}).pop(name, None)
