@@ -62,6 +62,9 @@ class Events:
     def upstream_bytes(self, count: int) -> None:
         """Body bytes received from an upstream for a blob (not from a cluster's shared storage or nodes)."""
 
+    def cluster_bytes(self, source: str, count: int) -> None:
+        """Body bytes received for a blob from a cluster's ``storage`` (shared) or another ``node``."""
+
     def upstream_error(self, kind: str) -> None:
         """An upstream request failed; *kind* is one of ``timeout``, ``connection``, ``status``,
         ``idle``, ``protocol``."""
@@ -122,6 +125,9 @@ class EventHub(Events):
 
     def upstream_bytes(self, count: int) -> None:
         self._emit("upstream_bytes", count)
+
+    def cluster_bytes(self, source: str, count: int) -> None:
+        self._emit("cluster_bytes", source, count)
 
     def upstream_error(self, kind: str) -> None:
         self._emit("upstream_error", kind)

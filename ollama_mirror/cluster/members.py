@@ -75,6 +75,10 @@ class Membership:
         )
         self.nodes = await self.read()
 
+    async def refresh(self) -> None:
+        """Read who is alive, without a heartbeat (the other worker processes of a node)."""
+        self.nodes = await self.read()
+
     async def read(self) -> list[dict[str, Any]]:
         """The live nodes, sorted by URL, each marked ``alive`` (raises when Redis fails)."""
         nodes = []
@@ -94,10 +98,10 @@ class Membership:
         except Exception as e:
             log.warn("could not leave the cluster's roster: {error}", error=e)
 
-    def tick(self) -> None:
+    def tick(self, heartbeat: bool = True) -> None:
         """The timer's call: one heartbeat at a time; a failed one is logged, the next tries again."""
         if self._beating is None:
-            self._beating = Deferred.fromCoroutine(self.beat())
+            self._beating = Deferred.fromCoroutine(self.beat() if heartbeat else self.refresh())
             self._beating.addErrback(self._failed).addBoth(self._beaten)
 
     def _beaten(self, _: object) -> None:
@@ -106,18 +110,22 @@ class Membership:
     def _failed(self, failure: Any) -> None:
         log.warn("heartbeat to the cluster failed: {error}", error=failure.getErrorMessage())
 
-    def service(self) -> TimerService:
-        return _Heartbeats(self)
+    def service(self, heartbeat: bool = True) -> TimerService:
+        """The heartbeats (one process of a node beats; its other workers only read the roster)."""
+        return _Heartbeats(self, heartbeat)
 
 
 class _Heartbeats(TimerService):
-    def __init__(self, membership: Membership) -> None:
-        super().__init__(membership.interval, membership.tick)
+    def __init__(self, membership: Membership, heartbeat: bool) -> None:
+        super().__init__(membership.interval, membership.tick, heartbeat)
         self.clock = membership._clock
         self._membership = membership
+        self._heartbeat = heartbeat
 
     def stopService(self) -> Deferred[None]:
         stopped: Deferred[None] = super().stopService()
+        if not self._heartbeat:
+            return stopped
         return stopped.addCallback(lambda _: Deferred.fromCoroutine(self._membership.leave()))
 
 
@@ -131,6 +139,7 @@ def cluster_totals(nodes: Iterable[dict[str, Any]]) -> dict[str, Any]:
     misses: dict[str, int] = {}
     served: dict[str, int] = {}
     requests = upstream = cache_size = fills = shared_uploaded = 0
+    from_cluster: dict[str, int] = {}
     for node in nodes:
         traffic = node.get("traffic") or {}
         requests += int(traffic.get("requests") or 0)
@@ -142,6 +151,8 @@ def cluster_totals(nodes: Iterable[dict[str, Any]]) -> dict[str, Any]:
             if source != "total":
                 served[source] = served.get(source, 0) + int(count)
         upstream += int(traffic.get("bytes_from_upstream") or 0)
+        for source, count in (traffic.get("bytes_from_cluster") or {}).items():
+            from_cluster[source] = from_cluster.get(source, 0) + int(count)
         cache_size += int((node.get("cache") or {}).get("size") or 0)
         fills += len(node.get("fills") or [])
         shared_uploaded += int((node.get("shared") or {}).get("uploaded_bytes") or 0)
@@ -158,6 +169,7 @@ def cluster_totals(nodes: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "cache_misses": misses,
         "bytes_served": {**served, "total": total_served},
         "bytes_from_upstream": upstream,
+        "bytes_from_cluster": from_cluster,
         "bytes_saved": max(0, from_cache + served.get("fill", 0) - upstream),
         "cache_size": cache_size,
         "shared_uploaded_bytes": shared_uploaded,

@@ -215,6 +215,21 @@ class SharedStore(Events):
         await self.s3.put_document(key, data, "application/vnd.docker.distribution.manifest.v2+json")
         log.info("manifest of {name} stored in {where}", name=str(name), where=self.s3.storage.describe())
 
+    async def share(self, names: list[ModelName]) -> int:
+        """Add the tags this node holds to the shared copy, with the blobs it lacks (at start: a node
+        joining with a full cache directory, or one filled by ``import``, shares what it has); how many
+        tags were added."""
+        added = 0
+        for name in names:
+            key = self.s3.storage.key(manifest_name(name))
+            try:
+                if await self.s3.size(key) is None:
+                    await self.add_manifest(name)
+                    added += await self.s3.size(key) is not None
+            except UpstreamError as e:
+                log.warn("could not share {name}: {reason}", name=str(name), reason=e.message)
+        return added
+
     def _failed(self, failure: Failure, what: str) -> None:
         error = failure.value
         reason = error.message if isinstance(error, UpstreamError) else failure.getErrorMessage()
@@ -229,6 +244,7 @@ class _TieredSource:
         self._shared = shared
         self._fallback = fallback
         self.origin = "upstream"  # where the latest range came from (for the fill's log line)
+        self.kind = "upstream"  # the same, for the counters: upstream, storage or node
 
     async def open_range(self, repository: str, digest: str, start: int, end: int | None) -> IResponse:
         hexdigest = digest.removeprefix("sha256:")
@@ -243,16 +259,19 @@ class _TieredSource:
             )
             held = None
         if held is not None:
-            self.origin = "the shared storage"
+            self._from("storage", "the shared storage")
             try:
                 return await shared.open_range(hexdigest, start, end)
             except UpstreamError as e:
                 if e.status != 404:
                     raise  # (else it was swept from the shared copy meanwhile: read it elsewhere)
-        self.origin = "upstream"
+        self._from("upstream", "upstream")
         if shared.leases is None or shared.peer is None:
             return await self._fallback.open_range(repository, digest, start, end)
         return await self._from_the_holder(shared.leases, shared.peer, repository, digest, start, end)
+
+    def _from(self, kind: str, origin: str) -> None:
+        self.kind, self.origin = kind, origin
 
     async def _from_the_holder(
         self,
@@ -277,7 +296,7 @@ class _TieredSource:
             if claim.ours:
                 break
             self._shared.followed.add(hexdigest)
-            self.origin = f"node {claim.holder}"
+            self._from("node", f"node {claim.holder}")
             source = peer(claim.holder)
             try:
                 return await source.open_range(repository, digest, start, end)
@@ -293,5 +312,5 @@ class _TieredSource:
                     )
                 claim = await leases.wait_for_takeover(hexdigest, claim.holder, source.answers)
         self._shared.followed.discard(hexdigest)  # ours now (or no holder answers): from the upstream
-        self.origin = "upstream"
+        self._from("upstream", "upstream")
         return await self._fallback.open_range(repository, digest, start, end)

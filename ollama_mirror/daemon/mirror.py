@@ -183,7 +183,6 @@ class Mirror:
     def _shared_store(self, agent: IAgent | None) -> SharedTier | None:
         """The cluster's shared copy (``cluster.storage_url``), listening to what this node verifies."""
         self.peers: PeerSigner | None = None
-        self._cluster_services: list[IService] = []
         self.cluster: ClusterParts | None = None
         if not self.config.cluster.storage_url:
             return None
@@ -204,10 +203,10 @@ class Mirror:
             agent,
             report=lambda: self._node_report(),  # (asked at each heartbeat, once everything is built)
             delete_here=self.sweeper.delete_model,
+            catalog=self.catalog,
         )
         self.cluster = parts
         self._pools.extend(parts.pools)
-        self._cluster_services = parts.services
         self.peers = parts.signer
         for listener in parts.listeners:
             self.events.listen(listener)
@@ -305,7 +304,11 @@ class Mirror:
         ]
         if self.config.cache.prefetch and maintenance:
             services.append(self.prefetch_service())
-        return [*services, *self._cluster_services, *self.observability.services()]
+        return [
+            *services,
+            *(self.cluster.services_of(maintenance) if self.cluster else []),
+            *self.observability.services(),
+        ]
 
     def prefetch_service(self) -> PrefetchService:
         """The ``cache.prefetch`` list, warmed at start and kept fresh every ``cache.prefetch_interval``."""

@@ -297,8 +297,11 @@ class Fill:
         """Bytes [start, end) are on disk: advance chunk marks, wake readers, finish chunks, and now and
         then record how far the chunks got (a restart resumes from there)."""
         self.received_bytes += end - start
-        if self.origin == "upstream":
+        kind = getattr(self.fetcher.source, "kind", "upstream")
+        if kind == "upstream":
             self.events.upstream_bytes(end - start)
+        else:
+            self.events.cluster_bytes(kind, end - start)
         self.progress.count(end - start)
         for index, finished in self.chunks.record(start, end):
             if finished:

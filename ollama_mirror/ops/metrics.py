@@ -31,6 +31,7 @@ from .accesslog import RequestRecord
 PREFIX = "ollama_mirror_"
 SOURCES = ("cache", "fill", "upstream")
 KINDS = ("blob", "manifest")
+CLUSTER_SOURCES = ("storage", "node")
 UPSTREAM_ERROR_KINDS = ("timeout", "connection", "status", "idle", "protocol")
 EVICTION_REASONS = ("retention", "size", "orphan", "admin")
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, math.inf)
@@ -86,6 +87,13 @@ class MirrorMetrics(Events):
         self.upstream_received = counter(
             "upstream_received", "Blob bytes received from upstream registries.", unit="bytes"
         )
+        self.cluster_received = counter(
+            "cluster_received",
+            "Blob bytes this node received from its cluster, by source: storage (the shared copy) or "
+            "node (another node's download in progress).",
+            ("source",),
+            unit="bytes",
+        )
         self.cache_hits = counter("cache_hits", "Blob and manifest answers served from the cache.", ("kind",))
         self.cache_misses = counter(
             "cache_misses", "Blob and manifest answers that needed the upstream.", ("kind",)
@@ -131,6 +139,8 @@ class MirrorMetrics(Events):
             self.requests_interrupted.labels(route)
         for source in SOURCES:
             self.served_bytes.labels(source)
+        for cluster_source in CLUSTER_SOURCES:
+            self.cluster_received.labels(cluster_source)
         for kind in KINDS:
             self.cache_hits.labels(kind)
             self.cache_misses.labels(kind)
@@ -196,6 +206,9 @@ class MirrorMetrics(Events):
 
     def upstream_bytes(self, count: int) -> None:
         self.upstream_received.inc(count)
+
+    def cluster_bytes(self, source: str, count: int) -> None:
+        self._child(self.cluster_received, _bounded(source, CLUSTER_SOURCES)).inc(count)
 
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors.labels(_bounded(kind, UPSTREAM_ERROR_KINDS)).inc()

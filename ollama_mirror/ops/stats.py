@@ -165,6 +165,7 @@ class TrafficTally(Events):
     misses: dict[str, int] = field(default_factory=lambda: {"blob": 0, "manifest": 0})
     served: dict[str, int] = field(default_factory=lambda: {"cache": 0, "fill": 0, "upstream": 0})
     upstream_received: int = 0
+    cluster_received: dict[str, int] = field(default_factory=lambda: {"storage": 0, "node": 0})
     requests: int = 0
 
     def request_finished(self, record: RequestRecord) -> None:
@@ -178,6 +179,9 @@ class TrafficTally(Events):
     def upstream_bytes(self, count: int) -> None:
         self.upstream_received += count
 
+    def cluster_bytes(self, source: str, count: int) -> None:
+        self.cluster_received[source] = self.cluster_received.get(source, 0) + count
+
     def document(self) -> dict[str, Any]:
         answers = sum(self.hits.values()) + sum(self.misses.values())
         served = sum(self.served.values())
@@ -190,6 +194,7 @@ class TrafficTally(Events):
             "bytes_served": {**self.served, "total": served},
             "bytes_from_cache": self.served["cache"],
             "bytes_from_upstream": self.upstream_received,
+            "bytes_from_cluster": dict(self.cluster_received),
             # Bytes clients got that did not cross the upstream link: what was served from the cache
             # and from downloads, less what those downloads fetched (so the first reader of a blob
             # saves nothing, every other one saves all of it; never negative).

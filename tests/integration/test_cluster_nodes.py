@@ -244,3 +244,40 @@ def test_the_shared_copy_follows_the_retention_rule(
     assert "tags past retention" in node.log_text()
     blob_key = f"/{s3_server.bucket}/{prefix}/blobs/{small_model.model_layer.cache_name}"
     assert s3_server.request("HEAD", blob_key).status == 200  # (blobs wait an hour for a manifest)
+
+
+def test_a_node_joining_with_a_full_cache_shares_it_and_workers_share_one_place_in_the_roster(
+    mirror_factory: MirrorFactory,
+    proxy: FaultProxy,
+    s3_server: S3Server,
+    redis_server: RedisServer,
+    small_model: PushedModel,
+    tmp_path: Path,
+) -> None:
+    alone = mirror_factory(upstream_url=proxy.url, config={"upstream": UPSTREAM_SETTINGS})  # no cluster yet
+    pull_into_cache(alone, small_model)
+    alone.stop()
+
+    cluster = cluster_section(s3_server, redis_server.url)
+    port = free_port()
+    config = {
+        "server": {"workers": 2},
+        "upstream": UPSTREAM_SETTINGS,
+        "cluster": {**cluster, "node_url": f"http://127.0.0.1:{port}"},
+        "security": {"signing_secret": SECRET},
+    }
+    joined = mirror_factory(upstream_url=proxy.url, config=config, port=port, cache_dir=alone.cache_dir)
+    prefix = cluster["storage_url"].split("/", 3)[3]
+    manifest_key = (
+        f"/{s3_server.bucket}/{prefix}/manifests/registry.ollama.ai/{small_model.repo}/{small_model.tag}"
+    )
+    wait_until(lambda: s3_server.request("HEAD", manifest_key).status == 200, 30.0, "the cache shared")
+    assert "shared 1 models this node held" in joined.log_text()
+
+    proxy.clear_records()
+    fresh = start_node(mirror_factory, proxy, cluster)
+    pull_into_cache(fresh, small_model)
+    assert all(proxy.bytes_for(blob.hex) == 0 for blob in small_model.blobs)
+    wait_until(lambda: listed(fresh) == sorted([joined.url, fresh.url]), 10.0, "both nodes, once each")
+    for _ in range(4):  # (whichever worker answers)
+        assert listed(joined) == sorted([joined.url, fresh.url])

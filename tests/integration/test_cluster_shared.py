@@ -8,6 +8,7 @@ blobs come from the shared copy, not the upstream, and its cache ends a models d
 
 from __future__ import annotations
 
+import json
 import urllib.request
 import uuid
 from pathlib import Path
@@ -97,6 +98,13 @@ def test_a_model_one_node_verified_is_served_by_a_new_node_without_the_upstream(
         f"fill sha256:{medium_model.model_layer.hex[:12]} done: 4.2 MB from the shared storage"
         in second.log_text()
     )
+    stats = json.loads(fetch(second.url + "/mirror/stats").body)
+    assert stats["bytes_from_upstream"] == 0
+    assert stats["bytes_from_cluster"] == {"storage": medium_model.total_size, "node": 0}
+    metrics = fetch(second.url + "/metrics").body.decode()
+    line = 'ollama_mirror_cluster_received_bytes_total{source="storage"} '
+    found = [float(text.removeprefix(line)) for text in metrics.splitlines() if text.startswith(line)]
+    assert found == [medium_model.total_size], [t for t in metrics.splitlines() if "cluster" in t]
 
 
 @on_every_s3_store
