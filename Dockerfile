@@ -17,7 +17,7 @@ WORKDIR /src
 COPY setup.cfg pyproject.toml README.md ./
 COPY ollama_mirror ./ollama_mirror
 COPY twisted ./twisted
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[cluster]'
 
 # --- run -------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
@@ -30,7 +30,7 @@ ENV PYTHONUNBUFFERED=1 \
 # time, so the cache is written here (else every start rescans and logs "Unable to write to plugin
 # cache"); `twistd ollama-mirror --help` then proves that twistd finds the plugin.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels ollama-mirror \
+    pip install --no-index --find-links=/wheels 'ollama-mirror[cluster]' \
     && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
     && twistd ollama-mirror --help > /dev/null \
     && groupadd --system --gid 10001 ollama-mirror \
