@@ -7,7 +7,9 @@ Follows Ollama's ``types/model/name.go``: ``[host/][namespace/]model[:tag]`` wit
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 DEFAULT_HOST = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
@@ -104,3 +106,20 @@ class ModelName:
 
     def __str__(self) -> str:
         return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
+
+
+class PrivateNamespaces:
+    """``private.namespaces``: the namespaces (names or globs) whose models live on this mirror only."""
+
+    def __init__(self, patterns: Iterable[str] = ()) -> None:
+        self.patterns = tuple(patterns)
+
+    def __contains__(self, namespace: object) -> bool:
+        return isinstance(namespace, str) and any(fnmatchcase(namespace, p) for p in self.patterns)
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns)
+
+    def holds(self, name: ModelName) -> bool:
+        """Whether *name* is a private model (pushed here, never asked of an upstream)."""
+        return name.namespace in self

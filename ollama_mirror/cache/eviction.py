@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 
 from ..config import CacheConfig
 from ..events import Events, FillView
-from ..names import ModelName
+from ..names import ModelName, PrivateNamespaces
 from ..runner import Runner
 from .catalog import CachedModel, Catalog
 from .index import CacheIndex
@@ -89,7 +89,11 @@ class Sweeper(Events):
         clock: IReactorTime,
         events: Events,
         protected: Callable[[], set[str]],
+        private: PrivateNamespaces | None = None,
     ) -> None:
+        """*private*: the namespaces whose models were pushed here, the only copy: never evicted, nor
+        emptied with the cache (only removed on purpose, one by one)."""
+        self.private = private if private is not None else PrivateNamespaces()
         self.store = store
         self.catalog = catalog
         self.index = index
@@ -187,14 +191,15 @@ class Sweeper(Events):
             return found.last_used if found is not None else model.modified
 
         cutoff = now - self.config.retention_days * DAY
-        for model in sorted(remaining.values(), key=last_used):
+        evictable = [m for m in remaining.values() if not self.private.holds(m.name)]
+        for model in sorted(evictable, key=last_used):
             if last_used(model) < cutoff and not _in_use(model, protected):
                 remove(model, "retention")
         limit = self.cap - room
-        for model in sorted(remaining.values(), key=last_used):
+        for model in sorted(evictable, key=last_used):
             if total <= limit:
                 break
-            if not _in_use(model, protected):
+            if str(model.name) in remaining and not _in_use(model, protected):
                 remove(model, "size")
         blob_used = self.index.blob_last_used()
         for digest, (_size, mtime) in list(blobs.items()):
@@ -364,6 +369,9 @@ class Sweeper(Events):
     def _clear(self, protected: set[str]) -> SweepReport:
         report = SweepReport()
         for model in self.catalog.models(complete_only=False):
+            if self.private.holds(model.name):  # (the only copy: removed on purpose alone)
+                protected.update(digest for digest, _ in model.blobs)
+                continue
             if self._unlink_manifest(model):
                 report.removed_models.append(str(model.name))
         for name in self.catalog.staged():  # (those a published manifest of the same tag hid)

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..events import Events
-from ..names import ModelName
+from ..names import ModelName, PrivateNamespaces
 from ..runner import Runner
 from ..upstream.client import Upstream, media_type_of
 from ..upstream.errors import UpstreamError
@@ -60,10 +60,12 @@ class ManifestCache:
         ttl: float,
         events: Events | None = None,
         shared: SharedTier | None = None,
+        private: PrivateNamespaces | None = None,
     ) -> None:
         """*shared*: the cluster's copy, where a tag this node has never seen is looked for before the
         upstream (then it is a cached copy like any other: revalidated after the TTL, served when the
-        upstream is away)."""
+        upstream is away); *private*: the namespaces pushed here, never asked of an upstream."""
+        self._private = private if private is not None else PrivateNamespaces()
         self._events = events or Events()
         self._shared = shared
         self._store = store
@@ -127,12 +129,22 @@ class ManifestCache:
         hit = self.fresh(name)
         if hit is not None:
             return hit
+        if self._private.holds(name):
+            return await self._private_tag(name)
         cached = self._store.read_manifest(name)
         running = self._revalidating.get(name)
         if running is None:  # the first asker fetches; everyone asking meanwhile shares its answer
             running = self._revalidating[name] = _Shared(self._revalidate(name, cached, accept, user_agent))
             running.done.addBoth(lambda _: self._revalidating.pop(name, None))
         return await running.wait()
+
+    async def _private_tag(self, name: ModelName) -> Manifest:
+        """A pushed tag: what is here, or unknown (there is no upstream to ask)."""
+        data = await self._runner.run(self._store.read_manifest, name)
+        if data is None:
+            raise ManifestUnknown(f"manifest unknown: {name} (a private model that was never pushed)")
+        self._remember_sizes(data)
+        return Manifest(data, media_type_of(data, ""), "cache")
 
     async def _revalidate(
         self, name: ModelName, cached: bytes | None, accept: list[str] | None, user_agent: str | None
@@ -193,6 +205,8 @@ class ManifestCache:
         if cached is not None:
             self._remember_sizes(cached)
             return Manifest(cached, media_type_of(cached, ""), "cache")
+        if self._private.holds(name):
+            raise ManifestUnknown(f"manifest unknown: {name.repository}@sha256:{hexdigest}")
         try:
             fetched = await self._upstream(name).manifest(
                 name.repository, "sha256:" + hexdigest, accept, user_agent

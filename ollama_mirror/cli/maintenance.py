@@ -105,6 +105,7 @@ def sweeper_for(config: Config) -> Sweeper:
     from ..cache.index import CacheIndex
     from ..cache.store import Store
     from ..events import Events
+    from ..names import PrivateNamespaces
     from ..runner import InlineRunner
 
     store = Store(config.cache.directory)
@@ -112,7 +113,18 @@ def sweeper_for(config: Config) -> Sweeper:
         raise CommandError(f"{store.root} is not a cache directory (it has no blobs/)")
     clock: IReactorTime = reactor  # type: ignore[assignment]
     index = CacheIndex(os.path.join(store.work_dir, "index.sqlite3"), clock)
-    return Sweeper(store, Catalog(store), index, config.cache, InlineRunner(), clock, Events(), protected=set)
+    private = PrivateNamespaces(config.private.namespaces)
+    return Sweeper(
+        store,
+        Catalog(store),
+        index,
+        config.cache,
+        InlineRunner(),
+        clock,
+        Events(),
+        protected=set,
+        private=private,
+    )
 
 
 def at_once(work: Coroutine[Any, Any, T]) -> T:

@@ -9,7 +9,7 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..names import InvalidName, ModelName, is_host
+from ..names import InvalidName, ModelName, is_host, is_namespace
 from .schema import UPSTREAM_HOST_KINDS, Config, ConfigError, Key, UpstreamHost
 
 # --- value parsing -------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def parse_value(key: Key, value: Any, from_text: bool) -> Any:
         raise ValueError("expected a size such as 512, 10MB or 16MiB")
     if kind in ("upstreams", "hostmap", "networks"):
         return _parse_structured(key, value, from_text)
-    if kind in ("list", "models"):
+    if kind in ("list", "models", "namespaces"):
         return _parse_list(kind, value, from_text)
     if not isinstance(value, str):
         raise ValueError("expected a string")
@@ -229,6 +229,10 @@ def _parse_list(kind: str, value: Any, from_text: bool) -> tuple[str, ...]:
         raise ValueError("expected a list of strings")
     if kind == "models":
         _check_model_names(items)
+    if kind == "namespaces":
+        for item in items:
+            if not is_namespace(item.replace("*", "x").replace("?", "x")):
+                raise ValueError(f"{item!r} is not a namespace or a glob of one, such as team or lab-*")
     return items
 
 

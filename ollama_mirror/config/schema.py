@@ -468,6 +468,40 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class PrivateConfig:
+    namespaces: tuple[str, ...] = setting(
+        (),
+        "PRIVATE_NAMESPACES",
+        "Namespaces (names or globs, e.g. `team,lab-*`) whose models live on the mirror only: pushed "
+        "there (`ollama push`), pulled from there, never asked of any upstream. Empty: nothing can be "
+        "pushed.",
+        "namespaces",
+    )
+    push_authorized_keys: str = setting(
+        "",
+        "PUSH_AUTHORIZED_KEYS",
+        "File of Ollama public keys (`ssh-ed25519 AAAA... comment`, as in `~/.ollama/id_ed25519.pub`) "
+        'allowed to push, each optionally limited to namespaces (`namespaces="team,lab-*" ssh-ed25519 '
+        "...`); re-read when it changes. Empty: nobody may push.",
+        "str",
+    )
+    max_size_gb: float = setting(
+        0,
+        "PRIVATE_MAX_SIZE_GB",
+        "Cap on the pushed models' blobs, in GB (10^9 bytes); a push over it is refused. 0: no cap. "
+        "Pushed models are never evicted (the mirror holds the only copy).",
+        "float",
+    )
+    upload_timeout: float = setting(
+        3600,
+        "PRIVATE_UPLOAD_TIMEOUT",
+        "Seconds an unfinished upload may rest before it is removed.",
+        "float",
+        1,
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -477,6 +511,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    private: PrivateConfig = field(default_factory=PrivateConfig)
 
     def listen_endpoints(self) -> list[str]:
         """The strports descriptions to listen on: ``server.listen``, or one built from host and port."""
@@ -509,6 +544,7 @@ SECTIONS: dict[str, type[Any]] = {
     "logging": LoggingConfig,
     "features": FeaturesConfig,
     "cluster": ClusterConfig,
+    "private": PrivateConfig,
 }
 
 

@@ -23,7 +23,7 @@ from ..config import Config
 from ..events import EventHub
 from ..fill.manager import FillManager
 from ..fill.pulling import Emit, ModelPuller
-from ..names import ModelName
+from ..names import ModelName, PrivateNamespaces
 from ..runner import Reactor, Runner, ThreadRunner
 from ..security.modelrules import ModelRules
 from ..upstream.hosts import build_upstreams
@@ -41,14 +41,25 @@ class CacheFiller:
         events.listen(ManifestPublisher(Catalog(store), self.runner, events))
         self.index = CacheIndex(os.path.join(store.work_dir, "index.sqlite3"), reactor)
         events.listen(self.index)
+        private = PrivateNamespaces(config.private.namespaces)
         sweeper = Sweeper(
-            store, Catalog(store), self.index, config.cache, self.runner, reactor, events, protected=set
+            store,
+            Catalog(store),
+            self.index,
+            config.cache,
+            self.runner,
+            reactor,
+            events,
+            protected=set,
+            private=private,
         )
         events.listen(sweeper)
         upstreams, self._pools = build_upstreams(
             config, reactor, cache_marker(store.work_dir), retried=events.upstream_error
         )
-        manifests = ManifestCache(store, upstreams, self.runner, reactor, config.cache.manifest_ttl, events)
+        manifests = ManifestCache(
+            store, upstreams, self.runner, reactor, config.cache.manifest_ttl, events, private=private
+        )
         self.fills = FillManager(
             store, upstreams.default, reactor, self.runner, config.upstream, events, admit=sweeper.admit
         )

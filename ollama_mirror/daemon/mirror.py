@@ -38,6 +38,7 @@ from ..config import Config
 from ..events import EventHub
 from ..fill.manager import FillManager
 from ..fill.pulling import ModelPuller
+from ..names import PrivateNamespaces
 from ..ops.observability import Observability
 from ..runner import InlineRunner, Reactor, Runner, ThreadRunner
 from ..security.access import AccessControl
@@ -128,6 +129,7 @@ class Mirror:
             self.store.work_dir
         )  # the Via of our upstream requests: one back is a loop
         self.events = EventHub()
+        self.private = PrivateNamespaces(config.private.namespaces)
         self.catalog = Catalog(self.store)
         self.publisher = ManifestPublisher(
             self.catalog, self.runner, self.events
@@ -144,6 +146,7 @@ class Mirror:
             reactor,
             self.events,
             protected=self._busy_blobs,
+            private=self.private,
         )
         self.events.listen(self.sweeper)
 
@@ -164,6 +167,7 @@ class Mirror:
             config.cache.manifest_ttl,
             self.events,
             shared=self.shared,
+            private=self.private,
         )
         self.fills = FillManager(
             self.store,
@@ -254,6 +258,7 @@ class Mirror:
             self.events,
             blob_location=self.access.blob_location,
             redirect=self._storage_redirect(),
+            private=self.private,
         )
         server = config.server
         self.connections = ConnectionLimits(

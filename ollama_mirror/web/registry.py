@@ -28,7 +28,16 @@ from ..cache.manifests import Manifest, ManifestCache, ManifestUnknown
 from ..cache.space import NoSpace
 from ..events import Events
 from ..fill.errors import FillFailed
-from ..names import InvalidName, ModelName, is_digest, is_model, is_namespace, is_tag, parse_digest
+from ..names import (
+    InvalidName,
+    ModelName,
+    PrivateNamespaces,
+    is_digest,
+    is_model,
+    is_namespace,
+    is_tag,
+    parse_digest,
+)
 from ..upstream.client import AsClient, Upstream, ollama_agent
 from ..upstream.errors import UpstreamError
 from ..upstream.hosts import Upstreams
@@ -62,11 +71,14 @@ class RegistryApi:
         events: Events | None = None,
         blob_location: Callable[[str], str] = lambda path: path,
         redirect: Callable[[str], Awaitable[str | None]] | None = None,
+        private: PrivateNamespaces | None = None,
     ) -> None:
         """*blob_location* makes the ``Location`` of a blob's discovery answer from its path (the
         access control signs it when the registry needs keys); *redirect* gives a URL elsewhere that
-        serves a blob, when there is one (``cluster.redirect_to_storage``), for a GET to answer 307."""
+        serves a blob, when there is one (``cluster.redirect_to_storage``), for a GET to answer 307;
+        *private* names the namespaces pushed here, whose blobs are never fetched from an upstream."""
         self._redirect = redirect
+        self._private = private if private is not None else PrivateNamespaces()
         self._clock = clock
         self._events = events or Events()
         self.reading: Counter[str] = Counter()  # hex digest -> responses streaming it now
@@ -160,6 +172,8 @@ class RegistryApi:
         fill = self._fetches.active(hexdigest)
         if fill is not None:
             return fill.size, fill
+        if name.namespace in self._private:
+            raise RegistryError(404, "BLOB_UNKNOWN", f"blob unknown: sha256:{hexdigest}")
         known = self._manifests.blob_sizes.get(hexdigest)
         if known is not None:
             return known, None

@@ -23,7 +23,7 @@ from ollama_mirror.cache.index import CacheIndex
 from ollama_mirror.cache.store import Store
 from ollama_mirror.config import load_config
 from ollama_mirror.events import Events
-from ollama_mirror.names import ModelName
+from ollama_mirror.names import ModelName, PrivateNamespaces
 from ollama_mirror.runner import InlineRunner
 
 DAY = 86400.0
@@ -33,7 +33,7 @@ SHARED = b"{{ .Prompt }}"  # a template layer every model here shares
 class Cache:
     """A cache directory with models written straight to disk, and a Sweeper over it."""
 
-    def __init__(self, tmp_path: Path, **cache_settings: str) -> None:
+    def __init__(self, tmp_path: Path, private: tuple[str, ...] = (), **cache_settings: str) -> None:
         self.clock = Clock()
         self.clock.advance(1_000_000_000)  # a plausible "now" for file times
         self.store = Store(str(tmp_path / "cache"))
@@ -57,6 +57,7 @@ class Cache:
             self.clock,
             Recorder(),
             protected=lambda: self.protected,
+            private=PrivateNamespaces(private),
         )
 
     def write_blob(self, data: bytes, age: float = 0.0) -> str:
@@ -174,6 +175,23 @@ def test_least_recently_used_models_go_first_until_under_the_cap(tmp_path: Path)
     assert report.cache_bytes <= 1000
     assert "b:latest" in cache.names()  # the most recently used stays
     assert report.cache_bytes == sum(os.path.getsize(p) for p in Path(cache.store.blobs_dir).iterdir())
+
+
+def test_pushed_models_are_never_evicted_nor_emptied_with_the_cache_but_removed_on_purpose(
+    tmp_path: Path,
+) -> None:
+    cache = Cache(tmp_path, private=("team", "lab-*"), max_size_gb="0.000001", retention_days="1")
+    cache.add_model("team/mine", 600, age=40 * DAY)  # past retention, and alone over the cap
+    cache.add_model("lab-7/other", 100, age=40 * DAY)
+    cache.add_model("pulled", 300, age=40 * DAY)
+    cache.sweep()
+    assert cache.names() == ["lab-7/other:latest", "team/mine:latest"]
+    assert os.path.exists(cache.store.blob_path(cache.weights("team/mine", 600)))
+    report = result(Deferred.fromCoroutine(cache.sweeper.clear()))  # DELETE /mirror/cache
+    assert report.removed_models == [] and cache.names() == ["lab-7/other:latest", "team/mine:latest"]
+    assert os.path.exists(cache.store.blob_path(hashlib.sha256(SHARED).hexdigest()))
+    removed = result(Deferred.fromCoroutine(cache.sweeper.delete_model(ModelName.parse("team/mine"))))
+    assert removed is not None and cache.names() == ["lab-7/other:latest"]
 
 
 def test_nothing_being_downloaded_or_served_is_removed(tmp_path: Path) -> None:
