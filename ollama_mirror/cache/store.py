@@ -111,6 +111,7 @@ class Store:
         self.partial_dir = os.path.join(self.work_dir, "partial")
         self.digest_manifests_dir = os.path.join(self.work_dir, "manifests")
         self.staged_dir = os.path.join(self.work_dir, "staged")  # tags whose blobs are not all here yet
+        self.uploads_dir = os.path.join(self.work_dir, "uploads")  # blobs being pushed (private models)
         self._manifests_lock = threading.Lock()  # one manifest write or promotion at a time, per process
 
     def create(self) -> None:
@@ -124,6 +125,7 @@ class Store:
                 self.partial_dir,
                 self.digest_manifests_dir,
                 self.staged_dir,
+                self.uploads_dir,
             ):
                 os.makedirs(path, exist_ok=True)
             with tempfile.TemporaryFile(dir=self.work_dir):
@@ -275,6 +277,18 @@ class Store:
         os.replace(self.partial_path(hexdigest), self.blob_path(hexdigest))
         _fsync_dir(self.blobs_dir)
         _unlink(self.state_path(hexdigest))
+
+    def upload_path(self, upload_id: str) -> str:
+        """The file of a push's upload session (*upload_id*: 32 hex digits, made by the mirror)."""
+        if not re.fullmatch(r"[0-9a-f]{32}", upload_id):
+            raise ValueError(f"invalid upload id {upload_id!r}")
+        return os.path.join(self.uploads_dir, upload_id)
+
+    def publish_upload(self, hexdigest: str, upload_id: str, fd: int) -> None:
+        """Move a pushed blob, verified through *fd*, into ``blobs/`` atomically and durably (thread)."""
+        os.fsync(fd)
+        os.replace(self.upload_path(upload_id), self.blob_path(hexdigest))
+        _fsync_dir(self.blobs_dir)
 
     def discard_partial(self, hexdigest: str, fd: int | None = None) -> None:
         """Remove the partial file and its record; with *fd*, only if the path still names that file."""

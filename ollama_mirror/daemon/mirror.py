@@ -40,6 +40,7 @@ from ..fill.manager import FillManager
 from ..fill.pulling import ModelPuller
 from ..names import PrivateNamespaces
 from ..ops.observability import Observability
+from ..private.uploads import Uploads
 from ..runner import InlineRunner, Reactor, Runner, ThreadRunner
 from ..security.access import AccessControl
 from ..security.connections import ConnectionLimits, automatic_total, descriptor_limit
@@ -51,6 +52,7 @@ from ..web.admin import AdminApi
 from ..web.loop import LoopGuard
 from ..web.ollama_api import OllamaApi
 from ..web.proxy import InferenceProxy
+from ..web.push import PushApi, StreamingBodies
 from ..web.registry import FreshManifests, RegistryApi
 from ..web.root import RootApi
 from ..web.routes import ROUTES, route_of
@@ -78,6 +80,7 @@ class Mirror:
         self._build_cache()
         self._build_downloads(agent)
         self._build_web(backend_agent)
+        self._build_pushes()
         self.observability = Observability(
             config,
             reactor,
@@ -110,6 +113,7 @@ class Mirror:
             openai=self.proxy.resource(),
             admin=self.admin.resource(),
             metrics=self.observability.metrics_on_main_site(),
+            push=self.push.resource() if self.push is not None else None,
         )
 
     def _runner(self, runner: Runner | None) -> Runner:
@@ -229,6 +233,26 @@ class Mirror:
             return None
         return self.cluster.shared.redirect
 
+    def _build_pushes(self) -> None:
+        """``ollama push`` to the private namespaces (``private.*``), when there are any."""
+        self.uploads: Uploads | None = None
+        self.push: PushApi | None = None
+        self.bodies: StreamingBodies | None = None
+        if not self.private:
+            return
+        self.uploads = Uploads(self.store, self.runner, self.reactor, self.config.private.upload_timeout)
+        self.push = PushApi(
+            self.store,
+            self.store,
+            self.uploads,
+            self.runner,
+            host_of=lambda request: (
+                self.upstreams.for_request_host((request.getHeader(b"host") or b"").decode("latin-1")).host
+            ),
+            events=self.events,
+        )
+        self.bodies = StreamingBodies(self.uploads, self.access.may_push)
+
     def _cluster_limiter(self) -> SharedRateLimiter | None:
         """In a cluster with Redis, the rate limit counts each client across every node."""
         security = self.config.security
@@ -248,6 +272,7 @@ class Mirror:
             holdings=CacheHoldings(self.store, self.manifests, self.fills),
             peers=self.peers,
             limiter=self._cluster_limiter(),
+            private=config.private,
         )
         self.registry = RegistryApi(
             self.store,
@@ -309,6 +334,8 @@ class Mirror:
         ]
         if self.config.cache.prefetch and maintenance:
             services.append(self.prefetch_service())
+        if self.uploads is not None:
+            services.append(self.uploads.service(clear_leftovers=maintenance))
         return [
             *services,
             *(self.cluster.services_of(maintenance) if self.cluster else []),

@@ -160,7 +160,9 @@ def build_service(
     tls = _server_tls(config)
     mirror = Mirror(config, reactor, agent=agent, runner=runner)
     top = MirrorService(mirror, tls)
-    site = harden(MirrorSite(mirror.resource(), reactor=reactor), config.server, mirror.connections)
+    site = harden(
+        MirrorSite(mirror.resource(), reactor=reactor), config.server, mirror.connections, mirror.bodies
+    )
     for child in mirror.services(maintenance=maintenance):
         child.setServiceParent(top)
     listening = ListeningService()  # added last: it starts last and stops first

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -33,16 +34,26 @@ from urllib.parse import quote
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from ..config import ConfigError, SecurityConfig
-from ..names import InvalidName, ModelName, is_digest, is_model, is_namespace, is_tag, parse_digest
+from ..config import ConfigError, PrivateConfig, SecurityConfig
+from ..names import (
+    InvalidName,
+    ModelName,
+    PrivateNamespaces,
+    is_digest,
+    is_model,
+    is_namespace,
+    is_tag,
+    parse_digest,
+)
 from ..web.errors import ollama_error, registry_error
 from .modelrules import ModelRules
 from .ratelimit import RateLimiter, client_address, in_networks, parse_networks
-from .registryauth import AuthFailed, AuthorizedKeys, Signer, TokenIssuer, load_secret
+from .registryauth import AuthFailed, AuthorizedKeys, PushDenied, Signer, TokenIssuer, load_secret
 
 log = Logger(namespace="ollama_mirror.access")  # pinned: log names are public
 
@@ -181,11 +192,13 @@ class AccessControl:
         holdings: Holdings | None = None,
         peers: Peers | None = None,
         limiter: Limiter | None = None,
+        private: PrivateConfig | None = None,
     ) -> None:
         """*registry_host* gives the model host a ``/v2`` request means, from its ``Host`` header (the
         mirror may serve several upstreams, by virtual host); *holdings* tells which requests the
         mirror answers without going upstream (those cost nothing against the rate limit); *limiter*
-        replaces this node's own rate limit (a cluster counts clients across its nodes)."""
+        replaces this node's own rate limit (a cluster counts clients across its nodes); *private*: the
+        namespaces pushed here, and the keys that may push."""
         self.config = config
         self._clock = clock
         self._registry_host = registry_host
@@ -205,16 +218,26 @@ class AccessControl:
         self.issuer: TokenIssuer | None = None
         if self.mode == "networks" and not self._networks:
             raise ConfigError("security.registry_access = networks needs security.registry_networks")
+        keys: AuthorizedKeys | None = None
         if self.mode == "keys":
             if not config.registry_authorized_keys:
                 raise ConfigError("security.registry_access = keys needs security.registry_authorized_keys")
+            keys = _keys(
+                "security.registry_authorized_keys", config.registry_authorized_keys, "registry keys"
+            )
+        self.private = PrivateNamespaces(private.namespaces if private else ())
+        self.push_keys: AuthorizedKeys | None = None
+        if private is not None and private.push_authorized_keys and self.private:
+            self.push_keys = _keys("private.push_authorized_keys", private.push_authorized_keys, "push keys")
+        if keys is not None or self.push_keys is not None:
             try:
-                keys = AuthorizedKeys(config.registry_authorized_keys)
                 secret = load_secret(config.signing_secret, work_dir)
             except (ValueError, OSError) as e:
-                raise ConfigError(f"security.registry_authorized_keys: {e}") from None
+                raise ConfigError(f"security.signing_secret: {e}") from None
             self.signer = Signer(secret, clock)
-            self.issuer = TokenIssuer(keys, self.signer, clock, config.registry_token_lifetime)
+            self.issuer = TokenIssuer(
+                keys, self.signer, clock, config.registry_token_lifetime, self.push_keys, self.private
+            )
 
     def wrap(self, resource: IResource, as_path: str | None = None) -> IResource:
         """*resource* behind these rules; *as_path*: judge every request as if it were for that path
@@ -243,6 +266,8 @@ class AccessControl:
         client = self.client(request)
         if path.startswith(("/v2/", "/mirror/cluster/models/")) and self._from_a_node(request):
             return None  # another node of the cluster, reading what this node downloads, or removing
+        if path.startswith("/v2/") and request.method not in (b"GET", b"HEAD"):
+            return self._check_push(request, path, client)  # (pushes cost the upstream nothing)
         if path == "/v2" or path.startswith("/v2/"):
             refusal = self._check_registry(request, path, client)
         else:
@@ -251,6 +276,51 @@ class AccessControl:
             return refusal
         cost = self._upstream_cost(request, path)
         return self._charge(client, cost) if cost else None
+
+    def _check_push(self, request: Request, path: str, client: str) -> Refusal | None:
+        """A push (``POST``/``PATCH``/``PUT``/``DELETE`` on ``/v2``): to a private namespace only, with
+        a token a push key earned; refused before any byte of the body is accepted."""
+        target = _push_path(path)
+        if target is None:
+            return None  # (the routes answer: not found, or the method is not allowed)
+        namespace, repository = target.partition("/")[0], target
+        if namespace not in self.private:
+            return Refusal(
+                403,
+                f"namespace {namespace} is not private on this mirror: pushes are never forwarded "
+                "upstream (private.namespaces)",
+                "DENIED",
+            )
+        if self.push_keys is None or self.signer is None:
+            return Refusal(
+                403, "nobody may push to this mirror: private.push_authorized_keys is empty", "DENIED"
+            )
+        token = _bearer(request)
+        reason = "authentication required"
+        if token is not None:
+            try:
+                self.signer.check_token(token, repository, push=True)
+                return None
+            except AuthFailed as e:
+                reason = str(e)
+        challenge = self._challenge(request, f"repository:{repository}:push,pull")
+        refusal = Refusal(401, reason, "UNAUTHORIZED", ((b"www-authenticate", challenge),))
+        return refusal if token is None else self._failed_credentials(client, refusal)
+
+    def may_push(self, headers: Headers, repository: str) -> bool:
+        """Whether a request with these headers carries a token that may push to *repository* (asked
+        before its body is accepted, see :class:`~ollama_mirror.web.push.StreamingBodies`)."""
+        if self.signer is None or self.push_keys is None or repository.partition("/")[0] not in self.private:
+            return False
+        values = headers.getRawHeaders(b"authorization") or []
+        scheme, _, token = (values[0].decode("latin-1") if values else "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        try:
+            self.signer.check_token(token.strip(), repository, push=True)
+        except AuthFailed:
+            return False
+        return True
 
     def _from_a_node(self, request: IRequest) -> bool:
         return self._peers is not None and self._peers.verify(request) is not None
@@ -424,6 +494,9 @@ class AccessControl:
         client = self.client(request)
         try:
             token, who = self.issuer.issue(_header(request, b"authorization"), urls, query)
+        except PushDenied as e:
+            log.warn("registry token refused to {client}: {reason}", client=client, reason=str(e))
+            return Refusal(403, str(e), "DENIED")
         except AuthFailed as e:
             log.warn("registry token refused to {client}: {reason}", client=client, reason=str(e))
             return self._failed_credentials(client, Refusal(401, str(e), "UNAUTHORIZED"))
@@ -501,3 +574,20 @@ class _GuardedResource(Resource):
             request.setHeader(b"content-length", str(len(body)).encode())
             return body
         return self._wrapped.render(request)
+
+
+def _keys(key: str, path: str, what: str) -> AuthorizedKeys:
+    """An authorized-keys file, or the :class:`ConfigError` naming *key* and why it cannot be read."""
+    try:
+        return AuthorizedKeys(path, what)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+_PUSH_PATH = re.compile(r"/v2/([^/]+/[^/]+)/(?:blobs/uploads/[^/]*|manifests/[^/]+)")
+
+
+def _push_path(path: str) -> str | None:
+    """The repository (``namespace/model``) a push route names, or ``None``."""
+    match = _PUSH_PATH.fullmatch(path)
+    return match.group(1) if match else None

@@ -12,13 +12,16 @@ JSON bodies on every such refusal.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
-from twisted.web.server import Site
+from twisted.web.http_headers import Headers
+from twisted.web.server import Request, Site
 
 from ..config import ServerConfig
 from .connections import ConnectionLimits
@@ -34,12 +37,49 @@ _REASONS = {
 }
 
 
+class BodyTargets(Protocol):
+    """Routes that take a request's body as it arrives (a push's parts), instead of a spool file."""
+
+    def target(
+        self,
+        method: bytes,
+        path: bytes,
+        headers: Headers,
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+    ) -> Any | None:
+        """A file-like object the body is written to as it comes (``None``: the usual spool); *pause* and
+        *resume* stop and restart reading from the connection."""
+
+
+class StreamingRequest(Request):
+    """A :class:`Request` whose body goes where the channel says (:class:`BodyTargets`), if anywhere."""
+
+    body_target: Any | None = None
+
+    def gotLength(self, length: int | None) -> None:
+        if self.body_target is None:
+            super().gotLength(length)
+        else:
+            self.content = self.body_target
+
+    def connectionLost(self, reason: Failure) -> None:
+        """A body cut off mid-way is abandoned (its target undoes what it wrote)."""
+        if self.body_target is not None and not self.finished and hasattr(self.body_target, "abandon"):
+            self.body_target.abandon()
+        super().connectionLost(reason)
+
+
 class HardenedChannel(HTTPChannel):
-    """An :class:`HTTPChannel` with the limits of ``server.*`` (see the module docstring)."""
+    """An :class:`HTTPChannel` with the limits of ``server.*`` (see the module docstring).  A body that
+    a route takes as it arrives (:class:`BodyTargets`) is under neither ``server.max_body_size`` nor
+    ``server.request_timeout`` (a part of a push is up to 1,000 MB); the idle timeout still holds."""
 
     max_body_size = 64 * 2**20
     request_timeout = 60.0
     limits: ConnectionLimits | None = None
+    bodies: BodyTargets | None = None
+    _streaming = False
     _body_received = 0
     _deadline: IDelayedCall | None = None
     _refused = False
@@ -83,15 +123,34 @@ class HardenedChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._body_received = 0
-        if self.length is not None and self.length > self.max_body_size:
+        self._streaming = self._stream_body()
+        if self._streaming:
+            self._cancel_deadline()
+        elif self.length is not None and self.length > self.max_body_size:
             self._refuse(
                 413, f"request body is larger than {self.max_body_size} bytes (server.max_body_size)"
             )
             return
         super().allHeadersReceived()
 
+    def _stream_body(self) -> bool:
+        """Ask the routes whether they take this request's body as it arrives (then it goes there)."""
+        request = self.requests[-1] if self.requests else None
+        if self.bodies is None or not isinstance(request, StreamingRequest) or self.transport is None:
+            return False
+        transport = cast(IPushProducer, self.transport)  # (a TCP or TLS transport: it can stop reading)
+        target = self.bodies.target(
+            self._command,
+            self._path,
+            request.requestHeaders,
+            transport.pauseProducing,
+            transport.resumeProducing,
+        )
+        request.body_target = target
+        return target is not None
+
     def rawDataReceived(self, data: bytes) -> None:
-        if not self._handlingRequest:
+        if not self._handlingRequest and not self._streaming:
             self._body_received += len(data)
             if self._body_received > self.max_body_size + 65536:  # chunked framing included
                 self._refuse(
@@ -151,13 +210,22 @@ class HardenedChannel(HTTPChannel):
         super().connectionLost(reason)
 
 
-def harden(site: Site, config: ServerConfig, limits: ConnectionLimits | None = None) -> Site:
+def harden(
+    site: Site,
+    config: ServerConfig,
+    limits: ConnectionLimits | None = None,
+    bodies: BodyTargets | None = None,
+) -> Site:
     """Make *site* build :class:`HardenedChannel` connections with *config*'s limits, counted by
-    *limits* (the connection caps, shared by every listener that serves clients)."""
+    *limits* (the connection caps, shared by every listener that serves clients); *bodies* are the
+    routes that take bodies as they arrive."""
+    if bodies is not None:
+        site.requestFactory = StreamingRequest
 
     def protocol() -> _GenericHTTPChannelProtocol:
         channel = HardenedChannel()
         channel.limits = limits
+        channel.bodies = bodies
         channel.maxHeaders = config.max_headers
         channel.totalHeadersSize = config.max_header_size
         channel.MAX_LENGTH = config.max_header_size  # one line can never be longer than the whole

@@ -19,8 +19,10 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from urllib.parse import parse_qsl, urlencode
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -30,6 +32,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..cache.files import read_or_create
+from ..names import PrivateNamespaces
 
 log = Logger(namespace="ollama_mirror.registryauth")  # pinned: log names are public
 
@@ -40,6 +43,10 @@ MAX_NONCES = 100_000
 
 class AuthFailed(Exception):
     """A token request or credential that is refused; the message says why (logged, and sent)."""
+
+
+class PushDenied(AuthFailed):
+    """A push the key may not make (403, not 401: another token would not help)."""
 
 
 def load_secret(configured: str, work_dir: str) -> bytes:
@@ -72,24 +79,39 @@ class Signer:
     def _mac(self, purpose: str, text: str) -> str:
         return hmac.new(self._secret, f"{purpose}\n{text}".encode(), hashlib.sha256).hexdigest()
 
-    def issue_token(self, subject: str, repositories: list[str], lifetime: float) -> str:
-        claims = {"sub": subject, "repos": repositories, "exp": int(self._clock.seconds() + lifetime)}
+    def issue_token(
+        self, subject: str, repositories: list[str], lifetime: float, push: list[str] | None = None
+    ) -> str:
+        """A token for pulls of *repositories* (empty: any), and pushes to *push*."""
+        claims: dict[str, object] = {
+            "sub": subject,
+            "repos": repositories,
+            "exp": int(self._clock.seconds() + lifetime),
+        }
+        if push:
+            claims["push"] = push
         body = _b64url(json.dumps(claims, separators=(",", ":")).encode())
         return f"{body}.{self._mac('token', body)}"
 
-    def check_token(self, token: str, repository: str | None) -> str:
+    def check_token(self, token: str, repository: str | None, push: bool = False) -> str:
         """The token's subject if it is genuine, unexpired and covers *repository* (``None``: a
-        request naming no repository, such as ``GET /v2/``); else :class:`AuthFailed`."""
+        request naming no repository, such as ``GET /v2/``), for a push too with *push*; else
+        :class:`AuthFailed`."""
         body, _, mac = token.partition(".")
         if not mac or not hmac.compare_digest(mac.encode(), self._mac("token", body).encode()):
             raise AuthFailed("invalid token")
         try:
             claims = json.loads(_unb64url(body))
             subject, repos, expires = str(claims["sub"]), list(claims["repos"]), float(claims["exp"])
+            pushes = list(claims.get("push", []))
         except (ValueError, KeyError, TypeError, RecursionError, binascii.Error):
             raise AuthFailed("invalid token") from None
         if expires < self._clock.seconds():
             raise AuthFailed("token expired")
+        if push:
+            if repository not in pushes:
+                raise AuthFailed(f"token does not allow pushes to {repository}")
+            return subject
         if repository is not None and repos and repository not in repos:
             raise AuthFailed(f"token does not cover {repository}")
         return subject
@@ -116,6 +138,10 @@ class AuthorizedKey:
     blob: bytes  # the SSH wire-format public key
     key: Ed25519PublicKey
     comment: str
+    namespaces: tuple[str, ...] | None = None  # ``namespaces="team,lab-*"``: where it may push (None: any)
+
+    def may_push_to(self, namespace: str) -> bool:
+        return self.namespaces is None or any(fnmatchcase(namespace, p) for p in self.namespaces)
 
 
 def fingerprint(blob: bytes) -> str:
@@ -124,7 +150,13 @@ def fingerprint(blob: bytes) -> str:
 
 
 def parse_public_key(line: str) -> AuthorizedKey:
-    """An ``ssh-ed25519 <base64> [comment]`` line (``~/.ollama/id_ed25519.pub``), or ``ValueError``."""
+    """An ``[namespaces="a,b*"] ssh-ed25519 <base64> [comment]`` line (``~/.ollama/id_ed25519.pub``, with
+    the option authorized_keys-style), or ``ValueError``."""
+    namespaces: tuple[str, ...] | None = None
+    option = re.match(r'\s*namespaces="([^"]*)"\s+', line)
+    if option is not None:
+        namespaces = tuple(n.strip() for n in option.group(1).split(",") if n.strip())
+        line = line[option.end() :]
     fields = line.split(None, 2)
     if len(fields) < 2 or fields[0] != "ssh-ed25519":
         raise ValueError("expected 'ssh-ed25519 <base64 key> [comment]' (Ollama keys are ed25519)")
@@ -136,14 +168,16 @@ def parse_public_key(line: str) -> AuthorizedKey:
         raise ValueError("not an ssh-ed25519 key")
     blob = base64.b64decode(fields[1])
     comment = fields[2].strip() if len(fields) > 2 else fingerprint(blob)
-    return AuthorizedKey(blob, key, comment)
+    return AuthorizedKey(blob, key, comment, namespaces)
 
 
 class AuthorizedKeys:
     """The authorized-keys file, re-read whenever it changes (operators add clients live)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, what: str = "registry keys") -> None:
+        """*what* the keys are for, in log lines."""
         self.path = path
+        self._what = what
         self._stamp: tuple[float, int] | None = None
         self._keys: dict[bytes, AuthorizedKey] = {}
         self.reload()
@@ -171,7 +205,7 @@ class AuthorizedKeys:
                     continue
                 keys[key.blob] = key
         self._keys, self._stamp = keys, stamp
-        log.info("{n} registry keys authorized by {path}", n=len(keys), path=self.path)
+        log.info("{n} {what} authorized by {path}", n=len(keys), what=self._what, path=self.path)
 
     def find(self, blob: bytes) -> AuthorizedKey | None:
         self.reload()
@@ -182,10 +216,24 @@ class AuthorizedKeys:
 
 
 class TokenIssuer:
-    """``GET /v2/token``: Ollama's signed token request in, a short-lived token out."""
+    """``GET /v2/token``: Ollama's signed token request in, a short-lived token out.
 
-    def __init__(self, keys: AuthorizedKeys, signer: Signer, clock: IReactorTime, lifetime: float) -> None:
+    Pull keys (``security.registry_authorized_keys``) get pull tokens; push keys
+    (``private.push_authorized_keys``) get tokens that may also push, to the private namespaces their
+    line allows, and pull."""
+
+    def __init__(
+        self,
+        keys: AuthorizedKeys | None,
+        signer: Signer,
+        clock: IReactorTime,
+        lifetime: float,
+        push_keys: AuthorizedKeys | None = None,
+        private: PrivateNamespaces | None = None,
+    ) -> None:
         self._keys = keys
+        self._push_keys = push_keys
+        self._private = private if private is not None else PrivateNamespaces()
         self._signer = signer
         self._clock = clock
         self._lifetime = lifetime
@@ -193,7 +241,8 @@ class TokenIssuer:
 
     def issue(self, authorization: str, urls: list[str], query: str) -> tuple[str, str]:
         """Check the request and return ``(token, key comment)``; *urls* are the URLs the client
-        may have signed (``http``/``https`` variants of the one it requested)."""
+        may have signed (``http``/``https`` variants of the one it requested).  Raises
+        :class:`AuthFailed` (401), or :class:`PushDenied` (403) for a push the key may not make."""
         key_text, sep, signature_text = authorization.strip().rpartition(":")
         if not sep:
             raise AuthFailed("expected Authorization: <public key>:<signature>")
@@ -202,8 +251,20 @@ class TokenIssuer:
             signature = base64.b64decode(signature_text, validate=True)
         except (ValueError, binascii.Error):
             raise AuthFailed("malformed Authorization header") from None
-        key = self._keys.find(blob)
+        params: dict[str, list[str]] = {}
+        for name, value in parse_qsl(query, keep_blank_values=True):
+            params.setdefault(name, []).append(value)
+        scopes = _scopes(params.get("scope", []))
+        pushing = any("push" in actions for _, actions in scopes)
+        pull_key = self._keys.find(blob) if self._keys is not None else None
+        push_key = self._push_keys.find(blob) if self._push_keys is not None else None
+        key = pull_key or push_key
         if key is None:
+            if pushing:
+                raise AuthFailed(
+                    f"the key {fingerprint(blob)} may not push to this mirror: add the pushing Ollama's "
+                    "~/.ollama/id_ed25519.pub to the file in private.push_authorized_keys"
+                )
             raise AuthFailed(
                 f"the key {fingerprint(blob)} is not authorized on this mirror: add the Ollama server's "
                 "~/.ollama/id_ed25519.pub to the file in security.registry_authorized_keys"
@@ -216,10 +277,16 @@ class TokenIssuer:
                 continue
         else:
             raise AuthFailed("bad signature")
-        values = parse_qsl(query, keep_blank_values=True)
-        params: dict[str, list[str]] = {}
-        for name, value in values:
-            params.setdefault(name, []).append(value)
+        self._check_fresh(params)
+        pushes = [repository for repository, actions in scopes if "push" in actions]
+        for repository in pushes:
+            self._may_push(push_key, blob, repository)
+        repositories = sorted({repository for repository, _ in scopes})
+        token = self._signer.issue_token(key.comment, repositories, self._lifetime, sorted(set(pushes)))
+        return token, key.comment
+
+    def _check_fresh(self, params: dict[str, list[str]]) -> None:
+        """The request's ``ts`` is near our clock and its nonce was never used (no replay)."""
         now = self._clock.seconds()
         ts = params.get("ts", [""])[0]
         if not ts.lstrip("-").isdigit() or abs(int(ts) - now) > CLOCK_SKEW:
@@ -233,14 +300,22 @@ class TokenIssuer:
         if len(self._nonces) >= MAX_NONCES:
             raise AuthFailed("too many token requests; retry later")
         self._nonces[nonce] = now + 2 * CLOCK_SKEW
-        repositories = []
-        for scope in params.get("scope", []):
-            for item in scope.split():
-                kind, _, rest = item.partition(":")
-                repository, _, _actions = rest.rpartition(":")
-                if kind == "repository" and repository:
-                    repositories.append(repository)
-        return self._signer.issue_token(key.comment, sorted(set(repositories)), self._lifetime), key.comment
+
+    def _may_push(self, key: AuthorizedKey | None, blob: bytes, repository: str) -> None:
+        namespace = repository.partition("/")[0]
+        if namespace not in self._private:
+            raise PushDenied(
+                f"namespace {namespace} is not private on this mirror: pushes are never forwarded "
+                "upstream (private.namespaces)"
+            )
+        if key is None:
+            raise PushDenied(
+                f"the key {fingerprint(blob)} may pull but not push: add it to the file in "
+                "private.push_authorized_keys"
+            )
+        if not key.may_push_to(namespace):
+            allowed = ", ".join(key.namespaces or ())
+            raise PushDenied(f"the key {key.comment} may push only to {allowed}, not to {namespace}")
 
     def _forget_nonces(self, now: float) -> None:
         """Drop nonces whose ``ts`` could no longer pass the clock check (so they cannot be replayed)."""
@@ -251,3 +326,15 @@ class TokenIssuer:
     @property
     def lifetime(self) -> float:
         return self._lifetime
+
+
+def _scopes(values: list[str]) -> list[tuple[str, set[str]]]:
+    """``repository:<name>:<actions>`` items of the ``scope`` parameters → (name, actions)."""
+    found = []
+    for scope in values:
+        for item in scope.split():
+            kind, _, rest = item.partition(":")
+            repository, _, actions = rest.rpartition(":")
+            if kind == "repository" and repository:
+                found.append((repository, set(actions.split(","))))
+    return found

@@ -32,8 +32,11 @@ class RootApi:
         openai: IResource,
         admin: IResource | None = None,
         metrics: IResource | None = None,
+        push: IResource | None = None,
     ) -> None:
+        """*push*: the registry's write routes (``ollama push`` to private namespaces), if any."""
         self._registry = registry
+        self._push = push
         self._api = api
         self._openai = openai
         self._admin = admin
@@ -49,6 +52,8 @@ class RootApi:
 
     @app.route("/v2/", branch=True)
     def registry(self, request: IRequest) -> IResource:
+        if self._push is not None and request.method not in (b"GET", b"HEAD"):
+            return self._push
         return self._registry
 
     @app.route("/api/", branch=True)

@@ -16,6 +16,7 @@ import os
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -516,3 +517,47 @@ def test_a_cluster_node_sends_ollamas_blob_reads_to_the_shared_storage(
             blob_files_match(server.models_dir, models.big)
         assert not list((second.cache_dir / "blobs").glob("sha256-*"))  # no blob went through the node
         assert upstream.bytes_for(layer.hex) == fetched
+
+
+def test_ollama_push_to_a_private_namespace_and_pull_it_elsewhere(
+    ollama_bin: str,
+    real_registry: RegistryProcess,
+    mirror_factory: MirrorFactory,
+    tmp_path: Path,
+) -> None:
+    fresh = build_model(tmp_path / "fresh", size=250 * MiB, seed=99, name="fresh")  # 3 parts of 100 MB
+    modelfile = tmp_path / "Modelfile"
+    modelfile.write_text(f"FROM {fresh.model_layer.path}\nSYSTEM You were pushed to a mirror.\n")
+    with FaultProxy(real_registry.url) as upstream, OllamaServer(ollama_bin, tmp_path / "pusher") as pusher:
+        keys = tmp_path / "push_keys"
+        keys.write_text(f'namespaces="team" {pusher.public_key()}\n')
+        private = {"namespaces": ["team", "lab-*"], "push_authorized_keys": str(keys)}
+        mirror = mirror_factory(upstream_url=upstream.url, config={"private": private})
+        with RecordingProxy(mirror.url) as recorder:
+            name = f"{recorder.host}/team/mymodel:v1"
+            ok(pusher.cli("create", name, "-f", str(modelfile)))
+            pushed = pusher.cli("push", "--insecure", name)
+            assert "success" in ok(pushed)
+            exchanges = recorder.take()
+            print("\n" + "\n".join(f"{e.method} {e.target} -> {e.status}" for e in exchanges))
+            patches = [e for e in exchanges if e.method == "PATCH"]
+            assert len(patches) >= 3 and all(e.status == 202 for e in patches)
+            assert upstream.records("/v2/team") == []  # a push never goes upstream
+            other = f"{recorder.host}/library/mymodel:v1"
+            ok(pusher.cli("cp", name, other))
+            refused = pusher.cli("push", "--insecure", other)
+            assert refused.returncode != 0 and "not private on this mirror" in plain_text(refused.stderr)
+        with OllamaServer(ollama_bin, tmp_path / "puller") as puller:
+            assert "success" in ok(puller.cli("pull", "--insecure", f"{mirror.host}/team/mymodel:v1"))
+            shown = ok(puller.cli("show", f"{mirror.host}/team/mymodel:v1", "--system"))
+            assert "You were pushed to a mirror." in shown
+            pushed_manifest = next(pusher.models_dir.glob("manifests/*/team/mymodel/v1"))
+            layers = json.loads(pushed_manifest.read_bytes())["layers"]
+            assert max(layer["size"] for layer in layers) > 250 * MiB
+            for layer in layers:  # every layer, byte for byte what was pushed
+                hexdigest = layer["digest"].removeprefix("sha256:")
+                assert sha256_file(puller.models_dir / "blobs" / f"sha256-{hexdigest}") == hexdigest
+        with urllib.request.urlopen(f"{mirror.url}/api/tags", timeout=10) as answer:
+            tags = json.load(answer)
+        assert "team/mymodel:v1" in [m["name"] for m in tags["models"]]
+        assert upstream.records("/v2/team") == []

@@ -1,0 +1,320 @@
+"""Blobs being pushed: one upload session per blob, written to a file of its own as the bytes arrive.
+
+A push starts a session (``POST .../blobs/uploads/``), sends the blob in parts (``PATCH`` with a
+``Content-Range``, one after another) and commits it (``PUT ...?digest=``).  Each part is streamed into
+the session's file as it arrives, never spooled (:class:`PartWriter` is the request's body), through a
+sha256 in the same pass: a worker thread writes and hashes, in order; the connection stops reading
+while more than :data:`MAX_PENDING` bytes wait.  A commit publishes the file into ``blobs/`` only if its
+sha256 is the digest named (``DIGEST_INVALID`` otherwise, and nothing is kept); a session idle for
+``private.upload_timeout`` is removed, and so is every session file left at start (a daemon killed
+mid-upload publishes nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..cache.store import Store
+from ..runner import Runner
+
+log = Logger(namespace="ollama_mirror.private")
+
+MAX_PENDING = 8 * 2**20  # bytes of a part waiting for the disk before the connection stops reading
+
+
+class UploadError(Exception):
+    """A push request that cannot be done: the registry status and error code, and why."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Upload:
+    """One blob being pushed: its file, how much of it is written (and hashed), who writes now."""
+
+    id: str
+    repository: str
+    path: str
+    fd: int
+    touched: float
+    size: int = 0
+    hasher: Any = field(default_factory=hashlib.sha256)
+    writer: PartWriter | None = None  # the part being received, if any
+    failure: str | None = None  # why the session cannot go on (a write failed)
+
+
+class Uploads:
+    def __init__(self, store: Store, runner: Runner, clock: IReactorTime, timeout: float) -> None:
+        self._store = store
+        self._runner = runner
+        self._clock = clock
+        self._timeout = timeout
+        self._sessions: dict[str, Upload] = {}
+
+    def clear_leftovers(self) -> int:
+        """(at start) Remove the files of sessions a previous run left: they can never be committed."""
+        removed = 0
+        with contextlib.suppress(FileNotFoundError), os.scandir(self._store.uploads_dir) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False) and entry.name not in self._sessions:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed
+
+    def start(self, repository: str) -> Upload:
+        """A new session (its id is random: knowing it is what lets the parts in)."""
+        upload_id = uuid.uuid4().hex
+        path = self._store.upload_path(upload_id)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        upload = Upload(upload_id, repository, path, fd, self._clock.seconds())
+        self._sessions[upload_id] = upload
+        return upload
+
+    def find(self, upload_id: str, repository: str) -> Upload:
+        upload = self._sessions.get(upload_id)
+        if upload is None or upload.repository != repository:
+            raise UploadError(404, "BLOB_UPLOAD_UNKNOWN", f"upload {upload_id} is unknown (or expired)")
+        upload.touched = self._clock.seconds()
+        return upload
+
+    def part(
+        self, upload: Upload, start: int | None, pause: Callable[[], None], resume: Callable[[], None]
+    ) -> PartWriter:
+        """The writer of the next part, which must start where the file ends."""
+        if upload.failure is not None:
+            raise UploadError(500, "BLOB_UPLOAD_INVALID", upload.failure)
+        if upload.writer is not None:
+            raise UploadError(409, "BLOB_UPLOAD_INVALID", "a part of this upload is still arriving")
+        if start is not None and start != upload.size:
+            raise UploadError(
+                416, "BLOB_UPLOAD_INVALID", f"the part starts at {start}; the upload has {upload.size} bytes"
+            )
+        upload.writer = PartWriter(upload, self._runner, pause, resume)
+        return upload.writer
+
+    async def commit(self, upload: Upload, hexdigest: str) -> int:
+        """Publish the blob if its bytes hash to *hexdigest* (its size); else nothing is kept."""
+        if upload.writer is not None:
+            await upload.writer.finished()
+        self._forget(upload)
+        if upload.failure is not None or upload.hasher.hexdigest() != hexdigest:
+            await self._runner.run(_discard, upload)
+            raise UploadError(
+                400,
+                "DIGEST_INVALID",
+                upload.failure or f"the {upload.size} bytes pushed do not hash to sha256:{hexdigest}",
+            )
+        try:
+            await self._runner.run(self._store.publish_upload, hexdigest, upload.id, upload.fd)
+        finally:
+            await self._runner.run(_discard, upload)
+        log.info("pushed blob sha256:{hexdigest} ({size} bytes)", hexdigest=hexdigest, size=upload.size)
+        return upload.size
+
+    async def cancel(self, upload: Upload) -> None:
+        self._forget(upload)
+        if upload.writer is not None:
+            upload.writer.abandon()
+        await self._runner.run(_discard, upload)
+
+    def _forget(self, upload: Upload) -> None:
+        self._sessions.pop(upload.id, None)
+
+    def expire(self) -> None:
+        """Remove the sessions idle for longer than ``private.upload_timeout`` (none receiving now)."""
+        now = self._clock.seconds()
+        for upload in list(self._sessions.values()):
+            if upload.writer is None and now - upload.touched > self._timeout:
+                log.info("removed upload {id} to {repo}: idle too long", id=upload.id, repo=upload.repository)
+                Deferred.fromCoroutine(self.cancel(upload))
+
+    def service(self, clear_leftovers: bool = True) -> TimerService:
+        """The expiry timer; with *clear_leftovers* (one process of a daemon), the files a previous run
+        left are removed at start."""
+        return _Expiry(self, clear_leftovers)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+class PartWriter:
+    """The body of one ``PATCH``: written to the upload's file and hashed, in order, in a worker thread.
+
+    It is what the request's ``content`` is (``write`` as the bytes arrive); *pause* and *resume* stop
+    and restart reading from the connection while more than :data:`MAX_PENDING` bytes wait.
+    """
+
+    def __init__(
+        self, upload: Upload, runner: Runner, pause: Callable[[], None], resume: Callable[[], None]
+    ) -> None:
+        self._upload = upload
+        self._runner = runner
+        self._pause = pause
+        self._resume = resume
+        self._start = upload.size  # where this part began, and the hash there: a part cut off is undone
+        self._hash_at_start = upload.hasher.copy()
+        self._abandoned = False
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._writing = False
+        self._paused = False
+        self._ended = False
+        self._waiters: list[Deferred[int]] = []
+        self.received = 0
+
+    # --- the file-like side the request writes to ---
+
+    def write(self, data: bytes) -> None:
+        if self._upload.failure is not None or self._abandoned or not data:
+            return  # (the part is refused when it ends)
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        self.received += len(data)
+        if self._pending_bytes > MAX_PENDING and not self._paused:
+            self._paused = True
+            self._pause()
+        self._next()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+    # --- the route's side ---
+
+    def finished(self) -> Deferred[int]:
+        """Fires with the upload's size once every byte received is written (the body has ended)."""
+        self._ended = True
+        waiter = Deferred[int]()
+        self._waiters.append(waiter)
+        self._next()
+        return waiter
+
+    def abandon(self) -> None:
+        """The part was cut off (the client went away mid-part): undo what it wrote, so that the client
+        can send it again from its start."""
+        if self._abandoned or (self._ended and not self._writing and not self._pending):
+            return
+        self._abandoned = True
+        self._pending, self._pending_bytes = [], 0
+        if not self._writing:
+            self._roll_back()
+
+    # --- writing ---
+
+    def _next(self) -> None:
+        if self._writing:
+            return
+        if not self._pending:
+            if self._ended:
+                self._release()
+            return
+        data = b"".join(self._pending)
+        self._pending, self._pending_bytes = [], 0
+        self._writing = True
+        self._runner.run(_write, self._upload.fd, self._upload.hasher, data).addCallbacks(
+            self._written, self._failed
+        )
+
+    def _written(self, count: int) -> None:
+        self._writing = False
+        self._upload.size += count
+        if self._abandoned:
+            self._roll_back()
+            return
+        if self._paused and self._pending_bytes <= MAX_PENDING // 2:
+            self._paused = False
+            self._resume()
+        self._next()
+
+    def _failed(self, failure: Failure) -> None:
+        self._writing = False
+        if self._abandoned:
+            self._roll_back()
+            return
+        self._upload.failure = f"writing the upload failed: {failure.getErrorMessage()}"
+        log.warn("upload {id}: {why}", id=self._upload.id, why=self._upload.failure)
+        self._pending, self._pending_bytes = [], 0
+        if self._paused:
+            self._paused = False
+            self._resume()
+        self._next()
+
+    def _roll_back(self) -> None:
+        upload = self._upload
+        upload.size, upload.hasher = self._start, self._hash_at_start
+        truncated = self._runner.run(os.ftruncate, upload.fd, self._start)
+        truncated.addErrback(lambda failure: setattr(upload, "failure", failure.getErrorMessage()))
+        truncated.addBoth(lambda _: self._release())
+
+    def _release(self) -> None:
+        """The part is over: the upload takes its next part; whoever waits learns its size."""
+        if self._upload.writer is self:
+            self._upload.writer = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(self._upload.size)
+
+
+def _write(fd: int, hasher: Any, data: bytes) -> int:
+    """(thread) Append *data* to the file and to the hash."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+    hasher.update(data)
+    return len(data)
+
+
+def _discard(upload: Upload) -> None:
+    """(thread) Close the session's file and remove it if it is still there."""
+    with contextlib.suppress(OSError):
+        os.close(upload.fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(upload.path)
+
+
+class _Expiry(TimerService):
+    def __init__(self, uploads: Uploads, clear_leftovers: bool) -> None:
+        super().__init__(min(60.0, uploads._timeout), uploads.expire)
+        self.clock = uploads._clock
+        self._uploads = uploads
+        self._clear = clear_leftovers
+
+    def startService(self) -> None:
+        super().startService()
+        if self._clear:
+            self._uploads._runner.run(self._uploads.clear_leftovers).addCallbacks(_cleared, _not_cleared)
+
+
+def _cleared(count: int) -> None:
+    if count:
+        log.info("removed {n} unfinished uploads of a previous run", n=count)
+
+
+def _not_cleared(failure: Failure) -> None:
+    log.warn("could not remove the unfinished uploads of a previous run: {e}", e=failure.getErrorMessage())
