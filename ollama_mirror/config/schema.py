@@ -484,7 +484,6 @@ class PrivateConfig:
         'allowed to push, each optionally limited to namespaces (`namespaces="team,lab-*" ssh-ed25519 '
         "...`); re-read when it changes. Empty: nobody may push.",
         "str",
-        planned=True,
     )
     max_size_gb: float = setting(
         0,
@@ -492,7 +491,6 @@ class PrivateConfig:
         "Cap on the pushed models' blobs, in GB (10^9 bytes); a push over it is refused. 0: no cap. "
         "Pushed models are never evicted (the mirror holds the only copy).",
         "float",
-        planned=True,
     )
     upload_timeout: float = setting(
         3600,
@@ -500,7 +498,6 @@ class PrivateConfig:
         "Seconds an unfinished upload may rest before it is removed.",
         "float",
         1,
-        planned=True,
     )
 
 

@@ -40,7 +40,7 @@ from ..fill.manager import FillManager
 from ..fill.pulling import ModelPuller
 from ..names import PrivateNamespaces
 from ..ops.observability import Observability
-from ..private.uploads import Uploads
+from ..private.uploads import Uploads, private_usage
 from ..runner import InlineRunner, Reactor, Runner, ThreadRunner
 from ..security.access import AccessControl
 from ..security.connections import ConnectionLimits, automatic_total, descriptor_limit
@@ -240,7 +240,15 @@ class Mirror:
         self.bodies: StreamingBodies | None = None
         if not self.private:
             return
-        self.uploads = Uploads(self.store, self.runner, self.reactor, self.config.private.upload_timeout)
+        private = self.config.private
+        self.uploads = Uploads(
+            self.store,
+            self.runner,
+            self.reactor,
+            private.upload_timeout,
+            quota=int(private.max_size_gb * 10**9),
+            usage=lambda: private_usage(self.catalog.models, self.private),
+        )
         self.push = PushApi(
             self.store,
             self.store,

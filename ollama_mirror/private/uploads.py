@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..cache.store import Store
+from ..names import PrivateNamespaces
 from ..runner import Runner
 
 log = Logger(namespace="ollama_mirror.private")
@@ -60,11 +61,24 @@ class Upload:
 
 
 class Uploads:
-    def __init__(self, store: Store, runner: Runner, clock: IReactorTime, timeout: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        runner: Runner,
+        clock: IReactorTime,
+        timeout: float,
+        quota: int = 0,
+        usage: Callable[[], int] = lambda: 0,
+    ) -> None:
+        """*quota*: bytes the pushed models may take (``private.max_size_gb``; 0: no cap); *usage*
+        (blocking: runs in a thread) says how many they take now."""
         self._store = store
         self._runner = runner
         self._clock = clock
         self._timeout = timeout
+        self._quota = quota
+        self._usage = usage
+        self.used = 0  # bytes of the pushed models, as of the latest session started
         self._sessions: dict[str, Upload] = {}
 
     def clear_leftovers(self) -> int:
@@ -77,6 +91,25 @@ class Uploads:
                         os.unlink(entry.path)
                         removed += 1
         return removed
+
+    async def start_checked(self, repository: str) -> Upload:
+        """A new session, if the pushed models are under ``private.max_size_gb``."""
+        if self._quota:
+            self.used = await self._runner.run(self._usage)
+            self._check_room(0)
+        return self.start(repository)
+
+    def _check_room(self, incoming: int) -> None:
+        if not self._quota:
+            return
+        total = self.used + sum(upload.size for upload in self._sessions.values()) + incoming
+        if total > self._quota:
+            raise UploadError(
+                403,
+                "DENIED",
+                f"the pushed models would take {total / 1e9:.2f} GB, over private.max_size_gb "
+                f"({self._quota / 1e9:g} GB): remove some first (ollama-mirror rm)",
+            )
 
     def start(self, repository: str) -> Upload:
         """A new session (its id is random: knowing it is what lets the parts in)."""
@@ -95,18 +128,25 @@ class Uploads:
         return upload
 
     def part(
-        self, upload: Upload, start: int | None, pause: Callable[[], None], resume: Callable[[], None]
+        self,
+        upload: Upload,
+        start: int | None,
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+        length: int = 0,
     ) -> PartWriter:
-        """The writer of the next part, which must start where the file ends."""
+        """The writer of the next part (*length* bytes), which must start where the file ends."""
         if upload.failure is not None:
             raise UploadError(500, "BLOB_UPLOAD_INVALID", upload.failure)
-        if upload.writer is not None:
+        previous = upload.writer
+        if previous is not None and not previous.abandoned:
             raise UploadError(409, "BLOB_UPLOAD_INVALID", "a part of this upload is still arriving")
-        if start is not None and start != upload.size:
-            raise UploadError(
-                416, "BLOB_UPLOAD_INVALID", f"the part starts at {start}; the upload has {upload.size} bytes"
-            )
-        upload.writer = PartWriter(upload, self._runner, pause, resume)
+        if previous is None and start is not None and start != upload.size:
+            raise _misplaced(start, upload.size)
+        self._check_room(length)
+        # (a part sent again right after its connection died waits until the cut-off one is undone)
+        after = previous.released() if previous is not None else None
+        upload.writer = PartWriter(upload, self._runner, pause, resume, start, after)
         return upload.writer
 
     async def commit(self, upload: Upload, hexdigest: str) -> int:
@@ -162,27 +202,54 @@ class PartWriter:
     """
 
     def __init__(
-        self, upload: Upload, runner: Runner, pause: Callable[[], None], resume: Callable[[], None]
+        self,
+        upload: Upload,
+        runner: Runner,
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+        expected_start: int | None = None,
+        after: Deferred[None] | None = None,
     ) -> None:
+        """*after*: the part cut off before this one, being undone (this one writes once it is)."""
         self._upload = upload
         self._runner = runner
         self._pause = pause
         self._resume = resume
+        self._expected_start = expected_start
         self._start = upload.size  # where this part began, and the hash there: a part cut off is undone
         self._hash_at_start = upload.hasher.copy()
-        self._abandoned = False
+        self.abandoned = False
+        self.refusal: UploadError | None = None  # why the part was not taken (it started elsewhere)
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._writing = False
+        self._waiting = after is not None
         self._paused = False
         self._ended = False
         self._waiters: list[Deferred[int]] = []
+        self._released: list[Deferred[None]] = []
         self.received = 0
+        if after is not None:
+            after.addCallback(self._go)
+
+    def _go(self, _: object) -> None:
+        """The part before, cut off, is undone: this one starts where the upload ends now."""
+        self._waiting = False
+        upload = self._upload
+        if self.abandoned:  # (cut off too, before it began)
+            self._release()
+            return
+        if self._expected_start is not None and self._expected_start != upload.size:
+            self.refusal = _misplaced(self._expected_start, upload.size)
+            self.abandoned = True
+            self._pending, self._pending_bytes = [], 0
+        self._start, self._hash_at_start = upload.size, upload.hasher.copy()
+        self._next()
 
     # --- the file-like side the request writes to ---
 
     def write(self, data: bytes) -> None:
-        if self._upload.failure is not None or self._abandoned or not data:
+        if self._upload.failure is not None or self.abandoned or not data:
             return  # (the part is refused when it ends)
         self._pending.append(data)
         self._pending_bytes += len(data)
@@ -217,17 +284,25 @@ class PartWriter:
     def abandon(self) -> None:
         """The part was cut off (the client went away mid-part): undo what it wrote, so that the client
         can send it again from its start."""
-        if self._abandoned or (self._ended and not self._writing and not self._pending):
+        if self.abandoned or (self._ended and not self._writing and not self._pending):
             return
-        self._abandoned = True
+        self.abandoned = True
         self._pending, self._pending_bytes = [], 0
+        if self._waiting:
+            return  # (nothing written yet: it ends when the part before it is undone)
         if not self._writing:
             self._roll_back()
 
     # --- writing ---
 
+    def released(self) -> Deferred[None]:
+        """Fires when this part is over (written, or undone)."""
+        waiter = Deferred[None]()
+        self._released.append(waiter)
+        return waiter
+
     def _next(self) -> None:
-        if self._writing:
+        if self._writing or self._waiting:
             return
         if not self._pending:
             if self._ended:
@@ -236,14 +311,15 @@ class PartWriter:
         data = b"".join(self._pending)
         self._pending, self._pending_bytes = [], 0
         self._writing = True
-        self._runner.run(_write, self._upload.fd, self._upload.hasher, data).addCallbacks(
+        upload = self._upload  # (one write at a time: the upload's size is where this one goes)
+        self._runner.run(_write, upload.fd, upload.hasher, data, upload.size).addCallbacks(
             self._written, self._failed
         )
 
     def _written(self, count: int) -> None:
         self._writing = False
         self._upload.size += count
-        if self._abandoned:
+        if self.abandoned:
             self._roll_back()
             return
         if self._paused and self._pending_bytes <= MAX_PENDING // 2:
@@ -253,7 +329,7 @@ class PartWriter:
 
     def _failed(self, failure: Failure) -> None:
         self._writing = False
-        if self._abandoned:
+        if self.abandoned:
             self._roll_back()
             return
         self._upload.failure = f"writing the upload failed: {failure.getErrorMessage()}"
@@ -275,17 +351,27 @@ class PartWriter:
         """The part is over: the upload takes its next part; whoever waits learns its size."""
         if self._upload.writer is self:
             self._upload.writer = None
+        if self._paused:
+            self._paused = False
+            self._resume()
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(self._upload.size)
+        released, self._released = self._released, []
+        for done in released:
+            done.callback(None)
 
 
-def _write(fd: int, hasher: Any, data: bytes) -> int:
-    """(thread) Append *data* to the file and to the hash."""
+def _misplaced(start: int, size: int) -> UploadError:
+    return UploadError(416, "BLOB_UPLOAD_INVALID", f"the part starts at {start}; the upload has {size} bytes")
+
+
+def _write(fd: int, hasher: Any, data: bytes, offset: int) -> int:
+    """(thread) Write *data* at *offset* of the file, and add it to the hash."""
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
-        view = view[written:]
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
     hasher.update(data)
     return len(data)
 
@@ -318,3 +404,12 @@ def _cleared(count: int) -> None:
 
 def _not_cleared(failure: Failure) -> None:
     log.warn("could not remove the unfinished uploads of a previous run: {e}", e=failure.getErrorMessage())
+
+
+def private_usage(models: Callable[[], list[Any]], private: PrivateNamespaces) -> int:
+    """(thread) Bytes of the distinct blobs the pushed models use (what ``private.max_size_gb`` caps)."""
+    sizes: dict[str, int] = {}
+    for model in models():
+        if private.holds(model.name):
+            sizes.update(model.blobs)
+    return sum(sizes.values())

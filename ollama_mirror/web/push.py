@@ -70,7 +70,7 @@ class PushApi:
     # --- blobs ---------------------------------------------------------------------------------
 
     @app.route("/<namespace>/<model>/blobs/uploads/", methods=["POST"])
-    def start(self, request: IRequest, namespace: str, model: str) -> bytes:
+    async def start(self, request: IRequest, namespace: str, model: str) -> bytes:
         repository = _repository(namespace, model)
         query = _query(request)
         mount = query.get("mount")
@@ -81,7 +81,7 @@ class PushApi:
                 request.setHeader(b"location", self._url(request, f"/v2/{repository}/blobs/{mount}"))
                 request.setHeader(b"docker-content-digest", mount.encode())
                 return _empty(request)
-        upload = self._uploads.start(repository)
+        upload = await self._uploads.start_checked(repository)
         request.setResponseCode(202)
         self._session_headers(request, upload)
         return _empty(request)
@@ -90,9 +90,13 @@ class PushApi:
     async def part(self, request: IRequest, namespace: str, model: str, upload_id: str) -> bytes:
         upload = self._uploads.find(upload_id, _repository(namespace, model))
         writer = getattr(request, "content", None)
+        if isinstance(writer, _Discard) and writer.refusal is not None:
+            raise writer.refusal
         if not isinstance(writer, PartWriter) or writer is not upload.writer:
             raise UploadError(400, "BLOB_UPLOAD_INVALID", "the part did not reach its upload")
         await writer.finished()
+        if writer.refusal is not None:
+            raise writer.refusal
         if upload.failure is not None:
             raise UploadError(500, "BLOB_UPLOAD_INVALID", upload.failure)
         request.setResponseCode(202)
@@ -206,15 +210,19 @@ class StreamingBodies:
         repository = f"{namespace}/{model}"
         if not self._may_push(headers, repository):
             return _Discard()  # (refused by the guard; nothing of it is written)
+        length = (headers.getRawHeaders(b"content-length") or [b"0"])[0]
         try:
             upload = self._uploads.find(upload_id, repository)
-            return self._uploads.part(upload, start, pause, resume)
-        except UploadError:
-            return _Discard()
+            return self._uploads.part(upload, start, pause, resume, int(length) if length.isdigit() else 0)
+        except UploadError as e:
+            return _Discard(e)
 
 
 class _Discard:
-    """A body read and dropped (its request is refused by the guard or the route)."""
+    """A body read and dropped (its request is refused by the guard or the route: *refusal* says why)."""
+
+    def __init__(self, refusal: UploadError | None = None) -> None:
+        self.refusal = refusal
 
     def write(self, data: bytes) -> None:
         pass

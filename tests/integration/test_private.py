@@ -5,14 +5,21 @@ Real parts: the distribution registry behind the counting fault proxy, and the d
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
-from tests.integration.helpers import UPSTREAM_SETTINGS, registry_error_code
+from tests.integration.helpers import UPSTREAM_SETTINGS, registry_error_code, wait_until
 from tests.support.daemon import MirrorDaemon, MirrorFactory
 from tests.support.faultproxy import FaultProxy
-from tests.support.models import http_request
+from tests.support.models import MiB, Response, http_request
+from tests.support.ollamakey import OllamaKey, parse_challenge, token_url
 
 pytestmark = pytest.mark.usefixtures("models_dir_stays_valid")
 
@@ -46,3 +53,195 @@ def test_a_private_name_never_pushed_is_unknown_without_asking_any_upstream(
     assert proxy.records() == []  # not one request upstream
     public = http_request("GET", f"{private_mirror.url}/v2/other/mymodel/manifests/latest")
     assert public.status == 404 and proxy.records()  # (a namespace that is not private is asked upstream)
+
+
+# --- pushes, request by request, as Ollama sends them (server/upload.go) ---------------------------
+
+
+def token(mirror: MirrorDaemon, key: OllamaKey, repository: str) -> Response:
+    """The token request Ollama makes after a 401 on a push: signed with its key, scope push,pull."""
+    challenge = http_request("POST", f"{mirror.url}/v2/{repository}/blobs/uploads/")
+    assert challenge.status == 401, challenge
+    url = token_url(parse_challenge(challenge.header("www-authenticate")))
+    assert "push%2Cpull" in url
+    return http_request("GET", url, headers={"Authorization": key.token_request_authorization(url)})
+
+
+def bearer(mirror: MirrorDaemon, key: OllamaKey, repository: str) -> dict[str, str]:
+    answer = token(mirror, key, repository)
+    assert answer.status == 200, answer.body
+    return {"Authorization": f"Bearer {answer.json()['token']}"}
+
+
+def push_blob(
+    mirror: MirrorDaemon, auth: dict[str, str], repository: str, data: bytes, parts: int = 3
+) -> str:
+    """POST, PATCH each part with Content-Range, PUT ?digest=: the blob's digest."""
+    started = http_request("POST", f"{mirror.url}/v2/{repository}/blobs/uploads/", headers=auth)
+    assert started.status == 202 and started.header("docker-upload-uuid"), started
+    location = started.header("location")
+    assert location.startswith("http://127.0.0.1:")  # absolute: Ollama uses it as given
+    step = -(-len(data) // parts)
+    for offset in range(0, len(data), step):
+        piece = data[offset : offset + step]
+        headers = {**auth, "Content-Type": "application/octet-stream", "X-Redirect-Uploads": "1"}
+        headers["Content-Range"] = f"{offset}-{offset + len(piece) - 1}"
+        answered = http_request("PATCH", location, headers=headers, body=piece)
+        assert answered.status == 202, answered
+        location = answered.header("location")
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    committed = http_request("PUT", f"{location}?digest={digest}&etag=x-1", headers=auth)
+    assert committed.status == 201, committed
+    return digest
+
+
+def manifest_of(config: str, config_size: int, layer: str, layer_size: int) -> bytes:
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {
+                "mediaType": "application/vnd.docker.container.image.v1+json",
+                "digest": config,
+                "size": config_size,
+            },
+            "layers": [
+                {"mediaType": "application/vnd.ollama.image.model", "digest": layer, "size": layer_size}
+            ],
+        }
+    ).encode()
+
+
+@pytest.fixture
+def pusher_key() -> OllamaKey:
+    return OllamaKey("pusher@test")
+
+
+@pytest.fixture
+def push_mirror(
+    mirror_factory: MirrorFactory, proxy: FaultProxy, pusher_key: OllamaKey, tmp_path: Path
+) -> MirrorDaemon:
+    keys = tmp_path / "push_keys"
+    keys.write_text(f'namespaces="team" {pusher_key.public_line()}\n# a comment\n')
+    private = {"namespaces": ["team", "lab-*"], "push_authorized_keys": str(keys), "max_size_gb": 0.05}
+    return mirror_factory(upstream_url=proxy.url, config={"upstream": UPSTREAM_SETTINGS, "private": private})
+
+
+def test_a_model_pushed_part_by_part_is_served_and_listed_and_never_sent_upstream(
+    push_mirror: MirrorDaemon, pusher_key: OllamaKey, proxy: FaultProxy
+) -> None:
+    proxy.clear_records()
+    auth = bearer(push_mirror, pusher_key, "team/mine")
+    weights, config = os.urandom(3 * MiB + 5), json.dumps({"model_format": "gguf"}).encode()
+    layer = push_blob(push_mirror, auth, "team/mine", weights)
+    config_digest = push_blob(push_mirror, auth, "team/mine", config, parts=1)
+    manifest = manifest_of(config_digest, len(config), layer, len(weights))
+    put = http_request(
+        "PUT",
+        f"{push_mirror.url}/v2/team/mine/manifests/v1",
+        headers={**auth, "Content-Type": "application/vnd.docker.distribution.manifest.v2+json"},
+        body=manifest,
+    )
+    assert (
+        put.status == 201
+        and put.header("docker-content-digest") == "sha256:" + hashlib.sha256(manifest).hexdigest()
+    )
+    got = http_request("GET", f"{push_mirror.url}/v2/team/mine/manifests/v1")
+    assert got.status == 200 and got.body == manifest
+    blob = http_request("GET", f"{push_mirror.url}/v2/team/mine/blobs/{layer}")
+    assert blob.status == 200 and blob.body == weights
+    tags = http_request("GET", f"{push_mirror.url}/api/tags").json()
+    assert "team/mine:v1" in [m["name"] for m in tags["models"]]
+    mounted = http_request(
+        "POST",
+        f"{push_mirror.url}/v2/team/other/blobs/uploads/?mount={layer}&from=team/mine",
+        headers=bearer(push_mirror, pusher_key, "team/other"),
+    )
+    assert mounted.status == 201 and mounted.header("docker-content-digest") == layer
+    assert [r for r in proxy.records() if r.path != "/v2/"] == []  # nothing of it went upstream
+    removed = http_request(
+        "DELETE", f"{push_mirror.url}/api/delete", body=json.dumps({"model": "team/mine:v1"}).encode()
+    )
+    assert removed.status == 200
+    assert http_request("GET", f"{push_mirror.url}/v2/team/mine/manifests/v1").status == 404
+
+
+def test_what_may_not_be_pushed_is_refused_before_any_byte_is_kept(
+    push_mirror: MirrorDaemon, pusher_key: OllamaKey
+) -> None:
+    public = http_request("POST", f"{push_mirror.url}/v2/library/mine/blobs/uploads/")
+    assert public.status == 403 and "namespace library is not private on this mirror" in public.body.decode()
+    stranger = token(push_mirror, OllamaKey("stranger@test"), "team/mine")
+    assert stranger.status == 401 and "private.push_authorized_keys" in stranger.body.decode()
+    elsewhere = token(push_mirror, pusher_key, "lab-1/mine")  # private, but not this key's namespace
+    assert elsewhere.status == 403 and "may push only to team" in elsewhere.body.decode()
+
+    auth = bearer(push_mirror, pusher_key, "team/mine")
+    started = http_request("POST", f"{push_mirror.url}/v2/team/mine/blobs/uploads/", headers=auth)
+    location = started.header("location")
+    part = http_request("PATCH", location, headers={**auth, "Content-Range": "0-9"}, body=b"0123456789")
+    assert part.status == 202
+    wrong = "sha256:" + "0" * 64
+    bad = http_request("PUT", f"{part.header('location')}?digest={wrong}", headers=auth)
+    assert bad.status == 400 and registry_error_code(bad) == "DIGEST_INVALID"
+    assert not (push_mirror.cache_dir / "blobs" / ("sha256-" + "0" * 64)).exists()
+    assert list((push_mirror.cache_dir / ".mirror" / "uploads").iterdir()) == []
+    unknown = manifest_of(wrong, 10, wrong, 10)
+    refused = http_request("PUT", f"{push_mirror.url}/v2/team/mine/manifests/v1", headers=auth, body=unknown)
+    assert refused.status == 400 and registry_error_code(refused) == "MANIFEST_BLOB_UNKNOWN"
+    missing_mount = http_request(
+        "POST", f"{push_mirror.url}/v2/team/mine/blobs/uploads/?mount={wrong}&from=team/x", headers=auth
+    )
+    assert missing_mount.status == 202  # (a session instead: Ollama then uploads it)
+    too_big = http_request("POST", f"{push_mirror.url}/v2/team/mine/blobs/uploads/", headers=auth)
+    over = http_request(
+        "PATCH",
+        too_big.header("location"),
+        headers={**auth, "Content-Range": f"0-{60 * MiB - 1}"},
+        body=b"x" * (60 * MiB),
+    )
+    assert over.status == 403 and "private.max_size_gb" in over.body.decode()
+
+
+def cut_off_patch(location: str, auth: dict[str, str], data: bytes, sent: int) -> None:
+    """A PATCH whose connection dies after *sent* of its bytes (a client killed, a network cut)."""
+    parts = urlsplit(location)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        head = (
+            f"PATCH {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Length: {len(data)}\r\n"
+            f"Content-Range: 0-{len(data) - 1}\r\nAuthorization: {auth['Authorization']}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + data[:sent])
+        time.sleep(0.3)
+
+
+def test_a_part_cut_off_midway_can_be_sent_again_and_a_killed_daemon_publishes_nothing(
+    push_mirror: MirrorDaemon, pusher_key: OllamaKey
+) -> None:
+    auth = bearer(push_mirror, pusher_key, "team/mine")
+    data = os.urandom(2 * MiB)
+    started = http_request("POST", f"{push_mirror.url}/v2/team/mine/blobs/uploads/", headers=auth)
+    location = started.header("location")
+    cut_off_patch(location, auth, data, MiB)
+    again = http_request(
+        "PATCH", location, headers={**auth, "Content-Range": f"0-{len(data) - 1}"}, body=data
+    )
+    assert again.status == 202, again  # (the cut-off part was undone: it starts at 0 again)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert http_request("PUT", f"{again.header('location')}?digest={digest}", headers=auth).status == 201
+
+    other = os.urandom(2 * MiB)
+    started = http_request("POST", f"{push_mirror.url}/v2/team/mine/blobs/uploads/", headers=auth)
+    http_request(
+        "PATCH",
+        started.header("location"),
+        headers={**auth, "Content-Range": f"0-{MiB - 1}"},
+        body=other[:MiB],
+    )
+    push_mirror.kill()  # mid-upload
+    uploads = push_mirror.cache_dir / ".mirror" / "uploads"
+    assert list(uploads.iterdir())  # (the unfinished upload's file)
+    push_mirror.start()
+    wait_until(lambda: not list(uploads.iterdir()), 10.0, "the unfinished upload removed at start")
+    assert not (push_mirror.cache_dir / "blobs" / ("sha256-" + hashlib.sha256(other).hexdigest())).exists()
+    assert (push_mirror.cache_dir / "blobs" / ("sha256-" + digest.removeprefix("sha256:"))).exists()
