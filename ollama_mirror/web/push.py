@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
-from typing import Any
 from urllib.parse import parse_qs
 
 from klein import Klein
@@ -52,7 +51,7 @@ class PushApi:
         manifests: ManifestStore,
         uploads: Uploads,
         runner: Runner,
-        host_of: Any,
+        host_of: Callable[[IRequest], str],
         events: Events | None = None,
     ) -> None:
         """*host_of* gives the model host a request means, from its ``Host`` (as the pull routes name
