@@ -58,6 +58,12 @@ class Upload:
     hasher: Any = field(default_factory=hashlib.sha256)
     writer: PartWriter | None = None  # the part being received, if any
     failure: str | None = None  # why the session cannot go on (a write failed)
+    starts: dict[int, Any] = field(default_factory=dict)  # where each part began -> the hash there
+
+    def rewind(self, offset: int) -> None:
+        """Go back to the start of a part taken before (the client sends it again: its answer was lost);
+        what follows it is written over, and cut at the commit."""
+        self.size, self.hasher = offset, self.starts[offset].copy()
 
 
 class Uploads:
@@ -80,6 +86,7 @@ class Uploads:
         self._usage = usage
         self.used = 0  # bytes of the pushed models, as of the latest session started
         self._sessions: dict[str, Upload] = {}
+        self._committed: dict[str, tuple[str, str, float]] = {}  # id -> (repository, hex digest, when)
 
     def clear_leftovers(self) -> int:
         """(at start) Remove the files of sessions a previous run left: they can never be committed."""
@@ -120,6 +127,12 @@ class Uploads:
         self._sessions[upload_id] = upload
         return upload
 
+    def committed(self, upload_id: str, repository: str, hexdigest: str) -> bool:
+        """Whether this session was committed with this digest already (Ollama retries a commit whose
+        answer it did not get: it is answered again, not refused)."""
+        found = self._committed.get(upload_id)
+        return found is not None and found[:2] == (repository, hexdigest)
+
     def find(self, upload_id: str, repository: str) -> Upload:
         upload = self._sessions.get(upload_id)
         if upload is None or upload.repository != repository:
@@ -142,7 +155,9 @@ class Uploads:
         if previous is not None and not previous.abandoned:
             raise UploadError(409, "BLOB_UPLOAD_INVALID", "a part of this upload is still arriving")
         if previous is None and start is not None and start != upload.size:
-            raise _misplaced(start, upload.size)
+            if start not in upload.starts:
+                raise _misplaced(start, upload.size)
+            upload.rewind(start)
         self._check_room(length)
         # (a part sent again right after its connection died waits until the cut-off one is undone)
         after = previous.released() if previous is not None else None
@@ -162,9 +177,13 @@ class Uploads:
                 upload.failure or f"the {upload.size} bytes pushed do not hash to sha256:{hexdigest}",
             )
         try:
+            await self._runner.run(os.ftruncate, upload.fd, upload.size)  # (a part sent again was shorter)
             await self._runner.run(self._store.publish_upload, hexdigest, upload.id, upload.fd)
         finally:
             await self._runner.run(_discard, upload)
+        now = self._clock.seconds()
+        self._committed = {k: v for k, v in self._committed.items() if now - v[2] < self._timeout}
+        self._committed[upload.id] = (upload.repository, hexdigest, now)
         log.info("pushed blob sha256:{hexdigest} ({size} bytes)", hexdigest=hexdigest, size=upload.size)
         return upload.size
 
@@ -218,6 +237,8 @@ class PartWriter:
         self._expected_start = expected_start
         self._start = upload.size  # where this part began, and the hash there: a part cut off is undone
         self._hash_at_start = upload.hasher.copy()
+        if after is None:
+            upload.starts.setdefault(self._start, self._hash_at_start)
         self.abandoned = False
         self.refusal: UploadError | None = None  # why the part was not taken (it started elsewhere)
         self._pending: list[bytes] = []
@@ -239,11 +260,16 @@ class PartWriter:
         if self.abandoned:  # (cut off too, before it began)
             self._release()
             return
-        if self._expected_start is not None and self._expected_start != upload.size:
-            self.refusal = _misplaced(self._expected_start, upload.size)
-            self.abandoned = True
-            self._pending, self._pending_bytes = [], 0
+        start = self._expected_start
+        if start is not None and start != upload.size:
+            if start in upload.starts:
+                upload.rewind(start)
+            else:
+                self.refusal = _misplaced(start, upload.size)
+                self.abandoned = True
+                self._pending, self._pending_bytes = [], 0
         self._start, self._hash_at_start = upload.size, upload.hasher.copy()
+        upload.starts.setdefault(self._start, self._hash_at_start)
         self._next()
 
     # --- the file-like side the request writes to ---
@@ -342,7 +368,7 @@ class PartWriter:
 
     def _roll_back(self) -> None:
         upload = self._upload
-        upload.size, upload.hasher = self._start, self._hash_at_start
+        upload.size, upload.hasher = self._start, self._hash_at_start.copy()
         truncated = self._runner.run(os.ftruncate, upload.fd, self._start)
         truncated.addErrback(lambda failure: setattr(upload, "failure", failure.getErrorMessage()))
         truncated.addBoth(lambda _: self._release())

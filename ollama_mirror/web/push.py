@@ -105,13 +105,18 @@ class PushApi:
     @app.route("/<namespace>/<model>/blobs/uploads/<upload_id>", methods=["PUT"])
     async def commit(self, request: IRequest, namespace: str, model: str, upload_id: str) -> bytes:
         repository = _repository(namespace, model)
-        upload = self._uploads.find(upload_id, repository)
         digest = _query(request).get("digest", "")
         hexdigest = _digest(digest)
+        if self._uploads.committed(upload_id, repository, hexdigest):  # (a retried commit)
+            return self._committed(request, repository, digest)
+        upload = self._uploads.find(upload_id, repository)
         writer = getattr(request, "content", None)
         if isinstance(writer, PartWriter) and writer is upload.writer:
             await writer.finished()  # (a last part sent with the commit)
         await self._uploads.commit(upload, hexdigest)
+        return self._committed(request, repository, digest)
+
+    def _committed(self, request: IRequest, repository: str, digest: str) -> bytes:
         request.setResponseCode(201)
         request.setHeader(b"location", self._url(request, f"/v2/{repository}/blobs/{digest}"))
         request.setHeader(b"docker-content-digest", digest.encode())

@@ -115,7 +115,7 @@ def test_a_part_cut_off_is_undone_and_a_part_that_starts_elsewhere_is_refused(
     assert Path(upload.path).read_bytes() == b"x" * 100 + b"z" * 60
     assert upload.hasher.hexdigest() == hashlib.sha256(b"x" * 100 + b"z" * 60).hexdigest()
     with pytest.raises(UploadError) as misplaced:
-        uploads.part(upload, 0, transport.pause, transport.resume)
+        uploads.part(upload, 120, transport.pause, transport.resume)  # (not where a part began)
     assert misplaced.value.status == 416
 
 
@@ -160,3 +160,26 @@ def test_idle_sessions_expire_and_files_of_a_previous_run_go_at_start(
     uploads.expire()
     runner.drain()
     assert len(uploads) == 0 and not os.listdir(store.uploads_dir)
+
+
+def test_a_part_sent_again_after_its_answer_was_lost_is_written_over(
+    setup: tuple[Store, StepRunner, Uploads],
+) -> None:
+    """Ollama resends a part with the same Content-Range to the same URL on any failure, also when the
+    mirror had taken it (its 202 got lost): the upload goes back to that part's start."""
+    store, runner, uploads = setup
+    upload = uploads.start("team/mine")
+    for start, data in ((0, b"a" * 100), (100, b"b" * 100), (100, b"c" * 100)):  # the second part twice
+        writer = uploads.part(upload, start, lambda: None, lambda: None)
+        writer.write(data)
+        runner.drain()
+        assert result(writer.finished()) == start + 100
+    expected = b"a" * 100 + b"c" * 100
+    assert upload.hasher.hexdigest() == hashlib.sha256(expected).hexdigest()
+    committed = ensureDeferred(uploads.commit(upload, hashlib.sha256(expected).hexdigest()))
+    runner.drain()
+    assert result(committed) == 200
+    assert Path(store.blob_path(hashlib.sha256(expected).hexdigest())).read_bytes() == expected
+    assert uploads.committed(upload.id, "team/mine", hashlib.sha256(expected).hexdigest())  # a retried commit
+    with pytest.raises(UploadError):
+        uploads.part(upload, 50, lambda: None, lambda: None)  # (not where a part began)
