@@ -51,6 +51,11 @@ Where each step comes from in Ollama's sources (``server/images.go`` ``PushModel
    A failed part (network error or status >= 400) is retried on the same URL after 1 s, 2 s, 4 s, 8 s, 16 s,
    32 s (``maxRetries`` = 6 attempts, a sleep after each failure, the last included); then the push fails
    with ``max retries exceeded: <last error>``.
+
+   The body of every PATCH must be read by the server, whatever it answers (307, 401, 4xx): answering and
+   closing without reading makes Go's write fail (``write: broken pipe``, the answer unseen -- so a 401 never
+   gets a new token) and the part is retried; answering without reading nor closing hangs Go (no timeout).
+   This pusher always sends the whole body before it reads the answer and fails on a write error.
 7. **Commit** (``Run``): ``PUT <last location>`` with the query re-encoded by ``url.Values.Encode`` (existing
    keys such as ``_state`` kept, keys sorted): ``_state=...&digest=sha256%3A<hex>&etag=<hex>-<n>``, where
    the etag is md5 over the concatenated *binary* md5 digests of the parts as sent, then ``-<number of
@@ -549,31 +554,25 @@ class _Pusher:
             for name, value in headers:
                 conn.putheader(name, value)
             conn.endheaders()
-            try:
-                if body is not None and body.data is not None:
-                    conn.send(body.data)
-                    md5.update(body.data)
-                    sent = len(body.data)
-                elif body is not None and body.path is not None and body.size > 0:
-                    with body.path.open("rb") as fh:
-                        fh.seek(body.offset)
-                        remaining = body.size
-                        while remaining > 0:
-                            chunk = fh.read(min(SEND_CHUNK, remaining))
-                            if not chunk:
-                                raise PushError(f"{body.path}: unexpected end of file")
-                            conn.send(chunk)
-                            md5.update(chunk)
-                            sent += len(chunk)
-                            remaining -= len(chunk)
-            except OSError as send_error:
-                # Go returns the server's answer when it came before the whole body was written.
-                try:
-                    resp = conn.getresponse()
-                except (OSError, http.client.HTTPException):
-                    raise send_error from None
-            else:
-                resp = conn.getresponse()
+            # A write error is the request's error, even if the server answered before it stopped reading
+            # and closed: Go's transport then fails too ("write: broken pipe"), most of the time.
+            if body is not None and body.data is not None:
+                conn.send(body.data)
+                md5.update(body.data)
+                sent = len(body.data)
+            elif body is not None and body.path is not None and body.size > 0:
+                with body.path.open("rb") as fh:
+                    fh.seek(body.offset)
+                    remaining = body.size
+                    while remaining > 0:
+                        chunk = fh.read(min(SEND_CHUNK, remaining))
+                        if not chunk:
+                            raise PushError(f"{body.path}: unexpected end of file")
+                        conn.send(chunk)
+                        md5.update(chunk)
+                        sent += len(chunk)
+                        remaining -= len(chunk)
+            resp = conn.getresponse()
             lengths = [v.strip() for v in resp.msg.get_all("Content-Length") or []]
             if len(set(lengths)) > 1:
                 got = " ".join(json.dumps(v) for v in lengths)
