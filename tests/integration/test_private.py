@@ -18,8 +18,10 @@ import pytest
 from tests.integration.helpers import UPSTREAM_SETTINGS, registry_error_code, wait_until
 from tests.support.daemon import MirrorDaemon, MirrorFactory
 from tests.support.faultproxy import FaultProxy
-from tests.support.models import MiB, Response, http_request
+from tests.support.models import MiB, Response, build_model, http_request
 from tests.support.ollamakey import OllamaKey, parse_challenge, token_url
+from tests.support.puller import pull
+from tests.support.pusher import push
 
 pytestmark = pytest.mark.usefixtures("models_dir_stays_valid")
 
@@ -245,3 +247,40 @@ def test_a_part_cut_off_midway_can_be_sent_again_and_a_killed_daemon_publishes_n
     wait_until(lambda: not list(uploads.iterdir()), 10.0, "the unfinished upload removed at start")
     assert not (push_mirror.cache_dir / "blobs" / ("sha256-" + hashlib.sha256(other).hexdigest())).exists()
     assert (push_mirror.cache_dir / "blobs" / ("sha256-" + digest.removeprefix("sha256:"))).exists()
+
+
+# --- whole pushes, as the Go Ollama server makes them (tests.support.pusher), then pulled back ---------
+
+
+def test_a_push_as_ollama_makes_it_then_a_pull_as_ollama_makes_it(
+    push_mirror: MirrorDaemon, pusher_key: OllamaKey, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    model = build_model(tmp_path / "models", size=6 * MiB, seed=31, name="pushed")
+    proxy.clear_records()
+    first = push(
+        push_mirror.url, "team/pushed", "v1", model, key=pusher_key, part_size_min=MiB, part_size_max=2 * MiB
+    )
+    assert first.manifest_status == 201 and first.token_requests >= 1
+    patches = first.requests_for(method="PATCH")
+    assert len(patches) >= 3 and all(r.status == 202 for r in patches)  # the model layer in parts
+    assert set(first.uploaded) == {blob.digest for blob in model.blobs}
+
+    again = push(push_mirror.url, "team/pushed", "v1", model, key=pusher_key)
+    assert again.uploaded == [] and set(again.skipped) == {blob.digest for blob in model.blobs}
+    derived = push(  # a model created FROM it: Ollama mounts the layers it shares
+        push_mirror.url,
+        "team/derived",
+        "v1",
+        model,
+        key=pusher_key,
+        from_names={model.model_layer.digest: "team/pushed:v1"},
+    )
+    assert derived.manifest_status == 201
+
+    pulled = pull(
+        push_mirror.url, "team/pushed", "v1", tmp_path / "puller", part_size_min=MiB, part_size_max=2 * MiB
+    )
+    assert {digest for digest, _, _ in pulled.blobs} == {
+        blob.digest for blob in model.blobs
+    }  # (sha256 checked)
+    assert [r for r in proxy.records() if r.path != "/v2/"] == []  # nothing of it upstream
