@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.integration.helpers import UPSTREAM_SETTINGS, registry_error_code, wait_until
+from tests.support.cli import run_cli
 from tests.support.daemon import MirrorDaemon, MirrorFactory
 from tests.support.faultproxy import FaultProxy
 from tests.support.models import MiB, Response, build_model, http_request
@@ -284,3 +285,27 @@ def test_a_push_as_ollama_makes_it_then_a_pull_as_ollama_makes_it(
         blob.digest for blob in model.blobs
     }  # (sha256 checked)
     assert [r for r in proxy.records() if r.path != "/v2/"] == []  # nothing of it upstream
+
+
+def test_a_pushed_model_travels_in_an_export_bundle(
+    push_mirror: MirrorDaemon,
+    pusher_key: OllamaKey,
+    mirror_factory: MirrorFactory,
+    proxy: FaultProxy,
+    tmp_path: Path,
+) -> None:
+    model = build_model(tmp_path / "models", size=2 * MiB, seed=32, name="travels")
+    push(push_mirror.url, "team/travels", "v1", model, key=pusher_key, part_size_min=MiB, part_size_max=MiB)
+    push_mirror.stop()
+    bundle = tmp_path / "team.tar"
+    exported = run_cli(
+        "export", "team/travels:v1", "-o", str(bundle), "--cache-dir", str(push_mirror.cache_dir)
+    )
+    assert exported.returncode == 0, exported.stderr
+    site = tmp_path / "site"
+    imported = run_cli("import", str(bundle), "--cache-dir", str(site))
+    assert imported.returncode == 0, imported.stderr
+    config = {"upstream": UPSTREAM_SETTINGS, "private": {"namespaces": ["team"]}}
+    elsewhere = mirror_factory(upstream_url=proxy.url, config=config, cache_dir=site)
+    pulled = pull(elsewhere.url, "team/travels", "v1", tmp_path / "puller")
+    assert {digest for digest, _, _ in pulled.blobs} == {blob.digest for blob in model.blobs}
