@@ -139,8 +139,11 @@ class ManifestCache:
         return await running.wait()
 
     async def _private_tag(self, name: ModelName) -> Manifest:
-        """A pushed tag: what is here, or unknown (there is no upstream to ask)."""
+        """A pushed tag: what is here (or in a cluster's shared storage), or unknown (there is no upstream
+        to ask)."""
         data = await self._runner.run(self._store.read_manifest, name)
+        if data is None and self._shared is not None:  # (pushed to another node of the cluster)
+            data = await self._from_shared(name)
         if data is None:
             raise ManifestUnknown(f"manifest unknown: {name} (a private model that was never pushed)")
         self._remember_sizes(data)

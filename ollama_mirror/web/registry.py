@@ -38,6 +38,7 @@ from ..names import (
     is_tag,
     parse_digest,
 )
+from ..private.source import NoUpstream
 from ..upstream.client import AsClient, Upstream, ollama_agent
 from ..upstream.errors import UpstreamError
 from ..upstream.hosts import Upstreams
@@ -172,11 +173,11 @@ class RegistryApi:
         fill = self._fetches.active(hexdigest)
         if fill is not None:
             return fill.size, fill
-        if name.namespace in self._private:
-            raise RegistryError(404, "BLOB_UNKNOWN", f"blob unknown: sha256:{hexdigest}")
         known = self._manifests.blob_sizes.get(hexdigest)
         if known is not None:
             return known, None
+        if name.namespace in self._private:  # (never asked of an upstream)
+            raise RegistryError(404, "BLOB_UNKNOWN", f"blob unknown: sha256:{hexdigest}")
         try:
             return await upstream.blob_size(name.repository, "sha256:" + hexdigest), None
         except UpstreamError as e:
@@ -254,7 +255,9 @@ class RegistryApi:
         first, last = (0, size - 1) if wanted is None else wanted
         streaming = request.method != b"HEAD" and last >= first
         if streaming and fill is None and self._blobs.blob_size(hexdigest) is None:
-            fill = self._fetches.fill(hexdigest, size, name.repository, upstream)
+            # (a private model's blob only from a cluster's shared storage, never from an upstream)
+            source = NoUpstream() if name.namespace in self._private else upstream
+            fill = self._fetches.fill(hexdigest, size, name.repository, source)
         fd: int | Callable[[], int] = -1
         if streaming:
             if fill is not None:

@@ -21,7 +21,10 @@ from tests.integration.helpers import UPSTREAM_SETTINGS, fetch, pull_into_cache,
 from tests.support.cli import run_cli
 from tests.support.daemon import MirrorDaemon, MirrorFactory
 from tests.support.faultproxy import FaultProxy
-from tests.support.models import PushedModel
+from tests.support.models import MiB, PushedModel, build_model
+from tests.support.ollamakey import OllamaKey
+from tests.support.puller import pull
+from tests.support.pusher import push
 from tests.support.redisserver import RedisServer
 from tests.support.registry import free_port
 from tests.support.s3server import S3Server
@@ -281,3 +284,38 @@ def test_a_node_joining_with_a_full_cache_shares_it_and_workers_share_one_place_
     wait_until(lambda: listed(fresh) == sorted([joined.url, fresh.url]), 10.0, "both nodes, once each")
     for _ in range(4):  # (whichever worker answers)
         assert listed(joined) == sorted([joined.url, fresh.url])
+
+
+def test_a_model_pushed_to_one_node_is_pulled_from_another(
+    mirror_factory: MirrorFactory,
+    proxy: FaultProxy,
+    s3_server: S3Server,
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    key = OllamaKey("pusher@test")
+    keys = tmp_path / "push_keys"
+    keys.write_text(key.public_line() + "\n")
+    cluster = cluster_section(s3_server, redis_server.url)
+    private = {"namespaces": ["team"], "push_authorized_keys": str(keys)}
+    nodes = []
+    for _ in range(2):
+        port = free_port()
+        config = {
+            "upstream": UPSTREAM_SETTINGS,
+            "cluster": {**cluster, "node_url": f"http://127.0.0.1:{port}"},
+            "security": {"signing_secret": SECRET},
+            "private": private,
+        }
+        nodes.append(mirror_factory(upstream_url=proxy.url, config=config, port=port))
+    model = build_model(tmp_path / "models", size=3 * MiB, seed=41, name="ours")
+    push(nodes[0].url, "team/ours", "v1", model, key=key, part_size_min=MiB, part_size_max=2 * MiB)
+    prefix = cluster["storage_url"].split("/", 3)[3]
+    manifest_key = f"/{s3_server.bucket}/{prefix}/manifests/registry.ollama.ai/team/ours/v1"
+    wait_until(lambda: s3_server.request("HEAD", manifest_key).status == 200, 30.0, "the pushed model shared")
+    proxy.clear_records()
+    pulled = pull(
+        nodes[1].url, "team/ours", "v1", tmp_path / "puller", part_size_min=MiB, part_size_max=2 * MiB
+    )
+    assert {digest for digest, _, _ in pulled.blobs} == {blob.digest for blob in model.blobs}
+    assert proxy.records("/v2/team") == []  # from the shared storage, never from an upstream
