@@ -12,7 +12,8 @@ What it does (every figure a ratio against a baseline measured in the same run):
    one bucket, and node A: the real daemon (``twistd -n ollama-mirror``) with ``cluster.storage_url``
    ``s3://BUCKET/bench`` and the registry as its upstream; pulls the model through A (manifest, then
    every blob) and waits until the shared store lists the model layer and the manifest (botocore), then
-   stops A;
+   stops A, and reads the blob once straight from S3, untimed (the first read of an object after its
+   upload is slower, and would fall on the first round's baseline);
 2. the baseline: a Go-style 16-part ranged read of that blob object straight from S3 (presigned GET URLs,
    ``bench/_worker.py ranged`` in a process of its own, the sha256 checked after the clock stops);
 3. the measured case: node B, a fresh daemon with an empty cache directory and the same cluster
@@ -417,6 +418,14 @@ class ClusterBench(Bench):
             f"in the shared store after {shared:.2f} s"
         )
 
+    def warm_up(self, model: PushedModel) -> None:
+        """One untimed 16-part read of the blob straight from S3 before the rounds: the first read of the
+        object after its upload is slower (SeaweedFS), and the first round's baseline would pay it."""
+        layer = model.model_layer
+        report = self.ranged(self.presigned(layer.hex), layer.size, layer.digest)
+        self.setup["s3_warm_up_s"] = report["elapsed"]
+        print(f"- warm-up: one untimed ranged read straight from S3, {report['elapsed']:.2f} s")
+
     def node_step(
         self, model: PushedModel, name: str, client: str, label: str, baseline: str, redirect: bool = False
     ) -> Sample:
@@ -554,6 +563,7 @@ class ClusterBench(Bench):
             model = self.build_and_push(REPO, self.args.size_mib, 1)
             self.start_s3()
             self.fill_cluster(model)
+            self.warm_up(model)
             for round_ in range(self.args.repeat):
                 self.round_number = round_ + 1
                 if self.args.repeat > 1:
