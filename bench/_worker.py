@@ -1,11 +1,16 @@
 """Helper processes for the benchmarks (``bench/pull_1g.py``, ``bench/push.py``...): each runs in a process of
 its own, so that no client or proxy shares an interpreter (and a GIL) with another part of the measurement.
 
-``python bench/_worker.py ranged URL SIZE DEST [--parts N | --go-parts] [--digest D] [--timeout S]``
+``python bench/_worker.py ranged URL SIZE DEST [--parts N | --go-parts] [--digest D] [--discover] ...``
     Go-style parallel ranged GETs of ``URL`` (``tests.support.puller.pull_blob_ranged``) into ``DEST``;
     prints one JSON line: ``elapsed`` (the ranged download only), ``bytes``, ``parts``, the status codes
     seen, retries, and, with ``--digest``, whether the file's sha256 matched (checked after the clock
-    stopped).
+    stopped). With ``--discover``, ``URL`` is a registry's blob URL and the client first does what Ollama
+    does before its ranges (the puller's steps 2 and 3): ``HEAD`` for the size (which must be ``SIZE``;
+    before the clock), then the discovery ``GET`` without ``Range`` (redirects followed only to the same
+    host name, the connection hung up at once), whose ``Location`` the ranged GETs then go to; ``elapsed``
+    then runs from the discovery ``GET`` to the last byte, and the report adds the HEAD's and the
+    discovery's status, seconds and headers and the ``Location``.
 
 ``python bench/_worker.py proxy UPSTREAM --rate BYTES_PER_S``
     A ``tests.support.faultproxy.FaultProxy`` in front of ``UPSTREAM`` with ``throttle(rate)`` per connection;
@@ -39,7 +44,17 @@ if str(REPO_ROOT) not in sys.path:
 
 from tests.support.faultproxy import FaultProxy  # noqa: E402
 from tests.support.ollamakey import OllamaKey, parse_challenge, token_url  # noqa: E402
-from tests.support.puller import GO_MAX_PART_SIZE, GO_MIN_PART_SIZE, PullError, pull_blob_ranged  # noqa: E402
+from tests.support.puller import (  # noqa: E402
+    DEFAULT_USER_AGENT,
+    DISCOVERY_TIMEOUT,
+    GO_MAX_PART_SIZE,
+    GO_MIN_PART_SIZE,
+    PullError,
+    _discover,
+    _head_size,
+    _Log,
+    pull_blob_ranged,
+)
 
 HASH_READ = 4 * 2**20
 
@@ -60,9 +75,14 @@ def run_ranged(args: argparse.Namespace) -> int:
         part_min = part_max = max(1, -(-size // args.parts))
     dest = Path(args.dest)
     cpu0 = time.process_time()
+    url: str = args.url
+    started: float | None = None  # (with --discover: when the discovery GET was sent)
+    discovery: dict[str, object] = {}
     try:
+        if args.discover:
+            url, started, discovery = discover(args.url, size, args.timeout)
         result = pull_blob_ranged(
-            args.url,
+            url,
             size,
             dest,
             part_size_min=part_min,
@@ -70,21 +90,61 @@ def run_ranged(args: argparse.Namespace) -> int:
             stall_timeout=args.stall_timeout,
             timeout=args.timeout,
         )
-    except PullError as exc:
-        print(json.dumps({"error": str(exc)}))
+    except (PullError, OSError, http.client.HTTPException) as exc:
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}", **discovery}))
         return 1
+    ended = time.monotonic()
     report: dict[str, object] = {
-        "elapsed": result.elapsed,
+        "elapsed": result.elapsed if started is None else ended - started,
         "bytes": sum(p.completed for p in result.parts),
         "parts": len(result.parts),
         "statuses": sorted({s for p in result.parts for s in p.statuses}),
         "retries": sum(max(0, p.attempts - 1) for p in result.parts),
         "cpu_s": time.process_time() - cpu0,
     }
+    if args.discover:
+        report["ranged_elapsed"] = result.elapsed
+        report.update(discovery)
     if args.digest:
         report["digest_ok"] = file_digest(dest) == args.digest
     print(json.dumps(report))
     return 0
+
+
+def discover(blob_url: str, size: int, timeout: float) -> tuple[str, float, dict[str, object]]:
+    """Ollama's steps before its ranged GETs (``tests.support.puller``'s steps 2 and 3): ``HEAD`` for the
+    size (not timed), then the discovery ``GET`` without ``Range``; the URL the ranges go to, the monotonic
+    time the discovery ``GET`` was sent, and what was seen."""
+    log = _Log()
+    headers = [("User-Agent", DEFAULT_USER_AGENT)]
+    head_started = time.monotonic()
+    head_size = _head_size(blob_url, headers, log=log, ssl_context=None, timeout=min(timeout, 30.0))
+    head_s = time.monotonic() - head_started
+    if head_size != size:
+        raise PullError(f"HEAD {blob_url}: Content-Length {head_size}, expected {size}")
+    started = time.monotonic()
+    location = _discover(
+        blob_url,
+        headers,
+        log=log,
+        ssl_context=None,
+        discovery_timeout=min(timeout, DISCOVERY_TIMEOUT),
+        newer_discovery=False,
+    )
+    discovery_s = time.monotonic() - started
+    entries = log.entries()
+    head = next(e for e in entries if e.method == "HEAD")
+    gets = [e for e in entries if e.method == "GET"]
+    seen: dict[str, object] = {
+        "head_status": head.status,
+        "head_s": head_s,
+        "head_headers": head.headers,
+        "discovery_statuses": [e.status for e in gets],  # one per hop (and per retry)
+        "discovery_headers": gets[-1].headers if gets else {},
+        "discovery_s": discovery_s,
+        "location": location,
+    }
+    return location, started, seen
 
 
 def run_proxy(args: argparse.Namespace) -> int:
@@ -323,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     ranged.add_argument("--parts", type=int, default=16)
     ranged.add_argument("--go-parts", action="store_true", help="Go's clamp(size/16, 100 MB, 1000 MB)")
     ranged.add_argument("--digest", default="")
+    ranged.add_argument(
+        "--discover",
+        action="store_true",
+        help="URL is a registry blob URL: HEAD it, then read the discovery GET's Location (as Ollama)",
+    )
     ranged.add_argument("--timeout", type=float, default=600.0)
     ranged.add_argument("--stall-timeout", type=float, default=30.0)
     proxy = sub.add_parser("proxy", help="a throttling FaultProxy in front of UPSTREAM")

@@ -12,22 +12,35 @@ What it does (every figure a ratio against a baseline measured in the same run):
    one bucket, and node A: the real daemon (``twistd -n ollama-mirror``) with ``cluster.storage_url``
    ``s3://BUCKET/bench`` and the registry as its upstream; pulls the model through A (manifest, then
    every blob) and waits until the shared store lists the model layer and the manifest (botocore), then
-   stops A;
+   stops A, and reads the blob once straight from S3, untimed (the first read of an object after its
+   upload is slower, and would fall on the first round's baseline);
 2. the baseline: a Go-style 16-part ranged read of that blob object straight from S3 (presigned GET URLs,
    ``bench/_worker.py ranged`` in a process of its own, the sha256 checked after the clock stops);
 3. the measured case: node B, a fresh daemon with an empty cache directory and the same cluster
    configuration; the manifest is fetched from B, then the same 16-part ranged client pulls the blob
    through B; the registry's log gives what it sent for the blob during the whole step (manifest
-   included), which must be 0; then a single-stream ``curl`` through a third fresh node C against a
-   single-stream ``curl`` of a presigned URL straight from S3;
-4. prints a table (seconds, MiB/s, node time / direct-S3 time for the same client, node speed / direct-S3
-   speed, upstream blob bytes and requests during the node's step, the daemon's CPU seconds) and whether
-   the target is met: a node reads a blob the cluster holds at >= 0.8x the speed of a direct S3 read
-   (throughput ratio); ``--out`` gets every sample as JSON.
+   included), which must be 0;
+4. the redirect case: node D, a fresh daemon with an empty cache directory, the same cluster configuration
+   plus ``cluster.redirect_to_storage`` and the S3 endpoint named ``http://localhost:PORT`` (the client
+   asks the node at ``127.0.0.1``: a node does not redirect to the host name it was asked by); after the
+   manifest, the client does what Ollama does (``bench/_worker.py ranged --discover``): ``HEAD`` of the
+   blob on D for the size (untimed), the discovery ``GET`` without ``Range``, which D answers ``307`` to a
+   presigned URL, then the same 16 ranged GETs on that ``Location``; timed from the discovery ``GET`` to
+   the last byte, the sha256 checked after the clock, against the same direct-S3 read of the round. It
+   checks that D sent no byte of the blob itself (``bytes_served`` of its ``/mirror/stats`` before and
+   after, and its access log: ``HEAD`` 200 and ``GET`` 307 with 0 bytes), read none from the store, and
+   kept no file of it in its cache directory, and that the ``Location`` names the store;
+5. a single-stream ``curl`` through a third fresh node C against a single-stream ``curl`` of a presigned
+   URL straight from S3;
+6. prints a table (seconds, MiB/s, node time / direct-S3 time for the same client, node speed / direct-S3
+   speed and its range over rounds, the blob bytes the node served itself, upstream blob bytes and
+   requests during the node's step, the daemon's CPU seconds) and whether the target is met: a node reads
+   a blob the cluster holds at >= 0.8x the speed of a direct S3 read (throughput ratio), for node B and for
+   node D; ``--out`` gets every sample as JSON.
 
 Every wait has a deadline (``--timeout``); every process started is stopped at the end and the work
-directory removed, even on error or Ctrl-C. ``--repeat N`` repeats steps 2 and 3 (fresh nodes each round)
-and the table shows medians.
+directory removed, even on error or Ctrl-C. ``--repeat N`` repeats steps 2 to 5 (fresh nodes each round)
+and the table shows medians, with the range of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -49,6 +62,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -91,6 +105,10 @@ RESPONSE_LINE = re.compile(r'msg="response completed')
 # The one warning every node logs here: this bench runs no Ollama server behind the nodes (backend.url).
 EXPECTED_WARNING = re.compile(r"\[ollama_mirror\.health#warn\] backend \S+ is not answering")
 COMBINED_LINE = re.compile(r'"(\w+) (\S+) HTTP/[\d.]+" (\d{3}) (\d+)')
+# The node's own access log: ``<client> <method> <uri> <status> <bytes> B <seconds> s cache=<outcome>``.
+NODE_ACCESS_LINE = re.compile(r"\[ollama_mirror\.access#\w+\] \S+ (\w+) (\S+) (\d{3}|-) (\d+) B ")
+DISCOVER = "ranged+discovery"  # the client of the redirect case: Ollama's HEAD and discovery GET, then ranges
+STORE_HOST = "localhost"  # the S3 endpoint's name for the redirecting node (the client asks it at 127.0.0.1)
 
 
 def s3_client(s3: S3Server) -> Any:
@@ -157,6 +175,8 @@ class ClusterBench(Bench):
         self.client: Any = None
         self.setup: dict[str, Any] = {}
         self.cpu: dict[str, float] = {}  # CPU seconds spent while the last client ran
+        self.round_number = 0
+        self._client = ""  # the client of the measurement under way
 
     # -- set-up --------------------------------------------------------------------------------------
 
@@ -169,28 +189,32 @@ class ClusterBench(Bench):
         print(f"S3 (SeaweedFS) up in {time.monotonic() - started:.1f} s at {s3.endpoint}, bucket {BUCKET}")
         return s3
 
-    def cluster_config(self) -> dict[str, Any]:
+    def cluster_config(self, redirect: bool = False) -> dict[str, Any]:
+        """The nodes' cluster settings; *redirect*: plus ``redirect_to_storage``, with the S3 endpoint
+        named ``localhost`` (the node, asked at 127.0.0.1, redirects only to another host name)."""
         assert self.s3 is not None
-        return {
-            "cluster": {
-                "storage_url": f"s3://{BUCKET}/{PREFIX}",
-                "s3_endpoint": self.s3.endpoint,
-                "s3_region": self.s3.region,
-                "s3_access_key_id": self.s3.access_key_id,
-                "s3_secret_access_key": self.s3.secret_access_key,
-            }
+        cluster: dict[str, Any] = {
+            "storage_url": f"s3://{BUCKET}/{PREFIX}",
+            "s3_endpoint": self.s3.endpoint,
+            "s3_region": self.s3.region,
+            "s3_access_key_id": self.s3.access_key_id,
+            "s3_secret_access_key": self.s3.secret_access_key,
         }
+        if redirect:
+            cluster.update(redirect_to_storage=True, s3_endpoint=f"http://{STORE_HOST}:{self.s3.port}")
+        return {"cluster": cluster}
 
     @contextlib.contextmanager
-    def node(self, name: str) -> Iterator[MirrorDaemon]:
-        """A fresh cluster node (empty cache directory) on the registry; on the way out its VmHWM and the
-        warnings and errors in its log are recorded, it is stopped and its directory deleted."""
+    def node(self, name: str, redirect: bool = False) -> Iterator[MirrorDaemon]:
+        """A fresh cluster node (empty cache directory) on the registry (*redirect*: with
+        ``cluster.redirect_to_storage``); on the way out its VmHWM and the warnings and errors in its log
+        are recorded, it is stopped and its directory deleted."""
         assert self.registry is not None
         root = self.new_dir(name)
         daemon = MirrorDaemon(
             root / "cache",
             self.registry.url,
-            config=self.cluster_config(),
+            config=self.cluster_config(redirect),
             workdir=root / "daemon",
             overrides=self.args.set,
             start=False,
@@ -226,9 +250,21 @@ class ClusterBench(Bench):
         assert self.s3 is not None
         return sum(proc_cpu_s(pid) or 0.0 for pid in self.s3.pids.values())
 
-    def ranged(self, url: str, size: int, digest: str) -> dict[str, Any]:
+    def measure(self, **kwargs: Any) -> Sample:
+        """pull_1g's ``measure``; the client ``DISCOVER`` is the ranged one with Ollama's discovery first,
+        and each sample records its round."""
+        self._client = kwargs["client"]
+        try:
+            sample = super().measure(**kwargs)
+        finally:
+            self._client = ""
+        sample.extra["round"] = self.round_number
+        return sample
+
+    def ranged(self, url: str, size: int, digest: str, *, discover: bool = False) -> dict[str, Any]:
         machine0, weed0 = busy_cpu_s(), self.weed_cpu_s()
-        report: dict[str, Any] = super().ranged(url, size, digest)
+        discover = discover or self._client == DISCOVER
+        report: dict[str, Any] = super().ranged(url, size, digest, discover=discover)
         self.cpu = {"machine_cpu_s": busy_cpu_s() - machine0, "s3_cpu_s": self.weed_cpu_s() - weed0}
         return report
 
@@ -296,6 +332,31 @@ class ClusterBench(Bench):
             raise BenchError(f"manifest from {daemon.url}: HTTP {response.status}, {body[:300]!r}")
         return time.monotonic() - started
 
+    def node_stats(self, daemon: MirrorDaemon) -> dict[str, Any]:
+        """The node's ``/mirror/stats`` document."""
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=min(30.0, self.args.timeout))
+        try:
+            conn.request("GET", "/mirror/stats")
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        if response.status != 200:
+            raise BenchError(f"{daemon.url}/mirror/stats: HTTP {response.status}, {body[:300]!r}")
+        stats: dict[str, Any] = json.loads(body)
+        return stats
+
+    def node_access_since(self, daemon: MirrorDaemon, offset: int, path: str) -> list[dict[str, Any]]:
+        """The node's access-log lines for *path* since *offset* in its log: method, status, bytes."""
+        with daemon.log_path.open("rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode("utf-8", "replace")
+        return [
+            {"method": m.group(1), "status": m.group(3), "sent": int(m.group(4))}
+            for m in NODE_ACCESS_LINE.finditer(text)
+            if m.group(2) == path
+        ]
+
     def upstream_since(self, offset: int) -> list[dict[str, Any]]:
         """Every request the registry answered since ``offset`` in its log: method, URI, status, bytes."""
         assert self.registry is not None
@@ -357,14 +418,31 @@ class ClusterBench(Bench):
             f"in the shared store after {shared:.2f} s"
         )
 
-    def node_step(self, model: PushedModel, name: str, client: str, label: str, baseline: str) -> Sample:
+    def warm_up(self, model: PushedModel) -> None:
+        """One untimed 16-part read of the blob straight from S3 before the rounds: the first read of the
+        object after its upload is slower (SeaweedFS), and the first round's baseline would pay it."""
+        layer = model.model_layer
+        report = self.ranged(self.presigned(layer.hex), layer.size, layer.digest)
+        self.setup["s3_warm_up_s"] = report["elapsed"]
+        print(f"- warm-up: one untimed ranged read straight from S3, {report['elapsed']:.2f} s")
+
+    def node_step(
+        self, model: PushedModel, name: str, client: str, label: str, baseline: str, redirect: bool = False
+    ) -> Sample:
         """A fresh node: its manifest, then the blob through it with *client*; what the registry sent
-        during the whole step (node start, manifest, blob) is recorded with the sample."""
+        during the whole step (node start, manifest, blob) is recorded with the sample, and what the node
+        served itself for the blob meanwhile (its ``/mirror/stats`` and its access log). *redirect*: the
+        node has ``cluster.redirect_to_storage`` and the client reads the blob from the discovery's
+        ``Location`` (the node must send none of it, nor keep a copy)."""
         assert self.registry is not None
         layer = model.model_layer
+        blob_path = f"/v2/{model.repo}/blobs/{layer.digest}"
         offset = self.registry.log_offset()
-        with self.node(name) as daemon:
+        with self.node(name, redirect=redirect) as daemon:
             manifest_s = self.get_manifest(daemon, model)
+            stats0 = self.node_stats(daemon)
+            log_offset = daemon.log_path.stat().st_size
+            cpu0 = tree_total(daemon.pid, proc_cpu_s)
             profiler = None
             try:
                 if self.args.py_spy is not None:
@@ -377,20 +455,44 @@ class ClusterBench(Bench):
                     label=label,
                     group="cluster",
                     client=client,
-                    url=f"{daemon.url}/v2/{model.repo}/blobs/{layer.digest}",
+                    url=daemon.url + blob_path,
                     model=model,
                     baseline=baseline,
-                    daemon=daemon,
+                    # (measure waits for the blob in the node's cache: a redirecting node has none)
+                    daemon=None if redirect else daemon,
                 )
             finally:
                 if profiler is not None:
                     profiler.stop()
+            if redirect:  # what measure records for a node that streams
+                cpu1 = tree_total(daemon.pid, proc_cpu_s)
+                if cpu0 is not None and cpu1 is not None:
+                    sample.daemon_cpu_s = cpu1 - cpu0
+                sample.rss_mb = vm_hwm_mb(daemon.pid)
             sample.extra.update(self.cpu, client_cpu_s=sample.extra["client"].get("cpu_s"))
             if profiler is not None:
                 sample.extra["profile"] = str(profiler.output)
-            time.sleep(0.3)  # the registry logs a response once it has finished it
+            time.sleep(0.3)  # the registry (and the node) log a response once it has finished it
+            stats1 = self.node_stats(daemon)
+            access = self.node_access_since(daemon, log_offset, blob_path)
+            kept = sorted(
+                str(f.relative_to(daemon.cache_dir)) for f in daemon.cache_dir.rglob(f"*{layer.hex}*")
+            )
+            sample.extra.update(
+                {
+                    "node_bytes_served": stats1["bytes_served"]["total"] - stats0["bytes_served"]["total"],
+                    "node_bytes_from_storage": (
+                        stats1["bytes_from_cluster"].get("storage", 0)
+                        - stats0["bytes_from_cluster"].get("storage", 0)
+                    ),
+                    "node_access": access,
+                    "node_access_blob_bytes": sum(line["sent"] for line in access),
+                    "node_blob_files": kept,
+                }
+            )
+            if redirect:
+                self.check_redirect(sample)
             requests = self.upstream_since(offset)
-            blob_path = f"/v2/{model.repo}/blobs/{layer.digest}"
             sample.upstream_bytes = sum(r["written"] for r in requests if r["uri"] == blob_path)
             sample.upstream_requests = len(requests)
             sample.extra.update(
@@ -401,6 +503,29 @@ class ClusterBench(Bench):
                 }
             )
         return sample
+
+    def check_redirect(self, sample: Sample) -> None:
+        """The redirect case as it must go: the discovery answered 307 to the store (not the node), and the
+        node sent no blob bytes, read none from the store and kept no copy; any miss is printed and
+        recorded (``redirect_problems``), the table's figures stay."""
+        report = sample.extra["client"]
+        location = urlsplit(str(report.get("location", "")))
+        problems = []
+        if report.get("discovery_statuses") != [307]:
+            problems.append(f"discovery statuses {report.get('discovery_statuses')} (expected [307])")
+        assert self.s3 is not None
+        if location.hostname != STORE_HOST or location.port != self.s3.port:
+            problems.append(f"Location {location.geturl()[:120]} is not the store's")
+        for key in ("node_bytes_served", "node_access_blob_bytes", "node_bytes_from_storage"):
+            if sample.extra[key] != 0:
+                problems.append(f"{key} = {sample.extra[key]} (expected 0)")
+        if sample.extra["node_blob_files"]:
+            problems.append(f"the node's cache holds {sample.extra['node_blob_files']}")
+        if [line["status"] for line in sample.extra["node_access"]] != ["200", "307"]:
+            problems.append(f"the node's access log for the blob: {sample.extra['node_access']}")
+        sample.extra["redirect_problems"] = problems
+        for problem in problems:
+            print(f"  redirect case: {problem}")
 
     def direct(self, model: PushedModel, name: str, client: str, label: str) -> Sample:
         """The same client straight from S3, on a presigned URL of the blob object."""
@@ -421,6 +546,14 @@ class ClusterBench(Bench):
         ranged = self.ranged_label
         self.direct(model, "s3.ranged", "ranged", f"direct S3 (presigned), {ranged}")
         self.node_step(model, "node_b.ranged", "ranged", f"node B (fresh), {ranged}", "s3.ranged")
+        self.node_step(
+            model,
+            "node_d.redirect",
+            DISCOVER,
+            f"node D (fresh, redirect_to_storage), discovery + {ranged}",
+            "s3.ranged",
+            redirect=True,
+        )
         self.direct(model, "s3.curl", "curl", "direct S3 (presigned), curl")
         self.node_step(model, "node_c.curl", "curl", "node C (fresh), curl", "s3.curl")
 
@@ -430,7 +563,9 @@ class ClusterBench(Bench):
             model = self.build_and_push(REPO, self.args.size_mib, 1)
             self.start_s3()
             self.fill_cluster(model)
+            self.warm_up(model)
             for round_ in range(self.args.repeat):
+                self.round_number = round_ + 1
                 if self.args.repeat > 1:
                     print(f"\n=== round {round_ + 1} of {self.args.repeat}")
                 self.round(model)
@@ -449,6 +584,7 @@ def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
             names.append(s.name)
         by_name.setdefault(s.name, []).append(s)
     seconds = {name: statistics.median(s.seconds for s in group) for name, group in by_name.items()}
+    by_round = {(s.name, s.extra.get("round")): s.seconds for s in samples}
     rows: list[dict[str, Any]] = []
     for name in names:
         group = by_name[name]
@@ -460,6 +596,16 @@ def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
         cpu = [s.daemon_cpu_s for s in group if s.daemon_cpu_s is not None]
         rss = [s.rss_mb for s in group if s.rss_mb is not None]
         speed = base / secs if base and secs > 0 else None
+        # the same ratio round by round (each node against the direct read of its own round)
+        speeds = [
+            by_round[(first.baseline, s.extra.get("round"))] / s.seconds
+            for s in group
+            if first.baseline and (first.baseline, s.extra.get("round")) in by_round and s.seconds > 0
+        ]
+        node_sent = [
+            s.extra["node_bytes_served"] for s in group if s.extra.get("node_bytes_served") is not None
+        ]
+        problems = [p for s in group for p in s.extra.get("redirect_problems", [])]
 
         def median_extra(key: str, group: list[Sample] = group) -> float | None:
             values = [s.extra[key] for s in group if s.extra.get(key) is not None]
@@ -478,6 +624,9 @@ def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
                 "speed_vs_direct_s3": speed,
                 "target": f">= {TARGET:g}x" if base else None,
                 "ok": (speed >= TARGET) if speed is not None else None,
+                "speed_vs_direct_s3_rounds": speeds,
+                "node_blob_bytes_served": max(node_sent) if node_sent else None,
+                "redirect_problems": problems,
                 "upstream_blob_bytes": max(ups) if ups else None,
                 "upstream_requests": max(reqs) if reqs else None,
                 "daemon_cpu_s": statistics.median(cpu) if cpu else None,
@@ -493,6 +642,14 @@ def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
     return rows
 
 
+def speed_range(speeds: list[float]) -> str:
+    """``min-max`` of the per-round ratios (one round: the ratio)."""
+    if not speeds:
+        return "-"
+    low, high = min(speeds), max(speeds)
+    return f"{low:.2f}" if len(speeds) == 1 else f"{low:.2f}-{high:.2f}"
+
+
 def render_table(rows: list[dict[str, Any]]) -> str:
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -503,8 +660,10 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         "MiB/s",
         "time x S3",
         "speed x S3",
+        "range",
         "target",
         "ok",
+        "node sent B",
         "upstream blob B",
         "upstream reqs",
         "node CPU s",
@@ -519,8 +678,10 @@ def render_table(rows: list[dict[str, Any]]) -> str:
             fmt(row["mib_s"], ".0f"),
             fmt(row["time_vs_direct_s3"], ".2f"),
             fmt(row["speed_vs_direct_s3"], ".2f"),
+            speed_range(row["speed_vs_direct_s3_rounds"]),
             row["target"] or "",
             "" if row["ok"] is None else ("yes" if row["ok"] else "NO"),
+            fmt(row["node_blob_bytes_served"], "d"),
             fmt(row["upstream_blob_bytes"], "d"),
             fmt(row["upstream_requests"], "d"),
             fmt(row["daemon_cpu_s"], ".2f"),
@@ -534,7 +695,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
 
     def line(cells: tuple[str, ...]) -> str:
         padded = (
-            c.ljust(w) if i in (0, 5) else c.rjust(w)
+            c.ljust(w) if i in (0, 6) else c.rjust(w)
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
         return "  ".join(padded).rstrip()
@@ -542,18 +703,36 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in table)])
 
 
-def verdict(rows: list[dict[str, Any]]) -> str | None:
-    """The target, in one line: the 16-part pull through a fresh node against the same from S3."""
+def verdict(rows: list[dict[str, Any]]) -> list[str]:
+    """The target, in one line each: the 16-part pull through a fresh node against the same from S3, and
+    the same client with Ollama's discovery on a fresh node that redirects to the store."""
+    lines = []
     row = next((r for r in rows if r["name"] == "node_b.ranged"), None)
-    if row is None or row["speed_vs_direct_s3"] is None:
-        return None
-    upstream = row["upstream_blob_bytes"]
-    return (
-        f"target: a fresh node serves a blob the cluster holds at >= {TARGET:g}x the speed of a direct S3 "
-        f"read (16-part ranged client): {row['speed_vs_direct_s3']:.2f}x, "
-        f"{'met' if row['ok'] else 'NOT met'}; upstream bytes for the blob during the node's pull: "
-        f"{upstream} ({'ok' if upstream == 0 else 'NOT 0'})"
-    )
+    if row is not None and row["speed_vs_direct_s3"] is not None:
+        upstream = row["upstream_blob_bytes"]
+        lines.append(
+            f"target: a fresh node serves a blob the cluster holds at >= {TARGET:g}x the speed of a direct "
+            f"S3 read (16-part ranged client): {row['speed_vs_direct_s3']:.2f}x "
+            f"(rounds {speed_range(row['speed_vs_direct_s3_rounds'])}), {'met' if row['ok'] else 'NOT met'}; "
+            f"upstream bytes for the blob during the node's pull: {upstream} "
+            f"({'ok' if upstream == 0 else 'NOT 0'})"
+        )
+    row = next((r for r in rows if r["name"] == "node_d.redirect"), None)
+    if row is not None and row["speed_vs_direct_s3"] is not None:
+        sent, upstream, problems = (
+            row["node_blob_bytes_served"],
+            row["upstream_blob_bytes"],
+            row["redirect_problems"],
+        )
+        lines.append(
+            f"redirect_to_storage: a fresh node's 307 to the store, discovery GET to last byte, at "
+            f"{row['speed_vs_direct_s3']:.2f}x the direct S3 read (rounds "
+            f"{speed_range(row['speed_vs_direct_s3_rounds'])}), {'met' if row['ok'] else 'NOT met'}; "
+            f"blob bytes the node sent itself: {sent} ({'ok' if sent == 0 else 'NOT 0'}), "
+            f"upstream: {upstream} ({'ok' if upstream == 0 else 'NOT 0'}); "
+            + ("every check passed" if not problems else f"{len(problems)} checks failed: {problems[:3]}")
+        )
+    return lines
 
 
 # --- command line -------------------------------------------------------------------------------------
@@ -578,7 +757,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--py-spy",
         default=None,
         metavar="EXE",
-        help="profile nodes B and C during their pulls with this py-spy (raw stacks into --keep-logs)",
+        help="profile nodes B, C and D during their pulls with this py-spy (raw stacks into --keep-logs)",
     )
     p.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples per second")
     args = p.parse_args(argv)
@@ -620,15 +799,16 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + render_table(rows))
         print(
             "\ntime x S3 = node seconds / direct-S3 seconds for the same client in the same run (lower is "
-            "better); speed x S3 = its inverse, the throughput ratio the target is stated in; upstream = "
-            "what the registry sent for the blob (bytes) and all requests it answered, from the node's start "
-            "to the end of its pull; node CPU = user+system seconds the node used from the request until "
-            "the blob was in its cache; S3 CPU = what SeaweedFS's four processes used while the client ran; "
-            "all CPU = what the whole machine (every core, every process: the client with its start-up and "
-            "its digest check, and anything else running) used meanwhile."
+            "better); speed x S3 = its inverse, the throughput ratio the target is stated in; range = the "
+            "lowest and highest per-round speed x S3 (each against the direct read of its round); node sent "
+            "= blob bytes the node served itself (its /mirror/stats); upstream = what the registry sent for "
+            "the blob (bytes) and all requests it answered, from the node's start to the end of its pull; "
+            "node CPU = user+system seconds the node used from the request until the blob was in its cache "
+            "(node D, which keeps none: until the client ended); S3 CPU = what SeaweedFS's four processes "
+            "used while the client ran; all CPU = what the whole machine (every core, every process: the "
+            "client with its start-up and its digest check, and anything else running) used meanwhile."
         )
-        line = verdict(rows)
-        if line:
+        for line in verdict(rows):
             print(line)
     for daemon in bench.daemons:
         if daemon.get("log_problems"):

@@ -350,8 +350,10 @@ class Bench:
     def ranged_label(self) -> str:
         return "ranged, Go part sizes" if self.args.go_parts else f"ranged x{self.args.parts}"
 
-    def ranged(self, url: str, size: int, digest: str) -> dict[str, Any]:
-        """The Go-style parallel ranged pull in its own process; returns the worker's report."""
+    def ranged(self, url: str, size: int, digest: str, *, discover: bool = False) -> dict[str, Any]:
+        """The Go-style parallel ranged pull in its own process; returns the worker's report. With
+        *discover*, *url* is a registry blob URL: the worker sends Ollama's HEAD and discovery GET first
+        and reads the ranges from the discovery's ``Location``."""
         dest_dir = self.new_dir("pulled")
         cmd = [
             sys.executable,
@@ -366,6 +368,7 @@ class Bench:
             str(self.args.timeout),
         ]
         cmd += ["--go-parts"] if self.args.go_parts else ["--parts", str(self.args.parts)]
+        cmd += ["--discover"] if discover else []
         try:
             out = run_bounded(f"ranged pull of {url}", cmd, self.args.timeout + 30)
         finally:
