@@ -120,9 +120,14 @@ class ChunkWriter(TxProtocol):
         elif self.failure is not None:
             self.done.errback(self.failure)
         elif reason.check(ResponseDone):
-            self.done.errback(UpstreamError("upstream body ended early", kind="protocol"))
+            self.done.errback(UpstreamError(f"{self._source()} body ended early", kind="protocol"))
         else:
-            self.done.errback(UpstreamError(f"upstream connection lost: {reason.getErrorMessage()}"))
+            self.done.errback(UpstreamError(f"{self._source()} connection lost: {reason.getErrorMessage()}"))
+
+    def _source(self) -> str:
+        """Where the body came from, for errors: ``upstream``, or in a cluster the store or another node."""
+        origin = str(getattr(self.sink, "origin", "upstream"))
+        return "upstream" if origin == "upstream" else f"{origin}:"
 
     def stop(self) -> None:
         self._abort(FillFailed("download stopped"))
