@@ -343,7 +343,8 @@ class Mirror:
         if self.config.cache.prefetch and maintenance:
             services.append(self.prefetch_service())
         if self.uploads is not None:
-            services.append(self.uploads.service(clear_leftovers=maintenance))
+            idle = 0.0 if self.config.server.workers == 1 else 60.0  # (others' sessions may be live)
+            services.append(self.uploads.service(clear_leftovers=maintenance, leftovers_idle=idle))
         return [
             *services,
             *(self.cluster.services_of(maintenance) if self.cluster else []),

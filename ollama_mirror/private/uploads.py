@@ -8,6 +8,11 @@ while more than :data:`MAX_PENDING` bytes wait.  A commit publishes the file int
 sha256 is the digest named (``DIGEST_INVALID`` otherwise, and nothing is kept); a session idle for
 ``private.upload_timeout`` is removed, and so is every session file left at start (a daemon killed
 mid-upload publishes nothing).
+
+With ``server.workers``, a session's requests may reach any worker process: the session is its file
+(``uploads/<id>``) and a note of its repository (``uploads/<id>.repo``), so any worker takes it up.  The
+worker that received every byte so far hashes as they come; one that finds bytes it did not write (another
+worker's) hashes the file at the commit instead.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +39,7 @@ from ..runner import Runner
 log = Logger(namespace="ollama_mirror.private")
 
 MAX_PENDING = 8 * 2**20  # bytes of a part waiting for the disk before the connection stops reading
+NOTE = ".repo"  # beside a session's file: the repository it pushes to (any worker process takes it up)
 
 
 class UploadError(Exception):
@@ -55,7 +62,8 @@ class Upload:
     fd: int
     touched: float
     size: int = 0
-    hasher: Any = field(default_factory=hashlib.sha256)
+    hasher: Any = field(default_factory=hashlib.sha256)  # None: another worker wrote too (hashed at commit)
+    written_end: int = 0  # the file's end as this process left it (another size: another worker wrote)
     writer: PartWriter | None = None  # the part being received, if any
     failure: str | None = None  # why the session cannot go on (a write failed)
     starts: dict[int, Any] = field(default_factory=dict)  # where each part began -> the hash there
@@ -63,7 +71,17 @@ class Upload:
     def rewind(self, offset: int) -> None:
         """Go back to the start of a part taken before (the client sends it again: its answer was lost);
         what follows it is written over, and cut at the commit."""
-        self.size, self.hasher = offset, self.starts[offset].copy()
+        self.size = offset
+        known = self.starts.get(offset)
+        self.hasher = known.copy() if known is not None else None
+
+    def catch_up(self) -> None:
+        """Take in what other worker processes wrote to the session's file since this one did."""
+        end = os.fstat(self.fd).st_size
+        if end != self.written_end:
+            self.size = self.written_end = end
+            self.hasher = None
+            self.starts = {}
 
 
 class Uploads:
@@ -88,15 +106,21 @@ class Uploads:
         self._sessions: dict[str, Upload] = {}
         self._committed: dict[str, tuple[str, str, float]] = {}  # id -> (repository, hex digest, when)
 
-    def clear_leftovers(self) -> int:
-        """(at start) Remove the files of sessions a previous run left: they can never be committed."""
+    def clear_leftovers(self, idle: float = 0.0) -> int:
+        """(thread) Remove the files of sessions no process of this daemon uses: at start, those a previous
+        run left (they can never be committed); with several workers, only those idle for *idle* seconds
+        (another worker may be receiving the rest).  How many sessions went."""
         removed = 0
+        now = time.time()
         with contextlib.suppress(FileNotFoundError), os.scandir(self._store.uploads_dir) as entries:
             for entry in entries:
-                if entry.is_file(follow_symlinks=False) and entry.name not in self._sessions:
-                    with contextlib.suppress(FileNotFoundError):
+                upload_id = entry.name.removesuffix(NOTE)
+                if not entry.is_file(follow_symlinks=False) or upload_id in self._sessions:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if now - entry.stat().st_mtime >= idle:
                         os.unlink(entry.path)
-                        removed += 1
+                        removed += entry.name == upload_id
         return removed
 
     async def start_checked(self, repository: str) -> Upload:
@@ -123,6 +147,8 @@ class Uploads:
         upload_id = uuid.uuid4().hex
         path = self._store.upload_path(upload_id)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        with open(path + NOTE, "w", encoding="utf-8") as note:
+            note.write(repository)
         upload = Upload(upload_id, repository, path, fd, self._clock.seconds())
         self._sessions[upload_id] = upload
         return upload
@@ -133,11 +159,34 @@ class Uploads:
         found = self._committed.get(upload_id)
         return found is not None and found[:2] == (repository, hexdigest)
 
+    def gone(self, upload_id: str) -> bool:
+        """Whether no process of this daemon holds the session (committed, cancelled or expired)."""
+        try:
+            return upload_id not in self._sessions and not os.path.exists(self._store.upload_path(upload_id))
+        except ValueError:
+            return True
+
     def find(self, upload_id: str, repository: str) -> Upload:
-        upload = self._sessions.get(upload_id)
+        upload = self._sessions.get(upload_id) or self._take_up(upload_id)
         if upload is None or upload.repository != repository:
             raise UploadError(404, "BLOB_UPLOAD_UNKNOWN", f"upload {upload_id} is unknown (or expired)")
         upload.touched = self._clock.seconds()
+        if upload.writer is None:
+            upload.catch_up()
+        return upload
+
+    def _take_up(self, upload_id: str) -> Upload | None:
+        """A session another worker process started (its file and its note are in ``uploads/``)."""
+        try:
+            path = self._store.upload_path(upload_id)
+            with open(path + NOTE, encoding="utf-8") as note:
+                repository = note.read(1000)
+            fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        except (OSError, ValueError):
+            return None
+        upload = Upload(upload_id, repository, path, fd, self._clock.seconds(), hasher=None, written_end=-1)
+        upload.catch_up()
+        self._sessions[upload_id] = upload
         return upload
 
     def part(
@@ -169,6 +218,8 @@ class Uploads:
         if upload.writer is not None:
             await upload.writer.finished()
         self._forget(upload)
+        if upload.hasher is None and upload.failure is None:  # (other workers wrote parts of it)
+            upload.hasher = await self._runner.run(_hash_file, upload.path, upload.size)
         if upload.failure is not None or upload.hasher.hexdigest() != hexdigest:
             await self._runner.run(_discard, upload)
             raise UploadError(
@@ -196,18 +247,22 @@ class Uploads:
     def _forget(self, upload: Upload) -> None:
         self._sessions.pop(upload.id, None)
 
-    def expire(self) -> None:
-        """Remove the sessions idle for longer than ``private.upload_timeout`` (none receiving now)."""
+    def expire(self, files: bool = False) -> None:
+        """Remove the sessions idle for longer than ``private.upload_timeout`` (none receiving now); with
+        *files* (one process of the daemon), also the files of sessions no process touched for as long."""
+        if files:
+            self._runner.run(self.clear_leftovers, self._timeout).addErrback(_not_cleared)
         now = self._clock.seconds()
         for upload in list(self._sessions.values()):
             if upload.writer is None and now - upload.touched > self._timeout:
                 log.info("removed upload {id} to {repo}: idle too long", id=upload.id, repo=upload.repository)
                 Deferred.fromCoroutine(self.cancel(upload))
 
-    def service(self, clear_leftovers: bool = True) -> TimerService:
+    def service(self, clear_leftovers: bool = True, leftovers_idle: float = 0.0) -> TimerService:
         """The expiry timer; with *clear_leftovers* (one process of a daemon), the files a previous run
-        left are removed at start."""
-        return _Expiry(self, clear_leftovers)
+        left (idle for *leftovers_idle* seconds: with several workers, others may be in use) are removed
+        at start, and idle sessions' files on every round."""
+        return _Expiry(self, clear_leftovers, leftovers_idle)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -236,8 +291,8 @@ class PartWriter:
         self._resume = resume
         self._expected_start = expected_start
         self._start = upload.size  # where this part began, and the hash there: a part cut off is undone
-        self._hash_at_start = upload.hasher.copy()
-        if after is None:
+        self._hash_at_start = _copy(upload.hasher)
+        if after is None and self._hash_at_start is not None:
             upload.starts.setdefault(self._start, self._hash_at_start)
         self.abandoned = False
         self.refusal: UploadError | None = None  # why the part was not taken (it started elsewhere)
@@ -268,8 +323,9 @@ class PartWriter:
                 self.refusal = _misplaced(start, upload.size)
                 self.abandoned = True
                 self._pending, self._pending_bytes = [], 0
-        self._start, self._hash_at_start = upload.size, upload.hasher.copy()
-        upload.starts.setdefault(self._start, self._hash_at_start)
+        self._start, self._hash_at_start = upload.size, _copy(upload.hasher)
+        if self._hash_at_start is not None:
+            upload.starts.setdefault(self._start, self._hash_at_start)
         self._next()
 
     # --- the file-like side the request writes to ---
@@ -345,6 +401,7 @@ class PartWriter:
     def _written(self, count: int) -> None:
         self._writing = False
         self._upload.size += count
+        self._upload.written_end = max(self._upload.written_end, self._upload.size)
         if self.abandoned:
             self._roll_back()
             return
@@ -368,7 +425,8 @@ class PartWriter:
 
     def _roll_back(self) -> None:
         upload = self._upload
-        upload.size, upload.hasher = self._start, self._hash_at_start.copy()
+        upload.size, upload.hasher = self._start, _copy(self._hash_at_start)
+        upload.written_end = self._start
         truncated = self._runner.run(os.ftruncate, upload.fd, self._start)
         truncated.addErrback(lambda failure: setattr(upload, "failure", failure.getErrorMessage()))
         truncated.addBoth(lambda _: self._release())
@@ -398,29 +456,51 @@ def _write(fd: int, hasher: Any, data: bytes, offset: int) -> int:
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
-    hasher.update(data)
+    if hasher is not None:
+        hasher.update(data)
     return len(data)
 
 
 def _discard(upload: Upload) -> None:
-    """(thread) Close the session's file and remove it if it is still there."""
+    """(thread) Close the session's file and remove it and its note if they are still there."""
     with contextlib.suppress(OSError):
         os.close(upload.fd)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(upload.path)
+    for path in (upload.path, upload.path + NOTE):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _copy(hasher: Any) -> Any:
+    return hasher.copy() if hasher is not None else None
+
+
+def _hash_file(path: str, size: int) -> Any:
+    """(thread) The sha256 of the first *size* bytes of *path* (a session other workers wrote to)."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = size
+        while left:
+            data = f.read(min(2**20, left))
+            if not data:
+                break
+            hasher.update(data)
+            left -= len(data)
+    return hasher
 
 
 class _Expiry(TimerService):
-    def __init__(self, uploads: Uploads, clear_leftovers: bool) -> None:
-        super().__init__(min(60.0, uploads._timeout), uploads.expire)
+    def __init__(self, uploads: Uploads, clear_leftovers: bool, leftovers_idle: float) -> None:
+        super().__init__(min(60.0, uploads._timeout), uploads.expire, clear_leftovers)
         self.clock = uploads._clock
         self._uploads = uploads
         self._clear = clear_leftovers
+        self._idle = leftovers_idle
 
     def startService(self) -> None:
         super().startService()
         if self._clear:
-            self._uploads._runner.run(self._uploads.clear_leftovers).addCallbacks(_cleared, _not_cleared)
+            cleared = self._uploads._runner.run(self._uploads.clear_leftovers, self._idle)
+            cleared.addCallbacks(_cleared, _not_cleared)
 
 
 def _cleared(count: int) -> None:

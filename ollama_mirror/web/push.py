@@ -109,6 +109,8 @@ class PushApi:
         hexdigest = _digest(digest)
         if self._uploads.committed(upload_id, repository, hexdigest):  # (a retried commit)
             return self._committed(request, repository, digest)
+        if self._uploads.gone(upload_id) and self._blobs.blob_size(hexdigest) is not None:
+            return self._committed(request, repository, digest)  # (committed by another worker process)
         upload = self._uploads.find(upload_id, repository)
         writer = getattr(request, "content", None)
         if isinstance(writer, PartWriter) and writer is upload.writer:

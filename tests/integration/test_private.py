@@ -309,3 +309,26 @@ def test_a_pushed_model_travels_in_an_export_bundle(
     elsewhere = mirror_factory(upstream_url=proxy.url, config=config, cache_dir=site)
     pulled = pull(elsewhere.url, "team/travels", "v1", tmp_path / "puller")
     assert {digest for digest, _, _ in pulled.blobs} == {blob.digest for blob in model.blobs}
+
+
+def test_a_push_whose_requests_reach_different_worker_processes(
+    mirror_factory: MirrorFactory, proxy: FaultProxy, pusher_key: OllamaKey, tmp_path: Path
+) -> None:
+    keys = tmp_path / "push_keys"
+    keys.write_text(pusher_key.public_line() + "\n")
+    config = {
+        "server": {"workers": 2},
+        "upstream": UPSTREAM_SETTINGS,
+        "private": {"namespaces": ["team"], "push_authorized_keys": str(keys)},
+        "security": {"signing_secret": "a-secret-every-worker-shares-for-tokens"},
+    }
+    mirror = mirror_factory(upstream_url=proxy.url, config=config)
+    for seed in (51, 52, 53):  # (a new connection per request: the kernel spreads them over the workers)
+        model = build_model(tmp_path / f"models{seed}", size=4 * MiB, seed=seed, name=f"w{seed}")
+        pushed = push(
+            mirror.url, f"team/w{seed}", "v1", model, key=pusher_key, part_size_min=MiB, part_size_max=MiB
+        )
+        assert pushed.manifest_status == 201
+        pulled = pull(mirror.url, f"team/w{seed}", "v1", tmp_path / f"puller{seed}")
+        assert {digest for digest, _, _ in pulled.blobs} == {blob.digest for blob in model.blobs}
+    assert not [p for p in (mirror.cache_dir / ".mirror" / "uploads").iterdir()]

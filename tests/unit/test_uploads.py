@@ -183,3 +183,29 @@ def test_a_part_sent_again_after_its_answer_was_lost_is_written_over(
     assert uploads.committed(upload.id, "team/mine", hashlib.sha256(expected).hexdigest())  # a retried commit
     with pytest.raises(UploadError):
         uploads.part(upload, 50, lambda: None, lambda: None)  # (not where a part began)
+
+
+def test_parts_reaching_different_worker_processes_make_one_blob(tmp_path: Path) -> None:
+    """With server.workers, each request may reach another process: the session is its file and note."""
+    store = Store(str(tmp_path / "cache"))
+    store.create()
+    runner = StepRunner()
+    first, second = (Uploads(store, runner, Clock(), timeout=60) for _ in range(2))  # type: ignore[arg-type]
+    upload = first.start("team/mine")
+    pieces = [b"a" * 100, b"b" * 100, b"c" * 100]
+    for index, piece in enumerate(pieces):
+        uploads = (first, second, first)[index]
+        session = uploads.find(upload.id, "team/mine")
+        writer = uploads.part(session, index * 100, lambda: None, lambda: None)
+        writer.write(piece)
+        runner.drain()
+        assert result(writer.finished()) == (index + 1) * 100
+    with pytest.raises(UploadError):
+        second.find(upload.id, "team/other")  # (the note says whose session it is)
+    data = b"".join(pieces)
+    session = second.find(upload.id, "team/mine")
+    committed = ensureDeferred(second.commit(session, hashlib.sha256(data).hexdigest()))
+    runner.drain()
+    assert result(committed) == 300
+    assert Path(store.blob_path(hashlib.sha256(data).hexdigest())).read_bytes() == data
+    assert not os.listdir(store.uploads_dir) and second.gone(upload.id)
