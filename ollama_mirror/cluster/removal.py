@@ -20,6 +20,7 @@ from twisted.web.iweb import IAgent, IRequest
 
 from ..names import ModelName
 from ..upstream.client import NETWORK_ERRORS, discard
+from ..upstream.errors import UpstreamError
 from .members import Membership
 from .peers import PEER_HEADER, PeerSigner
 from .shared import SharedStore
@@ -50,7 +51,13 @@ class ClusterRemoval:
         """Remove *name* everywhere: this node's removed blobs (``[]`` when only the shared copy had
         it), or ``None`` when neither had it."""
         removed = await self._delete_here(name)
-        shared = await self._shared.remove_manifest(name)
+        try:
+            shared = await self._shared.remove_manifest(name)
+        except UpstreamError as e:  # (removed here all the same; said, since another node may bring it back)
+            log.warn(
+                "could not remove {name} from the shared storage: {reason}", name=str(name), reason=e.message
+            )
+            shared = False
         await self._tell_the_others(name)
         if removed is None and shared:
             return []
