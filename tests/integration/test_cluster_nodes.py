@@ -205,7 +205,8 @@ def test_rm_and_prefetch_on_one_node_act_for_the_whole_cluster(
     proxy.clear_records()
     pull_into_cache(second, small_model)  # ...and the other serves it from the shared copy
     assert all(proxy.bytes_for(blob.hex) == 0 for blob in small_model.blobs)
-    assert tags(first) == tags(second) == [short]
+    wait_until(lambda: tags(second) == [short], 15.0, "the model published on the second node")
+    assert tags(first) == [short]
 
     forged = urllib.request.Request(f"{first.url}/mirror/cluster/models/{small_model.repo}", method="DELETE")
     with pytest.raises(urllib.error.HTTPError) as refused:  # (what only the nodes may ask)
