@@ -229,14 +229,21 @@ class AccessControl:
         self.push_keys: AuthorizedKeys | None = None
         if private is not None and private.push_authorized_keys and self.private:
             self.push_keys = _keys("private.push_authorized_keys", private.push_authorized_keys, "push keys")
-        if keys is not None or self.push_keys is not None:
+        may_push_with_api_keys = bool(self.private) and bool(self._api_keys)
+        if keys is not None or self.push_keys is not None or may_push_with_api_keys:
             try:
                 secret = load_secret(config.signing_secret, work_dir)
             except (ValueError, OSError) as e:
                 raise ConfigError(f"security.signing_secret: {e}") from None
             self.signer = Signer(secret, clock)
             self.issuer = TokenIssuer(
-                keys, self.signer, clock, config.registry_token_lifetime, self.push_keys, self.private
+                keys,
+                self.signer,
+                clock,
+                config.registry_token_lifetime,
+                self.push_keys,
+                self.private,
+                self._key_matches if self._api_keys else None,
             )
 
     def wrap(self, resource: IResource, as_path: str | None = None) -> IResource:
@@ -291,7 +298,7 @@ class AccessControl:
                 "upstream (private.namespaces)",
                 "DENIED",
             )
-        if self.push_keys is None or self.signer is None:
+        if (self.push_keys is None and not self._api_keys) or self.signer is None:
             return Refusal(
                 403, "nobody may push to this mirror: private.push_authorized_keys is empty", "DENIED"
             )
@@ -310,7 +317,7 @@ class AccessControl:
     def may_push(self, headers: Headers, repository: str) -> bool:
         """Whether a request with these headers carries a token that may push to *repository* (asked
         before its body is accepted, see :class:`~ollama_mirror.web.push.StreamingBodies`)."""
-        if self.signer is None or self.push_keys is None or repository.partition("/")[0] not in self.private:
+        if self.signer is None or repository.partition("/")[0] not in self.private:
             return False
         values = headers.getRawHeaders(b"authorization") or []
         scheme, _, token = (values[0].decode("latin-1") if values else "").partition(" ")

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from urllib.parse import parse_qsl, urlencode
@@ -230,7 +231,11 @@ class TokenIssuer:
         lifetime: float,
         push_keys: AuthorizedKeys | None = None,
         private: PrivateNamespaces | None = None,
+        api_key_matches: Callable[[str], bool] | None = None,
     ) -> None:
+        """*api_key_matches* lets HTTP Basic token requests in whose password is one of the mirror's API
+        keys (``security.api_key``): generic OCI tools (oras), which cannot sign as Ollama does."""
+        self._api_key_matches = api_key_matches
         self._keys = keys
         self._push_keys = push_keys
         self._private = private if private is not None else PrivateNamespaces()
@@ -243,6 +248,12 @@ class TokenIssuer:
         """Check the request and return ``(token, key comment)``; *urls* are the URLs the client
         may have signed (``http``/``https`` variants of the one it requested).  Raises
         :class:`AuthFailed` (401), or :class:`PushDenied` (403) for a push the key may not make."""
+        params: dict[str, list[str]] = {}
+        for name, value in parse_qsl(query, keep_blank_values=True):
+            params.setdefault(name, []).append(value)
+        scopes = _scopes(params.get("scope", []))
+        if authorization.strip().lower().startswith("basic "):
+            return self._issue_to_api_key(authorization.strip()[6:], scopes)
         key_text, sep, signature_text = authorization.strip().rpartition(":")
         if not sep:
             raise AuthFailed("expected Authorization: <public key>:<signature>")
@@ -251,10 +262,6 @@ class TokenIssuer:
             signature = base64.b64decode(signature_text, validate=True)
         except (ValueError, binascii.Error):
             raise AuthFailed("malformed Authorization header") from None
-        params: dict[str, list[str]] = {}
-        for name, value in parse_qsl(query, keep_blank_values=True):
-            params.setdefault(name, []).append(value)
-        scopes = _scopes(params.get("scope", []))
         pushing = any("push" in actions for _, actions in scopes)
         pull_key = self._keys.find(blob) if self._keys is not None else None
         push_key = self._push_keys.find(blob) if self._push_keys is not None else None
@@ -284,6 +291,26 @@ class TokenIssuer:
         repositories = sorted({repository for repository, _ in scopes})
         token = self._signer.issue_token(key.comment, repositories, self._lifetime, sorted(set(pushes)))
         return token, key.comment
+
+    def _issue_to_api_key(self, credentials: str, scopes: list[tuple[str, set[str]]]) -> tuple[str, str]:
+        """HTTP Basic with an API key as the password (any user name): pulls, and pushes to the private
+        namespaces (an API key is an operator's)."""
+        try:
+            _user, _, password = base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")
+        except (ValueError, binascii.Error):
+            raise AuthFailed("malformed Authorization header") from None
+        if self._api_key_matches is None or not self._api_key_matches(password):
+            raise AuthFailed("the password is not an API key of this mirror (security.api_key)")
+        pushes = sorted({repository for repository, actions in scopes if "push" in actions})
+        for repository in pushes:
+            namespace = repository.partition("/")[0]
+            if namespace not in self._private:
+                raise PushDenied(
+                    f"namespace {namespace} is not private on this mirror: pushes are never forwarded "
+                    "upstream (private.namespaces)"
+                )
+        repositories = sorted({repository for repository, _ in scopes})
+        return self._signer.issue_token("api key", repositories, self._lifetime, pushes), "an API key"
 
     def _check_fresh(self, params: dict[str, list[str]]) -> None:
         """The request's ``ts`` is near our clock and its nonce was never used (no replay)."""

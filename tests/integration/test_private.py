@@ -5,6 +5,7 @@ Real parts: the distribution registry behind the counting fault proxy, and the d
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -332,3 +333,34 @@ def test_a_push_whose_requests_reach_different_worker_processes(
         pulled = pull(mirror.url, f"team/w{seed}", "v1", tmp_path / f"puller{seed}")
         assert {digest for digest, _, _ in pulled.blobs} == {blob.digest for blob in model.blobs}
     assert not [p for p in (mirror.cache_dir / ".mirror" / "uploads").iterdir()]
+
+
+def test_an_oci_tool_pushes_with_an_api_key_and_pulls_it_back(
+    mirror_factory: MirrorFactory, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    import oras.client  # type: ignore[import-untyped]
+
+    api_key = "an-operators-api-key"
+    config = {
+        "upstream": UPSTREAM_SETTINGS,
+        "private": {"namespaces": ["team"]},
+        "security": {"api_key": api_key, "signing_secret": "a-secret-for-the-tokens-of-this-test"},
+    }
+    mirror = mirror_factory(upstream_url=proxy.url, config=config)
+    artifact = tmp_path / "weights.bin"
+    artifact.write_bytes(os.urandom(3 * MiB + 17))
+    client = oras.client.OrasClient(hostname=mirror.host, insecure=True)
+    client.login(username="operator", password=api_key, hostname=mirror.host)
+    target = f"{mirror.host}/team/artifact:v1"
+    pushed = client.push(files=[str(artifact)], target=target, disable_path_validation=True)
+    assert pushed.status_code in (200, 201), pushed.text
+    outdir = tmp_path / "pulled"
+    files = client.pull(target=target, outdir=str(outdir))
+    assert [Path(f).read_bytes() for f in files] == [artifact.read_bytes()]
+
+    challenge = http_request("POST", f"{mirror.url}/v2/team/other/blobs/uploads/")
+    url = token_url(parse_challenge(challenge.header("www-authenticate")))
+    wrong = base64.b64encode(b"someone:not-the-key").decode()
+    refused = http_request("GET", url, headers={"Authorization": f"Basic {wrong}"})
+    assert refused.status == 401 and "not an API key of this mirror" in refused.body.decode()
+    assert [r for r in proxy.records() if "/team/" in r.path] == []
