@@ -124,8 +124,8 @@ class HardenedChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._body_received = 0
         self._streaming = self._stream_body()
-        if self._streaming:
-            self._cancel_deadline()
+        if self._streaming and not getattr(self.requests[-1].body_target, "discards", False):
+            self._cancel_deadline()  # (a body dropped unread still has to arrive in time)
         elif self.length is not None and self.length > self.max_body_size:
             self._refuse(
                 413, f"request body is larger than {self.max_body_size} bytes (server.max_body_size)"

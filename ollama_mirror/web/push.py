@@ -225,7 +225,10 @@ class StreamingBodies:
 
 
 class _Discard:
-    """A body read and dropped (its request is refused by the guard or the route: *refusal* says why)."""
+    """A body read and dropped (its request is refused by the guard or the route: *refusal* says why);
+    ``server.request_timeout`` still bounds it."""
+
+    discards = True
 
     def __init__(self, refusal: UploadError | None = None) -> None:
         self.refusal = refusal
