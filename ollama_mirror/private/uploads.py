@@ -123,12 +123,18 @@ class Uploads:
                         removed += entry.name == upload_id
         return removed
 
-    async def start_checked(self, repository: str) -> Upload:
-        """A new session, if the pushed models are under ``private.max_size_gb``."""
+    async def start(self, repository: str) -> Upload:
+        """A new session (its id is random: knowing it is what lets the parts in), if the pushed models
+        are under ``private.max_size_gb``; its files are made in a worker thread."""
         if self._quota:
             self.used = await self._runner.run(self._usage)
             self._check_room(0)
-        return self.start(repository)
+        upload_id = uuid.uuid4().hex
+        path = self._store.upload_path(upload_id)
+        fd = await self._runner.run(_create, path, repository)
+        upload = Upload(upload_id, repository, path, fd, self._clock.seconds())
+        self._sessions[upload_id] = upload
+        return upload
 
     def _check_room(self, incoming: int) -> None:
         if not self._quota:
@@ -141,17 +147,6 @@ class Uploads:
                 f"the pushed models would take {total / 1e9:.2f} GB, over private.max_size_gb "
                 f"({self._quota / 1e9:g} GB): remove some first (ollama-mirror rm)",
             )
-
-    def start(self, repository: str) -> Upload:
-        """A new session (its id is random: knowing it is what lets the parts in)."""
-        upload_id = uuid.uuid4().hex
-        path = self._store.upload_path(upload_id)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-        with open(path + NOTE, "w", encoding="utf-8") as note:
-            note.write(repository)
-        upload = Upload(upload_id, repository, path, fd, self._clock.seconds())
-        self._sessions[upload_id] = upload
-        return upload
 
     def committed(self, upload_id: str, repository: str, hexdigest: str) -> bool:
         """Whether this session was committed with this digest already (Ollama retries a commit whose
@@ -268,7 +263,24 @@ class Uploads:
         return len(self._sessions)
 
 
-class PartWriter:
+class BodySink:
+    """What a request's ``content`` must also answer (Twisted seeks and tells it once the body is in):
+    a body that went elsewhere as it arrived has nothing to read back."""
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class PartWriter(BodySink):
     """The body of one ``PATCH``: written to the upload's file and hashed, in order, in a worker thread.
 
     It is what the request's ``content`` is (``write`` as the bytes arrive); *pause* and *resume* stop
@@ -340,18 +352,6 @@ class PartWriter:
             self._paused = True
             self._pause()
         self._next()
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return 0
-
-    def tell(self) -> int:
-        return 0
-
-    def read(self, size: int = -1) -> bytes:
-        return b""
-
-    def close(self) -> None:
-        pass
 
     # --- the route's side ---
 
@@ -459,6 +459,14 @@ def _write(fd: int, hasher: Any, data: bytes, offset: int) -> int:
     if hasher is not None:
         hasher.update(data)
     return len(data)
+
+
+def _create(path: str, repository: str) -> int:
+    """(thread) A session's file, open for writing, and the note of its repository beside it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    with open(path + NOTE, "w", encoding="utf-8") as note:
+        note.write(repository)
+    return fd
 
 
 def _discard(upload: Upload) -> None:

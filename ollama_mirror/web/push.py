@@ -31,7 +31,7 @@ from ..cache.blobs import BlobStore, ManifestStore
 from ..cache.store import manifest_blobs
 from ..events import Events
 from ..names import InvalidName, ModelName, is_model, is_namespace, is_tag, parse_digest
-from ..private.uploads import PartWriter, Upload, UploadError, Uploads
+from ..private.uploads import BodySink, PartWriter, Upload, UploadError, Uploads
 from ..runner import Runner
 from .errors import registry_error
 
@@ -80,7 +80,7 @@ class PushApi:
                 request.setHeader(b"location", self._url(request, f"/v2/{repository}/blobs/{mount}"))
                 request.setHeader(b"docker-content-digest", mount.encode())
                 return _empty(request)
-        upload = await self._uploads.start_checked(repository)
+        upload = await self._uploads.start(repository)
         request.setResponseCode(202)
         self._session_headers(request, upload)
         return _empty(request)
@@ -224,7 +224,7 @@ class StreamingBodies:
             return _Discard(e)
 
 
-class _Discard:
+class _Discard(BodySink):
     """A body read and dropped (its request is refused by the guard or the route: *refusal* says why);
     ``server.request_timeout`` still bounds it."""
 
@@ -234,18 +234,6 @@ class _Discard:
         self.refusal = refusal
 
     def write(self, data: bytes) -> None:
-        pass
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return 0
-
-    def tell(self) -> int:
-        return 0
-
-    def read(self, size: int = -1) -> bytes:
-        return b""
-
-    def close(self) -> None:
         pass
 
 

@@ -71,8 +71,8 @@ from tests.support.s3server import (
     S3RequestError,
     S3Response,
     S3StartError,
+    SignedRequests,
     free_ports,
-    send_request,
     sign_v4,
     tail,
 )
@@ -116,7 +116,7 @@ def moto_missing() -> str | None:
     return None
 
 
-class MotoServer:
+class MotoServer(SignedRequests):
     """moto's S3 on ``127.0.0.1:<free port>``, authentication on, one bucket; started at construction.
 
     ``workdir`` holds ``moto.log`` and moto's temporary files; without it a temporary directory is made, and
@@ -292,20 +292,6 @@ class MotoServer:
             raise S3RequestError(
                 f"creating bucket {bucket!r} answered {response.status}: {response.body[:500]!r}"
             )
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes = b"",
-        headers: Mapping[str, str] | None = None,
-        *,
-        signed: bool = True,
-        timeout: float = 10.0,
-    ) -> S3Response:
-        """One request to the S3 endpoint (``path`` is ``/bucket/key?query``, already URL-encoded), signed
-        with the server's credentials unless ``signed`` is false."""
-        return send_request(self, method, path, body, headers, signed=signed, timeout=timeout)
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None

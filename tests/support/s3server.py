@@ -65,7 +65,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, cast
 
 __all__ = [
     "REGION",
@@ -280,7 +280,25 @@ def send_request(
         connection.close()
 
 
-class S3Server:
+class SignedRequests:
+    """``request``, for a store class with the attributes of :class:`S3Store`."""
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+        *,
+        signed: bool = True,
+        timeout: float = 10.0,
+    ) -> S3Response:
+        """One request to the S3 endpoint (``path`` is ``/bucket/key?query``, already URL-encoded), signed
+        with the server's credentials unless ``signed`` is false."""
+        return send_request(cast(S3Store, self), method, path, body, headers, signed=signed, timeout=timeout)
+
+
+class S3Server(SignedRequests):
     """SeaweedFS's S3 gateway on ``127.0.0.1:<free port>`` with its own storage, started at construction.
 
     ``workdir`` holds everything (``master/``, ``volume/``, ``filer/`` data, ``s3.json``, ``logs/*.log``);
@@ -539,20 +557,6 @@ class S3Server:
         """Create one more bucket (3-63 characters; one that already exists is fine)."""
         if not self._try_create(bucket):
             raise S3RequestError(f"creating bucket {bucket!r} answered {self._last_refusal}")
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes = b"",
-        headers: Mapping[str, str] | None = None,
-        *,
-        signed: bool = True,
-        timeout: float = 10.0,
-    ) -> S3Response:
-        """One request to the S3 endpoint (``path`` is ``/bucket/key?query``, already URL-encoded), signed
-        with the server's credentials unless ``signed`` is false."""
-        return send_request(self, method, path, body, headers, signed=signed, timeout=timeout)
 
     def is_running(self) -> bool:
         return bool(self._processes) and all(p.poll() is None for p in self._processes.values())

@@ -53,6 +53,13 @@ class Transport:
         self.paused = False
 
 
+def started(uploads: Uploads) -> Any:
+    """A new session (its files are made in the runner: stepped at once here)."""
+    d = ensureDeferred(uploads.start("team/mine"))
+    uploads._runner.drain()  # type: ignore[attr-defined]
+    return result(d)
+
+
 def result(d: Deferred[Any]) -> Any:
     box: list[Any] = []
     d.addBoth(box.append)
@@ -74,7 +81,7 @@ def test_parts_are_written_in_order_and_the_connection_waits_while_writes_lag(
     setup: tuple[Store, StepRunner, Uploads],
 ) -> None:
     store, runner, uploads = setup
-    upload = uploads.start("team/mine")
+    upload = started(uploads)
     transport = Transport()
     writer = uploads.part(upload, 0, transport.pause, transport.resume)
     writer.write(b"a" * 10)  # the first write goes to the thread at once
@@ -99,7 +106,7 @@ def test_a_part_cut_off_is_undone_and_a_part_that_starts_elsewhere_is_refused(
     setup: tuple[Store, StepRunner, Uploads],
 ) -> None:
     _, runner, uploads = setup
-    upload = uploads.start("team/mine")
+    upload = started(uploads)
     transport = Transport()
     first = uploads.part(upload, 0, transport.pause, transport.resume)
     first.write(b"x" * 100)
@@ -121,7 +128,7 @@ def test_a_part_cut_off_is_undone_and_a_part_that_starts_elsewhere_is_refused(
 
 def test_bytes_that_do_not_hash_to_the_digest_are_not_kept(setup: tuple[Store, StepRunner, Uploads]) -> None:
     store, runner, uploads = setup
-    upload = uploads.start("team/mine")
+    upload = started(uploads)
     writer = uploads.part(upload, 0, lambda: None, lambda: None)
     writer.write(b"payload")
     runner.drain()
@@ -138,7 +145,7 @@ def test_the_quota_refuses_a_part_that_would_go_over(tmp_path: Path) -> None:
     store.create()
     runner = StepRunner()
     uploads = Uploads(store, runner, Clock(), timeout=60, quota=1000, usage=lambda: 900)  # type: ignore[arg-type]
-    started = ensureDeferred(uploads.start_checked("team/mine"))
+    started = ensureDeferred(uploads.start("team/mine"))
     runner.drain()
     upload = result(started)
     uploads.part(upload, 0, lambda: None, lambda: None, length=50)  # 950: fits
@@ -154,7 +161,7 @@ def test_idle_sessions_expire_and_files_of_a_previous_run_go_at_start(
     store, runner, uploads = setup
     leftover = Path(store.uploads_dir) / ("f" * 32)
     leftover.write_bytes(b"from before a crash")
-    upload = uploads.start("team/mine")
+    upload = started(uploads)
     assert uploads.clear_leftovers() == 1 and os.path.exists(upload.path)
     uploads._clock.advance(61)  # type: ignore[attr-defined]
     uploads.expire()
@@ -168,7 +175,7 @@ def test_a_part_sent_again_after_its_answer_was_lost_is_written_over(
     """Ollama resends a part with the same Content-Range to the same URL on any failure, also when the
     mirror had taken it (its 202 got lost): the upload goes back to that part's start."""
     store, runner, uploads = setup
-    upload = uploads.start("team/mine")
+    upload = started(uploads)
     for start, data in ((0, b"a" * 100), (100, b"b" * 100), (100, b"c" * 100)):  # the second part twice
         writer = uploads.part(upload, start, lambda: None, lambda: None)
         writer.write(data)
@@ -191,7 +198,7 @@ def test_parts_reaching_different_worker_processes_make_one_blob(tmp_path: Path)
     store.create()
     runner = StepRunner()
     first, second = (Uploads(store, runner, Clock(), timeout=60) for _ in range(2))  # type: ignore[arg-type]
-    upload = first.start("team/mine")
+    upload = started(first)
     pieces = [b"a" * 100, b"b" * 100, b"c" * 100]
     for index, piece in enumerate(pieces):
         uploads = (first, second, first)[index]
