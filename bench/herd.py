@@ -44,11 +44,9 @@ import argparse
 import contextlib
 import json
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,17 +60,15 @@ for _path in (BENCH_DIR, REPO_ROOT):
 
 from cluster import BUCKET, EXPECTED_WARNING, LOG_PROBLEM, ClusterBench, args_record  # noqa: E402
 from pull_1g import (  # noqa: E402
-    QUIET_BUSY,
     WORKER,
     BenchError,
-    _interrupt,
+    busy_before,
     kill_group,
-    machine_busy,
     machine_info,
     parse_set,
     run_and_clean_up,
     settle,
-    top_processes,
+    work_directory,
 )
 
 from tests.support.daemon import MirrorDaemon  # noqa: E402
@@ -545,15 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(REDIS_BINARY).exists():
         print(f"{REDIS_BINARY} is required (apt-get install redis-server)", file=sys.stderr)
         return 2
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-herd-", dir=args.workdir))
-    signal.signal(signal.SIGTERM, _interrupt)  # so that a kill still runs every clean-up
+    workdir = work_directory(args, "bench-herd-")
     bench = HerdBench(args, workdir)
-    busy_at_start, top_at_start = machine_busy(), top_processes()
-    if busy_at_start > QUIET_BUSY:
-        print(f"warning: the machine is {busy_at_start:.0%} busy before the benchmark:")
-        print("\n".join("  " + line for line in top_at_start))
+    busy_at_start, top_at_start = busy_before()
     started = time.monotonic()
     error = run_and_clean_up(bench.run, workdir)
     summary = summarize(bench.results)

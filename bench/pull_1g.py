@@ -791,20 +791,33 @@ def run_and_clean_up(run: Callable[[], None], workdir: Path) -> str | None:
     return error
 
 
+def work_directory(args: argparse.Namespace, prefix: str) -> Path:
+    """A fresh work directory (under ``--workdir`` when given); from now on SIGTERM still runs every
+    clean-up."""
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=args.workdir))
+    signal.signal(signal.SIGTERM, _interrupt)
+    return workdir
+
+
+def busy_before() -> tuple[float, list[str]]:
+    """How busy the machine is before a benchmark, and its busiest processes (said when it is not quiet)."""
+    busy, top = machine_busy(), top_processes()
+    if busy > QUIET_BUSY:
+        print(f"warning: the machine is {busy:.0%} busy before the benchmark:")
+        print("\n".join("  " + line for line in top))
+    return busy, top
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if shutil.which("curl") is None:
         print("curl is required", file=sys.stderr)
         return 2
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-pull-", dir=args.workdir))
-    signal.signal(signal.SIGTERM, _interrupt)  # so that a kill still runs every clean-up below
+    workdir = work_directory(args, "bench-pull-")
     bench = Bench(args, workdir)
-    busy_at_start, top_at_start = machine_busy(), top_processes()
-    if busy_at_start > QUIET_BUSY:
-        print(f"warning: the machine is {busy_at_start:.0%} busy before the benchmark:")
-        print("\n".join("  " + line for line in top_at_start))
+    busy_at_start, top_at_start = busy_before()
     started = time.monotonic()
     error = run_and_clean_up(bench.run, workdir)
     rows = summarize(bench.samples)

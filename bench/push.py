@@ -60,10 +60,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -79,21 +77,19 @@ for _path in (BENCH_DIR, REPO_ROOT):
 from _worker import ollama_part_size  # noqa: E402
 from cluster import LOG_PROBLEM, Profiler  # noqa: E402
 from pull_1g import (  # noqa: E402
-    QUIET_BUSY,
     WORKER,
     BenchError,
     InfoRegistry,
-    _interrupt,
-    machine_busy,
+    busy_before,
     machine_info,
     parse_set,
     proc_cpu_s,
     run_and_clean_up,
     run_bounded,
     settle,
-    top_processes,
     tree_total,
     vm_hwm_mb,
+    work_directory,
 )
 
 from tests.support.daemon import MirrorDaemon  # noqa: E402
@@ -667,15 +663,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-push-", dir=args.workdir))
-    signal.signal(signal.SIGTERM, _interrupt)  # so that a kill still runs every clean-up
+    workdir = work_directory(args, "bench-push-")
     bench = PushBench(args, workdir)
-    busy_at_start, top_at_start = machine_busy(), top_processes()
-    if busy_at_start > QUIET_BUSY:
-        print(f"warning: the machine is {busy_at_start:.0%} busy before the benchmark:")
-        print("\n".join("  " + line for line in top_at_start))
+    busy_at_start, top_at_start = busy_before()
     started = time.monotonic()
     error = run_and_clean_up(bench.run, workdir)
     rows = summarize(bench.samples)
