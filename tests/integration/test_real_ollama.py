@@ -561,3 +561,78 @@ def test_ollama_push_to_a_private_namespace_and_pull_it_elsewhere(
             tags = json.load(answer)
         assert "team/mymodel:v1" in [m["name"] for m in tags["models"]]
         assert upstream.records("/v2/team") == []
+
+
+def test_ollama_push_of_a_small_model_as_recorded_for_ci(
+    ollama_bin: str,
+    real_registry: RegistryProcess,
+    mirror_factory: MirrorFactory,
+    tmp_path: Path,
+) -> None:
+    """The push vector: a model small enough that every body it sends is kept (``tests/vectors``)."""
+    mine = build_model(tmp_path / "mine", size=8 * 1024, seed=41, name="mine")
+    modelfile = tmp_path / "Modelfile"
+    modelfile.write_text(f"FROM {mine.model_layer.path}\nSYSTEM Kept on the mirror.\n")
+    pusher = OllamaServer(ollama_bin, tmp_path / "pusher")
+    stranger = OllamaServer(ollama_bin, tmp_path / "stranger")
+    puller = OllamaServer(ollama_bin, tmp_path / "puller")
+    try:
+        keys = tmp_path / "push_keys"
+        keys.write_text(f'namespaces="team" {pusher.public_key()}\n')
+        private = {"namespaces": ["team"], "push_authorized_keys": str(keys)}
+        with FaultProxy(real_registry.url) as upstream:
+            mirror = mirror_factory(upstream_url=upstream.url, config={"private": private})
+            with RecordingProxy(mirror.url) as recorder:
+                scene = Scene(
+                    "registry-push",
+                    "ollama push --insecure of a model made by ollama create to private.namespaces=team "
+                    "(a key allowed there), again, a model made FROM it (cross-repository mounts), to a "
+                    "namespace that is not private, with a key the mirror does not know; then ollama pull "
+                    "of the derived model by another Ollama",
+                    {
+                        "models": [],
+                        "mirror": {"private": {"namespaces": ["team"]}},
+                        "push_keys": 'namespaces="team"',
+                    },
+                    Bindings(host=recorder.host),
+                    ollama_bin,
+                )
+                name = f"{recorder.host}/team/mine:v1"
+                ok(pusher.cli("create", name, "-f", str(modelfile)))
+                assert "success" in ok(pusher.cli("push", "--insecure", name))
+                first = scene.phase("push of a new model", recorder, key="authorized")
+                methods = [(e["request"]["method"], e["response"]["status"]) for e in first]
+                assert ("PATCH", 202) in methods and ("PUT", 201) in methods
+
+                assert "success" in ok(pusher.cli("push", "--insecure", name))
+                again = scene.phase("push again: the mirror has every blob", recorder, key="authorized")
+                assert not [e for e in again if e["request"]["method"] == "PATCH"]
+
+                derived = tmp_path / "Modelfile.v2"
+                derived.write_text(f"FROM {name}\nSYSTEM Derived on the mirror.\n")
+                ok(pusher.cli("create", f"{recorder.host}/team/mine:v2", "-f", str(derived)))
+                assert "success" in ok(pusher.cli("push", "--insecure", f"{recorder.host}/team/mine:v2"))
+                derived_push = scene.phase(
+                    "push of a model made FROM the pushed one", recorder, key="authorized"
+                )
+                sent = [e for e in derived_push if e["request"]["method"] == "PATCH"]
+                assert len(sent) == 1  # its new SYSTEM layer; the shared ones are found by HEAD
+
+                public = f"{recorder.host}/library/mine:v1"
+                ok(pusher.cli("cp", name, public))
+                refused = pusher.cli("push", "--insecure", public)
+                assert refused.returncode != 0 and "not private on this mirror" in plain_text(refused.stderr)
+                scene.phase("push to a namespace that is not private", recorder, key="authorized")
+
+                ok(stranger.cli("create", f"{recorder.host}/team/mine:v2", "-f", str(modelfile)))
+                refused = stranger.cli("push", "--insecure", f"{recorder.host}/team/mine:v2")
+                assert refused.returncode != 0
+                scene.phase("push with a key the mirror does not know", recorder, key="unknown")
+
+                assert "success" in ok(puller.cli("pull", "--insecure", f"{recorder.host}/team/mine:v2"))
+                scene.phase("pull of the derived model by another Ollama", recorder, key="unknown")
+                scene.save()
+            assert upstream.records("/v2/team") == []
+    finally:
+        for server in (pusher, stranger, puller):
+            server.cleanup()

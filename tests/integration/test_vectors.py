@@ -1,7 +1,7 @@
 """The real Ollama client's contract, kept in CI without the binary: ``tests/vectors/*.json`` replayed.
 
-Each vector was recorded while the real ``ollama`` pulled, listed, showed, removed and ran models through
-the mirror (``test_real_ollama.py`` with ``RECORD_VECTORS=1``). Here the same scenario is set up again (a
+Each vector was recorded while the real ``ollama`` pulled, listed, showed, removed, ran and pushed models
+through the mirror (``test_real_ollama.py`` with ``RECORD_VECTORS=1``). Here the same scenario is set up again (a
 registry of its own with the same models, the daemon with the recorded settings, a stand-in backend for
 inference), every request is sent again, and every answer must match the recorded one in status, the
 headers the client reads and the body it parsed.
@@ -28,7 +28,8 @@ VECTOR_FILES = sorted(VECTORS_DIR.glob("*.json"))
 
 
 def test_there_are_vectors_of_every_mode() -> None:
-    assert {p.stem for p in VECTOR_FILES} >= {"registry-pull", "registry-keys", "api-mode", "inference"}
+    modes = {"registry-pull", "registry-keys", "registry-push", "api-mode", "inference"}
+    assert {p.stem for p in VECTOR_FILES} >= modes
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,10 @@ def test_the_mirror_answers_the_real_client_as_recorded(
         authorized = tmp_path / "authorized_keys"
         authorized.write_text(keys["authorized"].public_line() + "\n")
         config = merge_config(config, {"security": {"registry_authorized_keys": str(authorized)}})
+    if "push_keys" in vector.setup:  # the authorized_keys options the recording gave the pusher's key
+        pushers = tmp_path / "push_authorized_keys"
+        pushers.write_text(f"{vector.setup['push_keys']} {keys['authorized'].public_line()}\n".lstrip())
+        config = merge_config(config, {"private": {"push_authorized_keys": str(pushers)}})
     if vector.setup.get("backend") == "stand-in":
         backend = OllamaBackend(delay=0.01)
         config = merge_config(config, {"backend": {"url": backend.url}})

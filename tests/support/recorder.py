@@ -34,7 +34,8 @@ class Exchange:
     method: str
     target: str  # path and query as sent
     request_headers: dict[str, str]
-    request_body: bytes = b""
+    request_body: bytes = b""  # its start (BODY_KEEP bytes)
+    request_bytes: int = 0  # its length
     status: int = 0
     response_headers: dict[str, str] = field(default_factory=dict)
     body_bytes: int = 0
@@ -127,6 +128,7 @@ class RecordingProxy:
                 )
                 body = self._body()
                 exchange.request_body = body[:BODY_KEEP]
+                exchange.request_bytes = len(body)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 headers.pop("Content-Length", None)
                 connection = http.client.HTTPConnection(proxy.target_host, proxy.target_port, timeout=600)

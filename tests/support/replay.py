@@ -5,12 +5,14 @@ front of the mirror, with its placeholders filled from this run (the models' dig
 address asked). What cannot be replayed byte for byte is rebuilt as the real client builds it: a token
 request is made from the challenge the mirror just sent and signed with one of the replay's Ollama keys,
 ``Bearer`` carries the token the mirror just issued, and a signed blob URL is the one the mirror just
-handed out. A request the client hung up on (a blob's discovery GET) is hung up on after the headers.
+handed out, and an upload session's ``{upload:N}`` the session the mirror just opened. A push's bodies are
+sent as recorded. A request the client hung up on (a blob's discovery GET) is hung up on after the headers.
 The replay's own exchanges are then normalized like the recording, for a field-by-field comparison.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 from collections.abc import Mapping
@@ -59,6 +61,8 @@ class Replayer:
         body = None
         if "json" in request:
             body = json.dumps(_expand_json(request["json"], self.values)).encode()
+        elif "body" in request:
+            body = base64.b64decode(request["body"])
         connection = http.client.HTTPConnection("127.0.0.1", self.recorder.port, timeout=TIMEOUT)
         try:
             connection.request(request["method"], target, body=body, headers=headers)
@@ -69,6 +73,8 @@ class Replayer:
             location = answer.getheader("location")
             if location and "signature=" in location:
                 self._locations[location.split("?", 1)[0]] = location
+            self.bindings.note_uploads({"location": location or ""})
+            self.values.update({name: upload_id for upload_id, name in self.bindings.uploads.items()})
             if not response["body"].get("complete", True):
                 return  # the client hangs up here, as the real one did
             data = answer.read()

@@ -11,7 +11,10 @@ everything that differs from run to run or from machine to machine:
   URL's ``expires`` and ``signature``, times in JSON answers and the ``Date`` header are dropped or
   replaced by their names;
 - ``Authorization`` keeps only its form: ``{ollama-signature}`` (an Ollama key's signed token request)
-  or ``Bearer {token}``; tokens in answers become ``{token}``.
+  or ``Bearer {token}``; tokens in answers become ``{token}``;
+- a push's upload sessions become ``{upload:1}``, ``{upload:2}``… in the order the mirror opened them; the
+  bodies a push sends (blob parts, the manifest) are kept verbatim, base64, since their digests are the
+  pushed model's own and the replay must send the very same bytes.
 
 The replay (``tests/integration/test_vectors.py``) sends every recorded request again, through a
 recorder of its own, normalizes what it sees the same way and compares the two, field by field.
@@ -19,6 +22,7 @@ recorder of its own, normalizes what it sees the same way and compares the two, 
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -31,7 +35,7 @@ from tests.support.recorder import Exchange
 
 VECTORS_DIR = Path(__file__).resolve().parents[1] / "vectors"
 
-REQUEST_HEADERS = ("accept", "content-type", "range", "authorization", "user-agent")
+REQUEST_HEADERS = ("accept", "content-type", "range", "content-range", "authorization", "user-agent")
 RESPONSE_HEADERS = (
     "content-type",
     "content-length",
@@ -42,7 +46,10 @@ RESPONSE_HEADERS = (
     "accept-ranges",
     "www-authenticate",
     "retry-after",
+    "docker-upload-uuid",
+    "range",
 )
+_UPLOAD = re.compile(r"/blobs/uploads/([0-9a-f]{32})(?![0-9a-f])")
 _VOLATILE_QUERY = {"nonce": "{nonce}", "ts": "{ts}", "expires": "{expires}", "signature": "{signature}"}
 _SIGNATURE = re.compile(r"^[A-Za-z0-9+/=]{40,}:[A-Za-z0-9+/=]{40,}$")
 _REPLACED = {  # JSON keys whose values differ from run to run, or are secret
@@ -62,6 +69,7 @@ class Bindings:
     host: str = ""
     digests: dict[str, str] = field(default_factory=dict)  # hex -> role ("tiny/model")
     sizes: dict[str, int] = field(default_factory=dict)  # role -> size
+    uploads: dict[str, str] = field(default_factory=dict)  # upload session id -> "upload:N"
 
     def add_model(self, prefix: str, model: Any) -> None:
         """Every blob of a :class:`tests.support.models.PushedModel`, and its manifest, as ``prefix/role``."""
@@ -77,6 +85,12 @@ class Bindings:
         self.digests.setdefault(blob.hex, role)  # shared blobs keep the first model's name
         self.sizes[role] = blob.size
 
+    def note_uploads(self, headers: Mapping[str, str]) -> None:
+        """Name the upload session an answer opened (its ``Location``), in the order they appear."""
+        found = _UPLOAD.search(headers.get("location", ""))
+        if found:
+            self.uploads.setdefault(found.group(1), f"upload:{len(self.uploads) + 1}")
+
     def role_of_size(self, value: str, roles: Iterable[str]) -> str | None:
         for role in roles:
             if str(self.sizes.get(role)) == value:
@@ -88,15 +102,18 @@ class Bindings:
         for hexdigest, role in self.digests.items():
             value = value.replace(hexdigest, f"{{digest:{role}}}")
             value = value.replace(hexdigest[:12], f"{{short:{role}}}")
+        for upload_id, name in self.uploads.items():
+            value = value.replace(upload_id, f"{{{name}}}")
         if self.host:
             value = value.replace(self.host, "{host}").replace(quote(self.host, safe=""), "{host}")
         return value
 
 
 def _target(target: str, bindings: Bindings) -> str:
+    """A request target or a ``Location``: an absolute one keeps its scheme (the host becomes ``{host}``)."""
     parts = urlsplit(target)
     query = [(k, _VOLATILE_QUERY.get(k, v)) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-    rebuilt = urlunsplit(("", "", parts.path, urlencode(query, safe="{}:"), ""))
+    rebuilt = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query, safe="{}:"), ""))
     return bindings.text(rebuilt)
 
 
@@ -190,6 +207,7 @@ def _body(exchange: Exchange, bindings: Bindings) -> dict[str, Any]:
 def normalize(exchange: Exchange, bindings: Bindings) -> dict[str, Any]:
     """One exchange as a vector entry."""
     roles = [r for r in [_blob_role(exchange.target, bindings)] if r] + list(bindings.sizes)
+    bindings.note_uploads(exchange.response_headers)
     request: dict[str, Any] = {"method": exchange.method, "target": _target(exchange.target, bindings)}
     headers: dict[str, str] = {}
     for name in REQUEST_HEADERS:
@@ -202,9 +220,14 @@ def normalize(exchange: Exchange, bindings: Bindings) -> dict[str, Any]:
             value = _range(value, roles, bindings)
         headers[name] = bindings.text(value)
     request["headers"] = headers
-    body = exchange.request_json()
-    if body is not None:
-        request["json"] = _json(body, bindings)
+    if exchange.request_headers.get("content-type", "").startswith("application/json"):
+        body = exchange.request_json()
+        if body is not None:
+            request["json"] = _json(body, bindings)
+    elif exchange.request_bytes:
+        if exchange.request_bytes > len(exchange.request_body):
+            raise ValueError(f"{exchange.method} {exchange.target}: a body too large for a vector")
+        request["body"] = base64.b64encode(exchange.request_body).decode("ascii")
     response: dict[str, Any] = {"status": exchange.status}
     answer: dict[str, str] = {}
     for name in RESPONSE_HEADERS:
