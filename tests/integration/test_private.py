@@ -288,6 +288,29 @@ def test_a_push_as_ollama_makes_it_then_a_pull_as_ollama_makes_it(
     assert [r for r in proxy.records() if r.path != "/v2/"] == []  # nothing of it upstream
 
 
+def test_a_pushed_model_is_shown_like_any_other_and_removed_only_on_purpose(
+    push_mirror: MirrorDaemon, pusher_key: OllamaKey, tmp_path: Path
+) -> None:
+    model = build_model(tmp_path / "models", size=2 * MiB, seed=33, name="shown")
+    assert push(push_mirror.url, "team/shown", "v1", model, key=pusher_key).manifest_status == 201
+    shown = http_request("POST", f"{push_mirror.url}/api/show", body=b'{"model": "team/shown:v1"}')
+    assert shown.status == 200 and "template" in shown.json()
+    stats = http_request("GET", f"{push_mirror.url}/mirror/stats").json()
+    listed = {m["name"]: m for m in stats["models"]}
+    assert listed["team/shown:v1"]["size"] == model.total_size
+    metrics = http_request("GET", f"{push_mirror.url}/metrics").body.decode()
+    assert f"ollama_mirror_cached_models {float(stats['cached_models'])}" in metrics
+    ls = run_cli("ls", "--json", "--cache-dir", str(push_mirror.cache_dir))
+    assert ls.returncode == 0, ls.stderr
+    assert "team/shown:v1" in [m["name"] for m in json.loads(ls.stdout)["models"]]
+
+    removed = run_cli("rm", "team/shown:v1", "--mirror", push_mirror.url)
+    assert removed.returncode == 0, removed.stderr
+    tags = http_request("GET", f"{push_mirror.url}/api/tags").json()
+    assert "team/shown:v1" not in [m["name"] for m in tags["models"]]
+    assert http_request("GET", f"{push_mirror.url}/v2/team/shown/manifests/v1").status == 404
+
+
 def test_a_pushed_model_travels_in_an_export_bundle(
     push_mirror: MirrorDaemon,
     pusher_key: OllamaKey,
