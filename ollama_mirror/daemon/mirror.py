@@ -27,6 +27,7 @@ from ..cache.eviction import CacheLifecycle, Sweeper
 from ..cache.files import cache_marker
 from ..cache.index import CacheIndex
 from ..cache.manifests import ManifestCache
+from ..cache.pins import Pins
 from ..cache.staging import ManifestPublisher
 from ..cache.store import Store
 from ..cluster.peers import PeerSigner
@@ -141,6 +142,7 @@ class Mirror:
         self.events.listen(self.publisher)
         self.index = CacheIndex(os.path.join(self.store.work_dir, "index.sqlite3"), reactor)
         self.events.listen(self.index)
+        self.pins = Pins(self.store.work_dir)
         self.sweeper = Sweeper(
             self.store,
             self.catalog,
@@ -151,6 +153,7 @@ class Mirror:
             self.events,
             protected=self._busy_blobs,
             private=self.private,
+            pins=self.pins,
         )
         self.events.listen(self.sweeper)
 
