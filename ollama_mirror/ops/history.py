@@ -47,22 +47,26 @@ class TrafficHistory:
         self._samples: deque[Sample] = deque(maxlen=length + 1)  # (+1: the first is only a baseline)
 
     def sample(self) -> None:
+        self._samples.append(self._now())
+
+    def _now(self) -> Sample:
         tally = self._tally
         hits = sum(tally.hits.values())
-        self._samples.append(
-            Sample(
-                at=self._clock.seconds(),
-                served=sum(tally.served.values()),
-                from_cache=tally.served["cache"],
-                upstream=tally.upstream_received,
-                hits=hits,
-                answers=hits + sum(tally.misses.values()),
-            )
+        return Sample(
+            at=self._clock.seconds(),
+            served=sum(tally.served.values()),
+            from_cache=tally.served["cache"],
+            upstream=tally.upstream_received,
+            hits=hits,
+            answers=hits + sum(tally.misses.values()),
         )
 
-    def document(self) -> list[dict[str, Any]]:
-        """One entry per interval, oldest first: its end time (Unix seconds) and what happened in it."""
+    def document(self, live: bool = False) -> list[dict[str, Any]]:
+        """One entry per interval, oldest first: its end time (Unix seconds) and what happened in it;
+        *live* adds the interval running now, up to this instant (so a chart has something at once)."""
         samples = list(self._samples)
+        if live and samples and self._clock.seconds() > samples[-1].at:
+            samples.append(self._now())
         points = []
         for before, after in pairwise(samples):
             answers = after.answers - before.answers

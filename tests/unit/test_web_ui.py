@@ -350,6 +350,9 @@ def test_the_history_turns_running_totals_into_what_happened_in_each_interval() 
     clock.advance(10)
     points = history.document()
     assert [(p["served"], p["upstream"], p["hit_ratio"]) for p in points] == [(1000, 200, 0.75), (0, 0, None)]
+    tally.served["cache"] += 50
+    clock.advance(4)
+    assert history.document(live=True)[-1]["served"] == 50  # the interval running now, so far
     for _ in range(5):
         clock.advance(10)
     assert len(history.document()) == 3  # a ring: the oldest go

@@ -42,7 +42,7 @@ _SECURITY_HEADERS = (
         b"connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
     ),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    (b"referrer-policy", b"same-origin"),  # (no-referrer would make browsers send "Origin: null")
     (b"x-frame-options", b"DENY"),
 )
 

@@ -36,7 +36,7 @@ class Tally(Protocol):
 class History(Protocol):
     interval: float
 
-    def document(self) -> list[dict[str, Any]]: ...
+    def document(self, live: bool = False) -> list[dict[str, Any]]: ...
 
 
 class HealthReport(Protocol):
@@ -128,7 +128,7 @@ class PageState:
                 "saved": traffic["bytes_saved"],
                 "requests": traffic["requests"],
             },
-            "history": {"interval": p.history.interval, "points": p.history.document()},
+            "history": {"interval": p.history.interval, "points": p.history.document(live=True)},
             "health": health,
             "upstreams": [{"host": u.host, "url": u.url} for u in p.upstreams],
             "cluster": nodes,

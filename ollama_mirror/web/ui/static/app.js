@@ -115,6 +115,10 @@
         (pad + i * step).toFixed(1) + "," + (height - pad - (p[key] / top) * (height - 2 * pad)).toFixed(1)).join(" "));
       svg.append(line);
     }
+    if (points.length < 2) {
+      $("chart").replaceChildren(el("p", {}, "Collecting samples: the chart starts after the first interval."));
+      return;
+    }
     $("chart").replaceChildren(svg);
   }
 
