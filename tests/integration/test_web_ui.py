@@ -176,7 +176,6 @@ def test_an_operator_signs_in_watches_a_fill_pins_and_deletes_in_a_real_browser(
         if seen and not bars:
             break
         time.sleep(0.1)
-    print("progress seen:", seen)
     values = [value for value, _ in seen]
     assert len(values) >= 3, f"the progress bar did not move live: {seen}"
     assert values == sorted(values) and values[0] < values[-1] and values[0] < seen[0][1]
@@ -202,6 +201,20 @@ def test_an_operator_signs_in_watches_a_fill_pins_and_deletes_in_a_real_browser(
     wait.until(lambda d: "uimodel:latest" not in rows(d))
     assert browser.find_element(By.ID, "action-status").text == "Deleted uimodel:latest."
     assert tags(mirror) == ["tiny:latest"]
+
+    # --- a phone's width, dark mode -----------------------------------------------------------
+    browser.set_window_size(390, 844)
+    wait.until(lambda d: d.execute_script("return window.innerWidth") <= 400)
+    overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, "the page scrolls sideways on a narrow screen (only the table may, in its box)"
+    browser.execute_cdp_cmd(
+        "Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]}
+    )
+    background, text = browser.execute_script(
+        "const s = getComputedStyle(document.body); return [s.backgroundColor, s.color];"
+    )
+    assert background == "rgb(13, 17, 23)" and text == "rgb(230, 237, 243)"  # light text on a dark page
+    browser.set_window_size(1280, 1600)
 
     # --- accessible names, nothing from elsewhere, no console errors ---------------------------
     for button in browser.find_elements(By.CSS_SELECTOR, "button"):
