@@ -3,7 +3,8 @@
 A sweep (every ``cache.cleanup_interval`` seconds, and on demand) removes models unused for
 ``cache.retention_days``, then least recently used models until the cache is under
 ``cache.max_size_gb``, then blobs no manifest references and partial downloads nobody resumed.
-A blob another kept model references stays; so does anything being downloaded or served.
+A blob another kept model references stays; so does anything being downloaded or served.  Pinned
+tags (:mod:`.pins`) and private models are never evicted.
 
 Before a download starts, :meth:`Sweeper.admit` makes room for it or refuses it with a clear
 reason (larger than the whole cache, or not enough free disk even after evicting).
@@ -36,6 +37,7 @@ from ..runner import Runner
 from .catalog import CachedModel, Catalog
 from .index import CacheIndex
 from .lock import staging_in_use
+from .pins import Pins
 from .space import NoSpace, free_bytes, is_no_space
 from .store import Store, pid_alive, prune_empty_dirs, same_file
 
@@ -90,10 +92,13 @@ class Sweeper(Events):
         events: Events,
         protected: Callable[[], set[str]],
         private: PrivateNamespaces | None = None,
+        pins: Pins | None = None,
     ) -> None:
         """*private*: the namespaces whose models were pushed here, the only copy: never evicted, nor
-        emptied with the cache (only removed on purpose, one by one)."""
+        emptied with the cache (only removed on purpose, one by one).  *pins*: the tags an operator
+        pinned, kept the same way."""
         self.private = private if private is not None else PrivateNamespaces()
+        self.pins = pins
         self.store = store
         self.catalog = catalog
         self.index = index
@@ -191,7 +196,10 @@ class Sweeper(Events):
             return found.last_used if found is not None else model.modified
 
         cutoff = now - self.config.retention_days * DAY
-        evictable = [m for m in remaining.values() if not self.private.holds(m.name)]
+        pinned = self._pinned()
+        evictable = [
+            m for m in remaining.values() if not self.private.holds(m.name) and str(m.name) not in pinned
+        ]
         for model in sorted(evictable, key=last_used):
             if last_used(model) < cutoff and not _in_use(model, protected):
                 remove(model, "retention")
@@ -217,6 +225,10 @@ class Sweeper(Events):
         report.models = len([m for m in remaining.values() if m.complete])
         report.seconds = time.monotonic() - started
         return report
+
+    def _pinned(self) -> frozenset[str]:
+        """(thread) The pinned tags, read afresh: ``ollama-mirror pin`` may have changed them."""
+        return self.pins.names() if self.pins is not None else frozenset()
 
     @staticmethod
     def _index_write(report: SweepReport, write: Callable[..., None], *args: Any) -> None:
@@ -339,6 +351,8 @@ class Sweeper(Events):
             )
             if removed is not None:
                 await self.runner.run(self.index.forget_models, [str(name)])
+                if self.pins is not None:  # removed on purpose: a later pull of it is not kept forever
+                    await self.runner.run(self.pins.unpin, name)
         finally:
             self._lock.release()
         if removed is not None:
@@ -368,8 +382,10 @@ class Sweeper(Events):
 
     def _clear(self, protected: set[str]) -> SweepReport:
         report = SweepReport()
+        pinned = self._pinned()
         for model in self.catalog.models(complete_only=False):
-            if self.private.holds(model.name):  # (the only copy: removed on purpose alone)
+            # (private: the only copy; pinned: the operator's wish; either is removed on purpose alone)
+            if self.private.holds(model.name) or str(model.name) in pinned:
                 protected.update(digest for digest, _ in model.blobs)
                 continue
             if self._unlink_manifest(model):

@@ -92,6 +92,10 @@ class ManifestCache:
             if digest.startswith("sha256:"):
                 self.blob_sizes[digest[7:]] = size
 
+    def expire(self, name: ModelName) -> None:
+        """Forget that the cached tag was confirmed: the next ask goes to the upstream (a refresh)."""
+        self._confirmed.pop(name, None)
+
     def fresh(self, name: ModelName) -> Manifest | None:
         """The cached manifest of a tag confirmed upstream less than ``cache.manifest_ttl`` ago, at once
         (``None``: :meth:`by_tag` must look further).  The file is stat'ed on every call, so a manifest

@@ -9,6 +9,7 @@
     ollama-mirror import BUNDLE                    a bundle into the cache, verified before anything appears
     ollama-mirror gc                               one eviction sweep now
     ollama-mirror rm MODEL...                      remove models (blobs other models use stay)
+    ollama-mirror pin MODEL... / unpin MODEL...    keep tags whatever retention and the size cap say
     ollama-mirror health                           a running mirror's /mirror/health, as an exit status
 
 Exit status: 0 done; 1 the operation failed (nothing or not everything done, see the message);

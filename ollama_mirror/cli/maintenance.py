@@ -28,6 +28,7 @@ T = TypeVar("T")
 def cmd_ls(options: argparse.Namespace) -> int:
     from ..cache.catalog import Catalog
     from ..cache.index import read_model_usage
+    from ..cache.pins import Pins
     from ..cache.store import Store
 
     config = cache_config(options)
@@ -35,6 +36,7 @@ def cmd_ls(options: argparse.Namespace) -> int:
     if not os.path.isdir(store.manifests_dir):
         raise CommandError(f"{store.root} is not a cache directory (it has no manifests/)")
     usage = read_model_usage(os.path.join(store.work_dir, "index.sqlite3"))
+    pinned = Pins(store.work_dir).names()
     entries: list[dict[str, Any]] = []
     for model in Catalog(store).models(complete_only=not options.all):
         used = usage.get(str(model.name))
@@ -48,6 +50,7 @@ def cmd_ls(options: argparse.Namespace) -> int:
                 "cached_at": iso_time(used.cached_at if used else model.modified),
                 "last_used": iso_time(used.last_used if used else model.modified),
                 "pull_count": used.pull_count if used else 0,
+                "pinned": str(model.name) in pinned,
                 "complete": model.complete,
                 "missing_blobs": len(model.missing),
             }
@@ -59,7 +62,8 @@ def cmd_ls(options: argparse.Namespace) -> int:
         return EXIT_OK
     rows = [("NAME", "ID", "SIZE", "LAST USED", "PULLS")]
     for e in entries:
-        name = str(e["name"]) + ("" if e["complete"] else f" (missing {e['missing_blobs']} blobs)")
+        name = str(e["name"]) + (" (pinned)" if e["pinned"] else "")
+        name += "" if e["complete"] else f" (missing {e['missing_blobs']} blobs)"
         rows.append(
             (
                 name,
@@ -103,6 +107,7 @@ def sweeper_for(config: Config) -> Sweeper:
 
     from ..cache.catalog import Catalog
     from ..cache.index import CacheIndex
+    from ..cache.pins import Pins
     from ..cache.store import Store
     from ..events import Events
     from ..names import PrivateNamespaces
@@ -124,6 +129,7 @@ def sweeper_for(config: Config) -> Sweeper:
         Events(),
         protected=set,
         private=private,
+        pins=Pins(store.work_dir),
     )
 
 
@@ -190,3 +196,29 @@ def cmd_rm(options: argparse.Namespace) -> int:
     if missing:
         error_line(f"not in the cache: {', '.join(missing)}")
     return outcome(len(names) - len(missing), len(missing))
+
+
+def cmd_pin(options: argparse.Namespace) -> int:
+    """Pin or unpin tags (``options.unpin``).  Safe beside a running daemon: the pins file has a lock of
+    its own, and the daemon reads it at each sweep."""
+    from ..cache.catalog import Catalog
+    from ..cache.pins import Pins
+    from ..cache.store import Store
+
+    names = model_names(options.models)
+    config = cache_config(options)
+    store = Store(config.cache.directory)
+    if not os.path.isdir(store.manifests_dir):
+        raise CommandError(f"{store.root} is not a cache directory (it has no manifests/)")
+    pins, catalog = Pins(store.work_dir), Catalog(store)
+    for name in names:
+        if options.unpin:
+            changed = pins.unpin(name)
+            sys.stdout.write(
+                f"unpinned {name.display()}\n" if changed else f"{name.display()} was not pinned\n"
+            )
+            continue
+        changed = pins.pin(name)
+        note = "" if catalog.find(name) is not None else " (not cached yet: kept once pulled)"
+        sys.stdout.write(f"{'pinned' if changed else 'already pinned:'} {name.display()}{note}\n")
+    return EXIT_OK

@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 from .. import __version__
 from .bundles import cmd_export, cmd_import
 from .common import EXIT_USAGE
-from .maintenance import cmd_gc, cmd_ls, cmd_rm
+from .maintenance import cmd_gc, cmd_ls, cmd_pin, cmd_rm
 from .prefetch import cmd_prefetch
 from .remote import cmd_health
 
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import(commands)
     _add_gc(commands)
     _add_rm(commands)
+    _add_pin(commands)
     _add_health(commands)
     return parser
 
@@ -131,6 +132,24 @@ def _add_rm(commands: Any) -> None:
     remote_options(rm)
     cache_options(rm)
     rm.set_defaults(func=cmd_rm)
+
+
+def _add_pin(commands: Any) -> None:
+    for command, unpin in (("pin", False), ("unpin", True)):
+        sub = commands.add_parser(
+            command,
+            help="keep tags whatever retention and the size cap say"
+            if not unpin
+            else "let tags be evicted again",
+            description="Pinned tags are never evicted (cache.retention_days, cache.max_size_gb) nor removed "
+            "by DELETE /mirror/cache; 'rm' still removes them, and their pin with them. Safe while a daemon "
+            "serves the cache: its next sweep reads the pins."
+            if not unpin
+            else "Unpin tags: the sweeps may evict them again.",
+        )
+        sub.add_argument("models", nargs="+", metavar="MODEL")
+        cache_options(sub)
+        sub.set_defaults(func=cmd_pin, unpin=unpin)
 
 
 def _add_health(commands: Any) -> None:

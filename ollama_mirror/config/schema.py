@@ -396,7 +396,11 @@ class FeaturesConfig:
     )
     enable_metrics: bool = setting(True, "ENABLE_METRICS", "Serve Prometheus metrics at `/metrics`.", "bool")
     enable_web_ui: bool = setting(
-        False, "ENABLE_WEB_UI", "Serve the admin web page (not built yet).", "bool", planned=True
+        True,
+        "ENABLE_WEB_UI",
+        "Serve the operators' web page at `/mirror/ui` (cache, downloads, savings, actions); with "
+        "`security.api_key(s)` set it asks for a key first.",
+        "bool",
     )
 
 

@@ -27,6 +27,7 @@ from ..cache.eviction import CacheLifecycle, Sweeper
 from ..cache.files import cache_marker
 from ..cache.index import CacheIndex
 from ..cache.manifests import ManifestCache
+from ..cache.pins import Pins
 from ..cache.staging import ManifestPublisher
 from ..cache.store import Store
 from ..cluster.peers import PeerSigner
@@ -34,11 +35,12 @@ from ..cluster.ratelimit import SharedRateLimiter
 
 if TYPE_CHECKING:
     from ..cluster.build import ClusterParts
-from ..config import Config
+from ..config import Config, ConfigError
 from ..events import EventHub
 from ..fill.manager import FillManager
 from ..fill.pulling import ModelPuller
 from ..names import PrivateNamespaces
+from ..ops.history import TrafficHistory
 from ..ops.observability import Observability
 from ..private.uploads import Uploads, private_usage
 from ..runner import InlineRunner, Reactor, Runner, ThreadRunner
@@ -56,6 +58,11 @@ from ..web.push import PushApi, StreamingBodies
 from ..web.registry import FreshManifests, RegistryApi
 from ..web.root import RootApi
 from ..web.routes import ROUTES, route_of
+from ..web.ui.live import FillFeed
+from ..web.ui.page import WebUi
+from ..web.ui.session import Sessions
+from ..web.ui.state import PageParts, PageState
+from ..web.ui.state import Upstream as UiUpstream
 from .holdings import CacheHoldings
 from .prefetch import PrefetchService
 
@@ -99,6 +106,7 @@ class Mirror:
             dependencies=self.cluster.probes if self.cluster else (),
             cluster=self.cluster.report if self.cluster else None,
         )
+        self._build_ui()
         self.admin = AdminApi(
             self.observability.stats,
             self.observability.health,
@@ -106,6 +114,7 @@ class Mirror:
             trusted=self.access.trusted,
             cluster=self.cluster.report if self.cluster else None,
             removal=self.cluster.removal if self.cluster else None,
+            ui=self.ui.resource() if self.ui is not None else None,
         )
         self.root = RootApi(
             registry=self.registry.resource(),
@@ -115,6 +124,47 @@ class Mirror:
             metrics=self.observability.metrics_on_main_site(),
             push=self.push.resource() if self.push is not None else None,
         )
+
+    def _build_ui(self) -> None:
+        """The operators' web page (``features.enable_web_ui``), its traffic history and live feed."""
+        self.ui: WebUi | None = None
+        self.history = TrafficHistory(self.observability.tally, self.reactor)
+        if not self.config.features.enable_web_ui:
+            return
+        feed = FillFeed(
+            self.reactor,
+            lambda: self.fills.fills.values(),
+            lambda hexdigest: self.registry.reading.get(hexdigest, 0),
+        )
+        self.events.listen(feed)
+        parts = PageParts(
+            clock=self.reactor,
+            runner=self.runner,
+            survey=self.observability.survey,
+            tally=self.observability.tally,
+            history=self.history,
+            health=self.observability.health,
+            feed=feed,
+            catalog=self.catalog,
+            usage=self.index,
+            pins=self.pins,
+            private=self.private,
+            cache_cap=self.sweeper.cap,
+            upstreams=[UiUpstream(u.host, u.url) for u in self.upstreams],
+            delete_model=self.cluster.removal.delete
+            if self.cluster and self.cluster.removal
+            else self.sweeper.delete_model,
+            puller=self.puller,
+            expire_manifest=self.manifests.expire,
+            model_refused=self.access.rules.check,
+            cluster=self.cluster.report if self.cluster else None,
+        )
+        try:
+            secret = load_secret(self.config.security.signing_secret, self.store.work_dir)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"security.signing_secret: {e}") from None
+        sessions = Sessions(secret, self.access.api_keys, self.reactor)
+        self.ui = WebUi(PageState(parts), sessions, self.access, self.reactor)
 
     def _runner(self, runner: Runner | None) -> Runner:
         if runner is not None:
@@ -141,6 +191,7 @@ class Mirror:
         self.events.listen(self.publisher)
         self.index = CacheIndex(os.path.join(self.store.work_dir, "index.sqlite3"), reactor)
         self.events.listen(self.index)
+        self.pins = Pins(self.store.work_dir)
         self.sweeper = Sweeper(
             self.store,
             self.catalog,
@@ -151,6 +202,7 @@ class Mirror:
             self.events,
             protected=self._busy_blobs,
             private=self.private,
+            pins=self.pins,
         )
         self.events.listen(self.sweeper)
 
@@ -349,6 +401,7 @@ class Mirror:
             *services,
             *(self.cluster.services_of(maintenance) if self.cluster else []),
             *self.observability.services(),
+            *([self.history.service()] if self.ui is not None else []),
         ]
 
     def prefetch_service(self) -> PrefetchService:

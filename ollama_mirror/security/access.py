@@ -6,7 +6,8 @@ the request against that address's rate limit, then applies the rule of the rout
 
 - ``/api``, ``/v1``, ``/mirror`` (not ``/mirror/health``) and, if asked, ``/metrics``: an API key
   as ``Authorization: Bearer <key>`` (what the official Python client sends from
-  ``OLLAMA_API_KEY``);
+  ``OLLAMA_API_KEY``); the web page ``/mirror/ui`` asks for the key itself and keeps a session
+  (:mod:`ollama_mirror.web.ui.session`);
 - ``/v2``: ``security.registry_access`` (open, client networks, or per-client Ollama keys, see
   :mod:`ollama_mirror.security.registryauth`), and ``/v2/token`` for the key flow;
 - model rules on ``/api/pull``, ``/api/show`` and the ``/v2`` manifest and blob routes;
@@ -334,6 +335,8 @@ class AccessControl:
 
     def _check_api(self, request: Request, path: str, client: str) -> Refusal | None:
         family = path.split("/", 2)[1] if path.count("/") >= 1 else ""
+        if is_web_ui(path):
+            return None  # the page signs its users in itself (a key given once, then a session cookie)
         if family in ("api", "v1", "mirror") or (path == "/metrics" and self.config.protect_metrics):
             refusal = self._check_api_key(request, client)
             if refusal is not None:
@@ -396,6 +399,16 @@ class AccessControl:
         if self._key_matches(given):
             return None
         return self._failed_credentials(client, Refusal(401, "unauthorized: wrong API key"))
+
+    @property
+    def api_keys(self) -> tuple[bytes, ...]:
+        """The accepted API keys (``security.api_key`` and ``security.api_keys``)."""
+        return tuple(self._api_keys)
+
+    def failed_sign_in(self, request: IRequest) -> float | None:
+        """A wrong key given to the web page's sign-in costs a unit, as a wrong Bearer key does: the
+        seconds the client must wait when that puts it over the rate limit, else ``None``."""
+        return self.limiter.take(self.client(request))
 
     def _key_matches(self, given: str) -> bool:
         candidate = given.encode("latin-1", "replace")
@@ -509,6 +522,14 @@ class AccessControl:
             return self._failed_credentials(client, Refusal(401, str(e), "UNAUTHORIZED"))
         log.info("registry token issued to {who} at {client}", who=who, client=client)
         return {"token": token, "access_token": token, "expires_in": int(self.issuer.lifetime)}
+
+
+WEB_UI_PATH = "/mirror/ui"
+
+
+def is_web_ui(path: str) -> bool:
+    """Whether *path* is the web page's (``/mirror/ui`` and below), which checks its sessions itself."""
+    return path == WEB_UI_PATH or path.startswith(WEB_UI_PATH + "/")
 
 
 def _refuse(request: Request, path: str, refusal: Refusal) -> bytes:

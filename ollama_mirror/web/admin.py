@@ -1,4 +1,4 @@
-"""The operator's routes, ``/mirror``: stats, health, the cluster's nodes, and emptying the cache."""
+"""The operator's routes, ``/mirror``: stats, health, the cluster's nodes, emptying the cache, the page."""
 
 from __future__ import annotations
 
@@ -61,10 +61,13 @@ class AdminApi:
         trusted: Callable[[IRequest], bool] = lambda request: True,
         cluster: Report | None = None,
         removal: Removal | None = None,
+        ui: IResource | None = None,
     ) -> None:
         """*trusted* says whether a request may see details (paths, URLs): ``/mirror/health`` is open to
         load balancers, which need only the statuses.  *cluster* reports on a cluster's nodes;
-        *removal* is how another node asks this one to forget a model."""
+        *removal* is how another node asks this one to forget a model; *ui* is the web page
+        (``features.enable_web_ui``)."""
+        self._ui = ui
         self._stats = stats
         self._cluster = cluster
         self._removal = removal
@@ -74,6 +77,16 @@ class AdminApi:
 
     def resource(self) -> IResource:
         return self.app.resource()  # type: ignore[no-any-return]
+
+    @app.route("/ui", branch=True)
+    @app.route("/ui/")
+    def ui(self, request: IRequest) -> IResource | bytes:
+        """The operator's web page (:mod:`ollama_mirror.web.ui`), at ``/mirror/ui`` and below."""
+        if self._ui is None:
+            return ollama_error(request, 404, "the web page is off here (features.enable_web_ui)")
+        if not request.postpath:  # type: ignore[attr-defined]
+            request.postpath = [b""]  # type: ignore[attr-defined]  # (/mirror/ui: the page's own "/")
+        return self._ui
 
     @app.route("/stats", methods=["GET", "HEAD"])
     async def stats(self, request: IRequest) -> bytes:

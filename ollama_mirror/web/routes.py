@@ -18,7 +18,7 @@ PROXIED = (
 )  # /api/..., to the backend
 _API_ROUTES = ("pull", "tags", "show", "delete", "version")
 _API_INFERENCE = frozenset({*PROXIED, "blobs"})
-_MIRROR_ROUTES = ("stats", "health")
+_MIRROR_ROUTES = ("stats", "health", "ui")
 ROUTES = (
     "root",
     "registry_version",
@@ -57,6 +57,8 @@ def route_of(path: bytes) -> str:
     if top == b"v1":
         return "openai"
     if top == b"mirror":
+        if second == "ui":  # (the page and everything below it: one label)
+            return "mirror_ui"
         return "mirror_" + second if second in _MIRROR_ROUTES and len(parts) == 3 else "mirror_other"
     if path == b"/metrics":
         return "metrics"

@@ -275,6 +275,35 @@ def test_rm_says_which_models_were_not_cached_and_exits_3_when_others_were(
     assert status == 0 and [m["name"] for m in json.loads(out)["models"]] == ["other:latest"]
 
 
+def test_pin_keeps_a_tag_through_gc_beside_a_running_daemon_and_unpin_lets_it_go(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    store = make_cache(tmp_path, {"tiny": b"w" * 100, "other": b"v" * 100})
+    daemon_lock = CacheLock(store.work_dir)
+    daemon_lock.acquire(exclusive=False)  # pins need no exclusive lock: a running daemon holds this
+    try:
+        status, out, _ = command(capsys, "pin", "tiny", "later", "--cache-dir", str(tmp_path))
+    finally:
+        daemon_lock.release()
+    assert status == 0
+    assert out.splitlines() == [
+        "pinned tiny:latest",
+        "pinned later:latest (not cached yet: kept once pulled)",
+    ]
+    _, out, _ = command(capsys, "ls", "--json", "--cache-dir", str(tmp_path))
+    assert {m["name"]: m["pinned"] for m in json.loads(out)["models"]} == {
+        "tiny:latest": True,
+        "other:latest": False,
+    }
+    expire = ("--set", "cache.retention_days=0")
+    status, out, _ = command(capsys, "gc", "--cache-dir", str(tmp_path), *expire)
+    assert status == 0 and "removed other:latest;" in out
+    status, out, _ = command(capsys, "unpin", "tiny", "--cache-dir", str(tmp_path))
+    assert status == 0 and out == "unpinned tiny:latest\n"
+    _, out, _ = command(capsys, "gc", "--cache-dir", str(tmp_path), *expire)
+    assert "removed tiny:latest;" in out
+
+
 def test_gc_applies_the_configured_limits(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     make_cache(tmp_path, {"tiny": b"w" * 100})
     status, out, _ = command(capsys, "gc", "--cache-dir", str(tmp_path))

@@ -20,6 +20,7 @@ from ollama_mirror.cache import index as index_module
 from ollama_mirror.cache.catalog import Catalog
 from ollama_mirror.cache.eviction import CacheLifecycle, NoRoom, Sweeper
 from ollama_mirror.cache.index import CacheIndex
+from ollama_mirror.cache.pins import Pins
 from ollama_mirror.cache.store import Store
 from ollama_mirror.config import load_config
 from ollama_mirror.events import Events
@@ -41,6 +42,7 @@ class Cache:
         self.config = load_config(None, {}, {f"cache.{k}": v for k, v in cache_settings.items()}).cache
         self.index = CacheIndex(os.path.join(self.store.work_dir, "index.sqlite3"), self.clock)
         self.protected: set[str] = set()
+        self.pins = Pins(self.store.work_dir)
         self.evictions: list[tuple[Any, ...]] = []
         recorder = self
 
@@ -58,6 +60,7 @@ class Cache:
             Recorder(),
             protected=lambda: self.protected,
             private=PrivateNamespaces(private),
+            pins=self.pins,
         )
 
     def write_blob(self, data: bytes, age: float = 0.0) -> str:
@@ -192,6 +195,41 @@ def test_pushed_models_are_never_evicted_nor_emptied_with_the_cache_but_removed_
     assert os.path.exists(cache.store.blob_path(hashlib.sha256(SHARED).hexdigest()))
     removed = result(Deferred.fromCoroutine(cache.sweeper.delete_model(ModelName.parse("team/mine"))))
     assert removed is not None and cache.names() == ["lab-7/other:latest"]
+
+
+def test_pinned_tags_outlive_retention_and_the_cap_until_unpinned_and_a_delete_drops_the_pin(
+    tmp_path: Path,
+) -> None:
+    cache = Cache(tmp_path, max_size_gb="0.000001", retention_days="1")  # 1000 bytes
+    keep = cache.add_model("keep", 900, age=40 * DAY)  # past retention, and the least recently used
+    cache.add_model("other", 900, age=2 * DAY)
+    assert cache.pins.pin(keep) and not cache.pins.pin(keep)  # (a second pin changes nothing)
+    cache.sweep()
+    assert cache.names() == ["keep:latest"]
+    assert os.path.exists(cache.store.blob_path(cache.weights("keep", 900)))
+    report = result(Deferred.fromCoroutine(cache.sweeper.clear()))  # DELETE /mirror/cache keeps it too
+    assert report.removed_models == [] and cache.names() == ["keep:latest"]
+    assert Pins(cache.store.work_dir).names() == {str(keep)}  # (another process reads the same pins)
+    assert cache.pins.unpin(keep)
+    cache.sweep()
+    assert cache.names() == []
+    again = cache.add_model("keep", 900)
+    cache.pins.pin(again)
+    assert result(Deferred.fromCoroutine(cache.sweeper.delete_model(again))) is not None
+    assert cache.pins.names() == frozenset()  # removed on purpose: its pin went with it
+
+
+def test_a_damaged_pins_file_pins_nothing_and_the_next_pin_rewrites_it(tmp_path: Path) -> None:
+    cache = Cache(tmp_path)
+    Path(cache.pins.path).write_text('{"pinned": ["ok", "no//good", 7]')  # truncated JSON
+    assert cache.pins.names() == frozenset()
+    Path(cache.pins.path).write_text('{"pinned": ["ok", "no//good", 7]}')
+    assert cache.pins.names() == {"registry.ollama.ai/library/ok:latest"}
+    cache.pins.pin(ModelName.parse("two"))
+    assert json.loads(Path(cache.pins.path).read_text())["pinned"] == [
+        "registry.ollama.ai/library/ok:latest",
+        "registry.ollama.ai/library/two:latest",
+    ]
 
 
 def test_nothing_being_downloaded_or_served_is_removed(tmp_path: Path) -> None:

@@ -266,5 +266,6 @@ def test_every_route_is_in_the_declared_set() -> None:
         b"/v1/x",
         b"/mirror/stats",
     ]
-    paths += [b"/mirror/health", b"/mirror/x", b"/metrics", b"/x"]
+    paths += [b"/mirror/health", b"/mirror/ui", b"/mirror/ui/state", b"/mirror/x", b"/metrics", b"/x"]
     assert {route_of(path) for path in paths} == set(ROUTES)
+    assert route_of(b"/mirror/ui/models/delete") == "mirror_ui"  # (the page and all below it: one label)

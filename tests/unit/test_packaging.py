@@ -40,6 +40,15 @@ def test_wheel_holds_the_dropin_and_nothing_of_twisted(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "twisted/plugins/ollama_mirror_plugin.py" in names
     assert "ollama_mirror/tap.py" in names and "ollama_mirror/py.typed" in names
+    ui = "ollama_mirror/web/ui/"  # the web page's files ship inside the package (no CDN, air-gapped sites)
+    for shipped in (
+        "static/app.css",
+        "static/app.js",
+        "static/icon.svg",
+        "templates/page.html",
+        "templates/signin.html",
+    ):
+        assert ui + shipped in names
     assert not {"twisted/__init__.py", "twisted/plugins/__init__.py", "twisted/plugins/dropin.cache"} & names
     assert not [n for n in names if n.startswith("tests/")]
 
