@@ -61,7 +61,7 @@
 
   function renderDashboard(state) {
     const cache = state.cache;
-    $("summary").textContent = cache.models + " models cached · version " + state.version;
+    $("summary").textContent = cache.models + (cache.models === 1 ? " model" : " models") + " cached · version " + state.version;
     const bar = $("usage-bar");
     bar.max = cache.cap || 1;
     bar.value = Math.min(cache.used, bar.max);
