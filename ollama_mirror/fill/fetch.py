@@ -4,7 +4,9 @@ Each worker takes the next chunk (one a reader waits on first), asks the source 
 and writes what arrives at its offset through a :class:`ChunkWriter`.  A short last chunk (at most a
 quarter of a chunk) comes with the chunk before it, in the same request: fetched alone it would cost a
 request of its own at the very end, when every reader is waiting for it.  An upstream that answers a range
-with 200 means "no ranges": one worker then streams the whole body from the start.  Transient upstream
+with 200 means "no ranges": one worker then streams the whole body from the start; so one request probes
+first, unless the source can tell at once that it honours ranges (the cluster's shared store), when all
+workers start together.  Transient upstream
 errors are retried with exponential backoff; a worker that got no bytes for ``idle_timeout`` seconds
 gives its chunk up and retries it.
 """
@@ -221,6 +223,12 @@ class RangeFetcher:
         finally:
             self.workers -= 1
 
+    async def _honours_ranges(self) -> bool:
+        """Whether the source says it answers ranges with 206 (a store holding the blob); a source that
+        cannot tell is probed with the first request."""
+        honours = getattr(self.source, "honours_ranges", None)
+        return honours is not None and bool(await honours(self.sink.digest))
+
     def _short_tail(self, index: int) -> int | None:
         """The last chunk, when it is short and follows *index* and nobody has fetched any of it yet."""
         chunks = self.chunks
@@ -271,6 +279,9 @@ class RangeFetcher:
         chunk_end = self.chunks.bounds(last)[1]
         if self.ranged is False:
             start, chunk_end = 0, self.chunks.size  # the upstream ignores ranges: one stream, from the start
+        if self.ranged is None and await self._honours_ranges():
+            self.ranged = True  # (before this probe's answer: every worker starts now)
+            self.schedule()
         response = await self.source.open_range(self.repository, self.sink.digest, start, chunk_end - 1)
         if response.code == 200:
             if self.ranged is None or start == 0:

@@ -808,3 +808,26 @@ def test_a_cut_in_the_short_last_chunk_resumes_there(tmp_path: Path) -> None:
     assert (source.requests[-1].start, source.requests[-1].end) == (2040, 2099)
     source.serve_all()
     assert reader.called and fill.complete and published(fill) == blob
+
+
+class StoreLikeSource(FakeSource):
+    """A source that can tell before any range that it answers ranges (the cluster's shared store)."""
+
+    def __init__(self, blob: bytes) -> None:
+        super().__init__(blob)
+        self.asked: list[str] = []
+
+    async def honours_ranges(self, digest: str) -> bool:
+        self.asked.append(digest)
+        return True
+
+
+def test_a_source_known_to_honour_ranges_gets_every_connection_at_once(tmp_path: Path, blob: bytes) -> None:
+    clock, source = Clock(), StoreLikeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock, connections=3)
+    fill.start()
+    no_probe = [(0, 999), (1000, 1999), (2000, 2999)]  # every connection at once
+    assert sorted((r.start, r.end) for r in source.pending()) == no_probe
+    assert source.asked == [fill.digest]  # asked once, by the first worker
+    source.serve_all()
+    assert fill.complete and published(fill) == blob
