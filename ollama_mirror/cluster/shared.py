@@ -270,6 +270,15 @@ class _TieredSource:
             return await self._fallback.open_range(repository, digest, start, end)
         return await self._from_the_holder(shared.leases, shared.peer, repository, digest, start, end)
 
+    async def honours_ranges(self, digest: str) -> bool:
+        """Whether ranges of the blob will be answered with 206 without a probe: the shared copy holds it
+        (asking the store at most once: :meth:`open_range` then knows).  Should it be swept meanwhile, a
+        fallback that ignores ranges fails the range with 502, retried, and the next download probes."""
+        try:
+            return await self._shared.holds(digest.removeprefix("sha256:")) is not None
+        except UpstreamError:
+            return False  # (open_range logs it)
+
     def _from(self, kind: str, origin: str) -> None:
         self.kind, self.origin = kind, origin
 

@@ -1,8 +1,12 @@
 """Ranged upstream requests for one Fill: a few workers, each fetching one chunk at a time.
 
 Each worker takes the next chunk (one a reader waits on first), asks the source for it with ``Range``
-and writes what arrives at its offset through a :class:`ChunkWriter`.  An upstream that answers a range
-with 200 means "no ranges": one worker then streams the whole body from the start.  Transient upstream
+and writes what arrives at its offset through a :class:`ChunkWriter`.  A short last chunk (at most a
+quarter of a chunk) comes with the chunk before it, in the same request: fetched alone it would cost a
+request of its own at the very end, when every reader is waiting for it.  An upstream that answers a range
+with 200 means "no ranges": one worker then streams the whole body from the start; so one request probes
+first, unless the source can tell at once that it honours ranges (the cluster's shared store), when all
+workers start together.  Transient upstream
 errors are retried with exponential backoff; a worker that got no bytes for ``idle_timeout`` seconds
 gives its chunk up and retries it.
 """
@@ -32,6 +36,7 @@ from .errors import FillFailed, disk_full
 
 log = Logger(namespace="ollama_mirror.fill")  # pinned: log names are public
 UPSTREAM_READ_SIZE = 2**20  # bytes per read from an upstream socket (Twisted's default is 64 KiB)
+SHORT_TAIL = 4  # a last chunk of at most 1/SHORT_TAIL of a chunk is fetched with the one before it
 
 
 class ChunkSink(Protocol):
@@ -208,21 +213,44 @@ class RangeFetcher:
                 index = self.chunks.next_chunk(self._wanted())
                 if index is None:
                     return
-                self.chunks.inflight.add(index)
+                last = self._short_tail(index) or index
+                taken = set(range(index, last + 1))
+                self.chunks.inflight.update(taken)
                 try:
-                    await self._fetch_with_retries(index)
+                    await self._fetch_with_retries(index, last)
                 finally:
-                    self.chunks.inflight.discard(index)
+                    self.chunks.inflight.difference_update(taken)
         finally:
             self.workers -= 1
 
-    async def _fetch_with_retries(self, index: int) -> None:
-        """Fetch one chunk, resuming it from the bytes it has when its body breaks off (a cut, a stall)
-        under the upstream retry policy; an answer the upstream's own retries gave up on is final."""
+    async def _honours_ranges(self) -> bool:
+        """Whether the source says it answers ranges with 206 (a store holding the blob); a source that
+        cannot tell is probed with the first request."""
+        honours = getattr(self.source, "honours_ranges", None)
+        return honours is not None and bool(await honours(self.sink.digest))
+
+    def _short_tail(self, index: int) -> int | None:
+        """The last chunk, when it is short and follows *index* and nobody has fetched any of it yet."""
+        chunks = self.chunks
+        tail = index + 1
+        if (
+            tail != chunks.count - 1
+            or chunks.length(tail) * SHORT_TAIL > chunks.chunk_size
+            or chunks.done[tail]
+            or chunks.filled[tail]
+            or tail in chunks.inflight
+        ):
+            return None
+        return tail
+
+    async def _fetch_with_retries(self, index: int, last: int) -> None:
+        """Fetch chunks *index* to *last* (one request), resuming from the bytes they have when the body
+        breaks off (a cut, a stall) under the upstream retry policy; an answer the upstream's own retries
+        gave up on is final."""
         failures = 0
         while True:
             try:
-                await self._fetch(index)
+                await self._fetch(index, last)
                 return
             except UpstreamError as e:
                 if not self._may_fetch():
@@ -243,11 +271,17 @@ class RangeFetcher:
                 )
                 await deferLater(self.clock, delay)
 
-    async def _fetch(self, index: int) -> None:
-        chunk_start, chunk_end = self.chunks.bounds(index)
-        start = chunk_start + self.chunks.filled[index]
+    async def _fetch(self, index: int, last: int) -> None:
+        first = next((i for i in range(index, last + 1) if not self.chunks.done[i]), None)
+        if first is None:
+            return  # (finished by a whole-body stream meanwhile)
+        start = self.chunks.bounds(first)[0] + self.chunks.filled[first]
+        chunk_end = self.chunks.bounds(last)[1]
         if self.ranged is False:
             start, chunk_end = 0, self.chunks.size  # the upstream ignores ranges: one stream, from the start
+        if self.ranged is None and await self._honours_ranges():
+            self.ranged = True  # (before this probe's answer: every worker starts now)
+            self.schedule()
         response = await self.source.open_range(self.repository, self.sink.digest, start, chunk_end - 1)
         if response.code == 200:
             if self.ranged is None or start == 0:

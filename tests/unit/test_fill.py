@@ -775,3 +775,59 @@ def test_a_record_of_progress_is_believed_only_where_it_makes_sense(tmp_path: Pa
         assert state is not None and state.filled == {1: 250, 4: 499}
     finally:
         os.close(fd)
+
+
+def test_a_short_last_chunk_comes_with_the_chunk_before_it(tmp_path: Path) -> None:
+    blob = os.urandom(4 * CHUNK + 100)  # the last chunk is a tenth of a chunk
+    clock, source = Clock(), FakeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock)
+    fill.start()
+    source.serve_all()
+    assert fill.complete and published(fill) == blob
+    assert sorted((r.start, r.end) for r in source.requests) == [
+        (0, 999),
+        (1000, 1999),
+        (2000, 2999),
+        (3000, 4099),  # chunks 3 and 4: no request of its own for the 100 bytes at the very end
+    ]
+
+
+def test_a_cut_in_the_short_last_chunk_resumes_there(tmp_path: Path) -> None:
+    blob = os.urandom(2 * CHUNK + 100)
+    clock, source = Clock(), FakeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock, connections=1)
+    fill.start()
+    source.respond(source.requests[0])  # the probe: chunk 0
+    assert (source.requests[1].start, source.requests[1].end) == (1000, 2099)
+    reader = fill.wait(2 * CHUNK + 50)
+    response = source.respond(source.requests[1], send=False)
+    response.send(blob[1000:2040])  # chunk 1 and 40 bytes of the last one
+    assert fill.chunks.done[1] and fill.available(2000) == 40 and not reader.called
+    response.lose(ResponseFailed([Failure(ConnectionError("reset"))]))
+    clock.advance(1.0)
+    assert (source.requests[-1].start, source.requests[-1].end) == (2040, 2099)
+    source.serve_all()
+    assert reader.called and fill.complete and published(fill) == blob
+
+
+class StoreLikeSource(FakeSource):
+    """A source that can tell before any range that it answers ranges (the cluster's shared store)."""
+
+    def __init__(self, blob: bytes) -> None:
+        super().__init__(blob)
+        self.asked: list[str] = []
+
+    async def honours_ranges(self, digest: str) -> bool:
+        self.asked.append(digest)
+        return True
+
+
+def test_a_source_known_to_honour_ranges_gets_every_connection_at_once(tmp_path: Path, blob: bytes) -> None:
+    clock, source = Clock(), StoreLikeSource(blob)
+    fill = make_fill(tmp_path, blob, source, clock, connections=3)
+    fill.start()
+    no_probe = [(0, 999), (1000, 1999), (2000, 2999)]  # every connection at once
+    assert sorted((r.start, r.end) for r in source.pending()) == no_probe
+    assert source.asked == [fill.digest]  # asked once, by the first worker
+    source.serve_all()
+    assert fill.complete and published(fill) == blob
