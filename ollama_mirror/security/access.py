@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -55,11 +54,22 @@ from ..web.errors import ollama_error, registry_error
 from .modelrules import ModelRules
 from .ratelimit import RateLimiter, client_address, in_networks, parse_networks
 from .registryauth import AuthFailed, AuthorizedKeys, PushDenied, Signer, TokenIssuer, load_secret
+from .requestparts import (
+    RegistryPath,
+    ambiguous_path,
+    bearer,
+    header_text,
+    is_web_ui,
+    model_in_body,
+    push_repository,
+    registry_path,
+    routed_path,
+    routed_path_lenient,
+)
 
 log = Logger(namespace="ollama_mirror.access")  # pinned: log names are public
 
 TOKEN_PATH = "/v2/token"
-_PEEK_LIMIT = 1 << 20
 
 
 class Holdings(Protocol):
@@ -108,77 +118,6 @@ class Refusal:
     message: str
     code: str = ""  # registry error code, for /v2 routes
     headers: tuple[tuple[bytes, bytes], ...] = ()
-
-
-def _routed_path(request: Request) -> str:
-    """The path as the routers match it: each segment unquoted, then joined with ``/``."""
-    segments = [s.decode("utf-8") for s in (request.prepath or []) + (request.postpath or [])]
-    return "/" + "/".join(segments)
-
-
-def _ambiguous(request: Request) -> bool:
-    """Whether the path has a segment that routes differently from how it reads (see the module
-    docstring): an encoded slash, or an empty segment anywhere but at the end."""
-    segments = (request.prepath or []) + (request.postpath or [])
-    return any(b"/" in s for s in segments) or any(not s for s in segments[:-1])
-
-
-def _routed_path_lenient(request: Request) -> str:
-    segments = [s.decode("utf-8", "replace") for s in (request.prepath or []) + (request.postpath or [])]
-    return "/" + "/".join(segments)
-
-
-def _header(request: IRequest, name: bytes) -> str:
-    value = request.getHeader(name)
-    return value.decode("latin-1") if value is not None else ""
-
-
-def _bearer(request: IRequest) -> str | None:
-    scheme, _, credential = _header(request, b"authorization").strip().partition(" ")
-    return credential.strip() if scheme.lower() == "bearer" and credential.strip() else None
-
-
-def _model_in_body(request: Request) -> ModelName | None:
-    """The model a ``/api/pull`` or ``/api/show`` body names (``model``, or the older ``name``)."""
-    body = _peek_json(request)
-    text = None if body is None else body.get("model") or body.get("name")
-    if not isinstance(text, str):
-        return None
-    try:
-        return ModelName.parse(text)
-    except InvalidName:
-        return None
-
-
-def _peek_json(request: Request) -> dict[str, Any] | None:
-    """The JSON body, read without consuming it (the route reads it again); ``None`` if unusable."""
-    content = request.content
-    if content is None:
-        return None
-    try:
-        data = content.read(_PEEK_LIMIT + 1)
-    finally:
-        content.seek(0)
-    try:
-        document = json.loads(data or b"{}")
-    except (ValueError, RecursionError):
-        return None
-    return document if isinstance(document, dict) else None
-
-
-@dataclass(frozen=True)
-class _RegistryPath:
-    namespace: str
-    model: str
-    kind: str  # manifests | blobs
-    reference: str
-
-
-def _registry_path(path: str) -> _RegistryPath | None:
-    parts = path.split("/")  # "", "v2", ns, model, kind, reference
-    if len(parts) != 6 or parts[4] not in ("manifests", "blobs"):
-        return None
-    return _RegistryPath(parts[2], parts[3], parts[4], parts[5])
 
 
 class AccessControl:
@@ -288,7 +227,7 @@ class AccessControl:
     def _check_push(self, request: Request, path: str, client: str) -> Refusal | None:
         """A push (``POST``/``PATCH``/``PUT``/``DELETE`` on ``/v2``): to a private namespace only, with
         a token a push key earned; refused before any byte of the body is accepted."""
-        target = _push_path(path)
+        target = push_repository(path)
         if target is None:
             return None  # (the routes answer: not found, or the method is not allowed)
         namespace, repository = target.partition("/")[0], target
@@ -303,7 +242,7 @@ class AccessControl:
             return Refusal(
                 403, "nobody may push to this mirror: private.push_authorized_keys is empty", "DENIED"
             )
-        token = _bearer(request)
+        token = bearer(request)
         reason = "authentication required"
         if token is not None:
             try:
@@ -370,9 +309,9 @@ class AccessControl:
         if not self.limiter.requests:
             return 0.0
         if path == "/api/pull" and request.method == b"POST":
-            name = _model_in_body(request)
+            name = model_in_body(request)
             return 0.0 if name is not None and self._holdings.has_tag(name) else 1.0
-        target = _registry_path(path) if path.startswith("/v2/") else None
+        target = registry_path(path) if path.startswith("/v2/") else None
         if target is None or request.method not in (b"GET", b"HEAD"):
             return 0.0
         if not (is_namespace(target.namespace) and is_model(target.model)):
@@ -386,14 +325,14 @@ class AccessControl:
             return 0.0 if self._holdings.has_manifest(parse_digest(target.reference)) else 1.0
         if not is_tag(target.reference):
             return 0.0
-        host = self._registry_host(_header(request, b"host") or None)
+        host = self._registry_host(header_text(request, b"host") or None)
         held = self._holdings.has_tag(ModelName(host, target.namespace, target.model, target.reference))
         return 0.0 if held else 1.0
 
     def _check_api_key(self, request: IRequest, client: str) -> Refusal | None:
         if not self._api_keys:
             return None
-        given = _bearer(request)
+        given = bearer(request)
         if given is None:
             return Refusal(401, "unauthorized: this mirror needs an API key (Authorization: Bearer <key>)")
         if self._key_matches(given):
@@ -423,11 +362,11 @@ class AccessControl:
         status."""
         if not self._api_keys:
             return True
-        given = _bearer(request)
+        given = bearer(request)
         return given is not None and self._key_matches(given)
 
     def _check_api_model(self, request: Request) -> Refusal | None:
-        name = _model_in_body(request)
+        name = model_in_body(request)
         if name is None:
             return None  # the route answers the bad body itself
         reason = self.rules.check(name)
@@ -436,7 +375,7 @@ class AccessControl:
     # --- /v2 -----------------------------------------------------------------------------------
 
     def _check_registry(self, request: Request, path: str, client: str) -> Refusal | None:
-        target = _registry_path(path)
+        target = registry_path(path)
         if path == TOKEN_PATH and self.issuer is not None:
             return None  # answered by the guard itself
         refusal = self._check_registry_access(request, path, target, client)
@@ -444,7 +383,7 @@ class AccessControl:
             return refusal
         if not (is_namespace(target.namespace) and is_model(target.model)):
             return None  # the route answers NAME_INVALID
-        host = self._registry_host(_header(request, b"host") or None)
+        host = self._registry_host(header_text(request, b"host") or None)
         if target.kind == "manifests" and is_tag(target.reference) and not is_digest(target.reference):
             reason = self.rules.check(ModelName(host, target.namespace, target.model, target.reference))
         else:
@@ -452,7 +391,7 @@ class AccessControl:
         return Refusal(403, reason, "DENIED") if reason else None
 
     def _check_registry_access(
-        self, request: Request, path: str, target: _RegistryPath | None, client: str
+        self, request: Request, path: str, target: RegistryPath | None, client: str
     ) -> Refusal | None:
         if self.mode == "open":
             return None
@@ -468,7 +407,7 @@ class AccessControl:
             query = request.uri.partition(b"?")[2].decode("latin-1")
             if query and self.signer.check_path(request.path.decode("latin-1"), query):
                 return None
-        token = _bearer(request)
+        token = bearer(request)
         reason = "authentication required"
         if token is not None:
             try:
@@ -485,13 +424,13 @@ class AccessControl:
 
     def _origin(self, request: Request) -> tuple[str, str]:
         """The scheme and ``host[:port]`` the client asked for (the Go client wants the realm there)."""
-        host = _header(request, b"host").strip()
+        host = header_text(request, b"host").strip()
         if not host or any(c in host for c in ' "\\,/@?#') or len(host) > 300:
             address = request.getHost()
             host = f"{getattr(address, 'host', 'localhost')}:{getattr(address, 'port', 0)}"
         scheme = "https" if request.isSecure() else "http"
         peer = str(getattr(request.getClientAddress(), "host", ""))
-        forwarded_proto = _header(request, b"x-forwarded-proto").strip().lower()
+        forwarded_proto = header_text(request, b"x-forwarded-proto").strip().lower()
         if forwarded_proto in ("http", "https") and self._trusted and in_networks(peer, self._trusted):
             scheme = forwarded_proto
         return scheme, host
@@ -513,7 +452,7 @@ class AccessControl:
         query = uri.partition("?")[2]
         client = self.client(request)
         try:
-            token, who = self.issuer.issue(_header(request, b"authorization"), urls, query)
+            token, who = self.issuer.issue(header_text(request, b"authorization"), urls, query)
         except PushDenied as e:
             log.warn("registry token refused to {client}: {reason}", client=client, reason=str(e))
             return Refusal(403, str(e), "DENIED")
@@ -522,14 +461,6 @@ class AccessControl:
             return self._failed_credentials(client, Refusal(401, str(e), "UNAUTHORIZED"))
         log.info("registry token issued to {who} at {client}", who=who, client=client)
         return {"token": token, "access_token": token, "expires_in": int(self.issuer.lifetime)}
-
-
-WEB_UI_PATH = "/mirror/ui"
-
-
-def is_web_ui(path: str) -> bool:
-    """Whether *path* is the web page's (``/mirror/ui`` and below), which checks its sessions itself."""
-    return path == WEB_UI_PATH or path.startswith(WEB_UI_PATH + "/")
 
 
 def _refuse(request: Request, path: str, refusal: Refusal) -> bytes:
@@ -566,11 +497,11 @@ class _GuardedResource(Resource):
 
     def render(self, request: Request) -> Any:
         try:
-            path = self._as_path or _routed_path(request)
+            path = self._as_path or routed_path(request)
         except UnicodeDecodeError:  # the routers would answer a plain-text 400
-            path = _routed_path_lenient(request)
+            path = routed_path_lenient(request)
             return _refuse(request, path, Refusal(400, "the URL is not valid UTF-8", "NAME_INVALID"))
-        if self._as_path is None and _ambiguous(request):
+        if self._as_path is None and ambiguous_path(request):
             return _refuse(
                 request,
                 path,
@@ -610,12 +541,3 @@ def _keys(key: str, path: str, what: str) -> AuthorizedKeys:
         return AuthorizedKeys(path, what)
     except (ValueError, OSError) as e:
         raise ConfigError(f"{key}: {e}") from None
-
-
-_PUSH_PATH = re.compile(r"/v2/([^/]+/[^/]+)/(?:blobs/uploads/[^/]*|manifests/[^/]+)")
-
-
-def _push_path(path: str) -> str | None:
-    """The repository (``namespace/model``) a push route names, or ``None``."""
-    match = _PUSH_PATH.fullmatch(path)
-    return match.group(1) if match else None
