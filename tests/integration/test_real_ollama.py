@@ -586,7 +586,7 @@ def test_ollama_push_of_a_small_model_as_recorded_for_ci(
                 scene = Scene(
                     "registry-push",
                     "ollama push --insecure of a model made by ollama create to private.namespaces=team "
-                    "(a key allowed there), again, a model made FROM it (cross-repository mounts), to a "
+                    "(a key allowed there), again, a model made FROM it (only its new layer is sent), to a "
                     "namespace that is not private, with a key the mirror does not know; then ollama pull "
                     "of the derived model by another Ollama",
                     {
@@ -626,7 +626,9 @@ def test_ollama_push_of_a_small_model_as_recorded_for_ci(
 
                 ok(stranger.cli("create", f"{recorder.host}/team/mine:v2", "-f", str(modelfile)))
                 refused = stranger.cli("push", "--insecure", f"{recorder.host}/team/mine:v2")
+                text = plain_text(refused.stdout + refused.stderr)
                 assert refused.returncode != 0
+                assert "may not push to this mirror" in text and "private.push_authorized_keys" in text, text
                 scene.phase("push with a key the mirror does not know", recorder, key="unknown")
 
                 assert "success" in ok(puller.cli("pull", "--insecure", f"{recorder.host}/team/mine:v2"))
