@@ -323,10 +323,17 @@ class ClusterBench(Bench):
         proxy = self._link.proxy if self._link is not None else None
         return proc_cpu_s(proxy.proc.pid) if proxy is not None else None
 
-    def cpu_since(self, machine0: float, weed0: float, proxy0: float | None) -> dict[str, Any]:
+    def cpu_since(
+        self, machine0: float, weed0: float, proxy0: float | None, started: float
+    ) -> dict[str, Any]:
+        """What the machine, the store and the proxy used since the client started; ``machine_busy`` =
+        the machine's CPU over every core for the client's whole run (start-up and digest check too)."""
         proxy1 = self.proxy_cpu_s()
+        wall = time.monotonic() - started
+        machine = busy_cpu_s() - machine0
         return {
-            "machine_cpu_s": busy_cpu_s() - machine0,
+            "machine_cpu_s": machine,
+            "machine_busy": machine / (wall * (os.cpu_count() or 1)) if wall > 0 else None,
             "s3_cpu_s": self.weed_cpu_s() - weed0,
             "proxy_cpu_s": proxy1 - proxy0 if proxy0 is not None and proxy1 is not None else None,
         }
@@ -345,16 +352,26 @@ class ClusterBench(Bench):
         return sample
 
     def ranged(self, url: str, size: int, digest: str, *, discover: bool = False) -> dict[str, Any]:
-        machine0, weed0, proxy0 = busy_cpu_s(), self.weed_cpu_s(), self.proxy_cpu_s()
+        machine0, weed0, proxy0, started = (
+            busy_cpu_s(),
+            self.weed_cpu_s(),
+            self.proxy_cpu_s(),
+            time.monotonic(),
+        )
         discover = discover or self._client == DISCOVER
         report: dict[str, Any] = super().ranged(url, size, digest, discover=discover)
-        self.cpu = self.cpu_since(machine0, weed0, proxy0)
+        self.cpu = self.cpu_since(machine0, weed0, proxy0, started)
         return report
 
     def curl(self, url: str, size: int) -> dict[str, Any]:
-        machine0, weed0, proxy0 = busy_cpu_s(), self.weed_cpu_s(), self.proxy_cpu_s()
+        machine0, weed0, proxy0, started = (
+            busy_cpu_s(),
+            self.weed_cpu_s(),
+            self.proxy_cpu_s(),
+            time.monotonic(),
+        )
         report: dict[str, Any] = super().curl(url, size)
-        self.cpu = self.cpu_since(machine0, weed0, proxy0)
+        self.cpu = self.cpu_since(machine0, weed0, proxy0, started)
         return report
 
     # -- small helpers -------------------------------------------------------------------------------
@@ -751,6 +768,7 @@ def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
                 "upstream_requests": max(reqs) if reqs else None,
                 "daemon_cpu_s": statistics.median(cpu) if cpu else None,
                 "machine_cpu_s": median_extra("machine_cpu_s"),
+                "machine_busy": median_extra("machine_busy"),
                 "s3_cpu_s": median_extra("s3_cpu_s"),
                 "proxy_cpu_s": median_extra("proxy_cpu_s"),
                 "client_cpu_s": median_extra("client_cpu_s"),
@@ -791,6 +809,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         "S3 CPU s",
         "proxy CPU s",
         "all CPU s",
+        "busy",
         "peak RSS MB",
     )
     table = [
@@ -810,6 +829,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
             fmt(row["s3_cpu_s"], ".2f"),
             fmt(row["proxy_cpu_s"], ".2f"),
             fmt(row["machine_cpu_s"], ".2f"),
+            fmt(row["machine_busy"], ".0%"),
             fmt(row["daemon_peak_rss_mb"], ".0f"),
         )
         for row in rows
@@ -954,7 +974,8 @@ def main(argv: list[str] | None = None) -> int:
             "(node D, which keeps none: until the client ended); S3 CPU = what SeaweedFS's four processes "
             "used while the client ran; proxy CPU = what the link's throttling proxy used meanwhile (S3 "
             "over a link only); all CPU = what the whole machine (every core, every process: the "
-            "client with its start-up and its digest check, and anything else running) used meanwhile."
+            "client with its start-up and its digest check, and anything else running) used meanwhile; "
+            "busy = that over every core for the client's whole run (100%: the machine had no CPU to spare)."
         )
         for line in verdict(rows):
             print(line)
