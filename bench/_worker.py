@@ -12,9 +12,10 @@ its own, so that no client or proxy shares an interpreter (and a GIL) with anoth
     then runs from the discovery ``GET`` to the last byte, and the report adds the HEAD's and the
     discovery's status, seconds and headers and the ``Location``.
 
-``python bench/_worker.py proxy UPSTREAM --rate BYTES_PER_S``
+``python bench/_worker.py proxy UPSTREAM --rate BYTES_PER_S [--keep-host]``
     A ``tests.support.faultproxy.FaultProxy`` in front of ``UPSTREAM`` with ``throttle(rate)`` per connection;
     prints ``{"url": ...}`` once listening, and stops when its standard input reaches EOF (or on SIGTERM).
+    ``--keep-host``: the client's ``Host`` is forwarded as it came (an S3 endpoint checks the signed one).
 
 ``python bench/_worker.py push BASE_URL REPO FILE --digest D [--key PEM] [--tag T --config FILE]``
     Pushes ``FILE`` as one blob of ``REPO`` the way Ollama does (``server/upload.go``, ``bench/push.py``
@@ -148,7 +149,7 @@ def discover(blob_url: str, size: int, timeout: float) -> tuple[str, float, dict
 
 
 def run_proxy(args: argparse.Namespace) -> int:
-    proxy = FaultProxy(args.upstream, upstream_timeout=args.upstream_timeout)
+    proxy = FaultProxy(args.upstream, upstream_timeout=args.upstream_timeout, keep_host=args.keep_host)
     proxy.throttle(args.rate)
     stop = threading.Event()
 
@@ -394,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     proxy.add_argument("upstream")
     proxy.add_argument("--rate", type=float, required=True, help="bytes per second per connection")
     proxy.add_argument("--upstream-timeout", type=float, default=60.0)
+    proxy.add_argument("--keep-host", action="store_true", help="forward the client's Host unchanged")
     push = sub.add_parser("push", help="push FILE as one blob of REPO, in Ollama's way")
     push.add_argument("base_url")
     push.add_argument("repo")

@@ -2,7 +2,7 @@
 
 One command, one run, loopback only::
 
-    python bench/cluster.py [--quick] [--size-mib 256] [--repeat N] [--out results.json]
+    python bench/cluster.py [--quick] [--size-mib 256] [--repeat N] [--s3-rate-mib R] [--out results.json]
 
 What it does (every figure a ratio against a baseline measured in the same run):
 
@@ -41,6 +41,21 @@ What it does (every figure a ratio against a baseline measured in the same run):
 Every wait has a deadline (``--timeout``); every process started is stopped at the end and the work
 directory removed, even on error or Ctrl-C. ``--repeat N`` repeats steps 2 to 5 (fresh nodes each round)
 and the table shows medians, with the range of the per-round ratios.
+
+``--s3-rate-mib R`` adds, in the same run, steps 2 to 5 again with S3 behind a network link to the store: a
+``FaultProxy`` (``bench/_worker.py proxy --keep-host``, a process of its own) in front of SeaweedFS's S3
+endpoint that limits every response body to R MiB/s per connection (``throttle``, a token bucket per client
+connection, as ``pull_1g``'s WAN rows). Both sides of each ratio cross it: the direct reads get presigned
+URLs signed for the proxy's address (``http://127.0.0.1:PROXY``; SigV4 signs the ``Host``, which the proxy
+forwards unchanged), and nodes B, C and D have ``cluster.s3_endpoint`` = the proxy (D: ``http://localhost:
+PROXY``, so its ``Location`` names the link too). On loopback the store, the nodes and the client share
+this machine's cores, so the loopback ratio measures CPU as much as the node; over the link the store's
+bandwidth per connection is the limit, as when S3 is across a network. Those rows are labelled ``[S3 link
+R MiB/s/conn]`` under the heading "S3 over a R MiB/s-per-connection link", come after the loopback ones
+in each round (which are unchanged), and have verdict lines and ``link`` fields of their own; the table
+adds the proxy's CPU seconds while the client ran. Pick R so that the proxy (Python, 64 KiB writes) is not
+the bottleneck: 8 MiB/s x 16 connections = 128 MiB/s for the 16-part read; a single-stream ``curl`` over
+the link gets R MiB/s at most, so its rows take size / R seconds.
 """
 
 from __future__ import annotations
@@ -58,7 +73,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -73,6 +88,7 @@ from pull_1g import (  # noqa: E402
     Bench,
     BenchError,
     Sample,
+    ThrottleProxy,
     busy_before,
     cpu_times,
     kill_group,
@@ -108,14 +124,36 @@ DISCOVER = "ranged+discovery"  # the client of the redirect case: Ollama's HEAD 
 STORE_HOST = "localhost"  # the S3 endpoint's name for the redirecting node (the client asks it at 127.0.0.1)
 
 
-def s3_client(s3: S3Server) -> Any:
-    """botocore's own S3 client for the store (path-style, SigV4, no retries)."""
+LOOPBACK = "loopback"
+
+
+@dataclass(frozen=True)
+class Link:
+    """How the store is reached: straight on loopback, or through a throttling proxy (a network link)."""
+
+    key: str  # "loopback", or "link<R>MiB": a suffix of the sample names (``name@key``) and a row field
+    title: str  # the table's section heading and the verdict lines' prefix
+    tag: str  # what the link's row labels end with ("" on loopback)
+    endpoint: str  # the S3 endpoint nodes and presigned URLs name: SeaweedFS's own, or the proxy's
+    port: int
+    proxy: ThrottleProxy | None = None
+
+    def name(self, name: str) -> str:
+        return name if self.key == LOOPBACK else f"{name}@{self.key}"
+
+    def label(self, label: str) -> str:
+        return f"{label} {self.tag}" if self.tag else label
+
+
+def s3_client(s3: S3Server, endpoint: str | None = None) -> Any:
+    """botocore's own S3 client for the store (path-style, SigV4, no retries), on *endpoint* (default the
+    store's own: a presigned URL names, and is signed for, the endpoint it was made for)."""
     import botocore.config
     import botocore.session
 
     return botocore.session.get_session().create_client(
         "s3",
-        **s3.client_kwargs(),
+        **{**s3.client_kwargs(), **({"endpoint_url": endpoint} if endpoint else {})},
         config=botocore.config.Config(
             s3={"addressing_style": "path"}, signature_version="s3v4", retries={"max_attempts": 1}
         ),
@@ -174,6 +212,9 @@ class ClusterBench(Bench):
         self.cpu: dict[str, float] = {}  # CPU seconds spent while the last client ran
         self.round_number = 0
         self._client = ""  # the client of the measurement under way
+        self.links: list[Link] = []  # loopback first, then the throttled link if any
+        self._link: Link | None = None  # the link of the measurement under way
+        self._presigners: dict[str, Any] = {}  # endpoint -> botocore client
 
     # -- set-up --------------------------------------------------------------------------------------
 
@@ -184,39 +225,69 @@ class ClusterBench(Bench):
         self.s3 = s3
         self.client = s3_client(s3)
         print(f"S3 (SeaweedFS) up in {time.monotonic() - started:.1f} s at {s3.endpoint}, bucket {BUCKET}")
+        self.links = [Link(LOOPBACK, "S3 on loopback (no link)", "", s3.endpoint, s3.port)]
         return s3
 
-    def cluster_config(self, redirect: bool = False) -> dict[str, Any]:
-        """The nodes' cluster settings; *redirect*: plus ``redirect_to_storage``, with the S3 endpoint
-        named ``localhost`` (the node, asked at 127.0.0.1, redirects only to another host name)."""
+    def start_link(self, rate_mib: float) -> Link:
+        """The throttling proxy in front of the store (a process of its own, the client's ``Host`` kept)."""
         assert self.s3 is not None
+        proxy = ThrottleProxy(
+            self.s3.endpoint, rate_mib * MiB, start_timeout=min(30.0, self.args.timeout), keep_host=True
+        )
+        self.stack.callback(proxy.stop)
+        port = urlsplit(proxy.url).port
+        assert port is not None
+        link = Link(
+            key=f"link{rate_mib:g}MiB",
+            title=(
+                f"S3 over a {rate_mib:g} MiB/s-per-connection link (throttling proxy; "
+                f"{self.args.parts} connections: {rate_mib * self.args.parts:g} MiB/s)"
+            ),
+            tag=f"[S3 link {rate_mib:g} MiB/s/conn]",
+            endpoint=proxy.url,
+            port=port,
+            proxy=proxy,
+        )
+        self.links.append(link)
+        self.setup["link"] = {"rate_mib_per_connection": rate_mib, "url": proxy.url, "pid": proxy.proc.pid}
+        print(f"- {link.title} at {proxy.url}")
+        return link
+
+    def cluster_config(self, redirect: bool = False, link: Link | None = None) -> dict[str, Any]:
+        """The nodes' cluster settings, the S3 endpoint that of *link* (default: the store on loopback);
+        *redirect*: plus ``redirect_to_storage``, with the S3 endpoint named ``localhost`` (the node, asked
+        at 127.0.0.1, redirects only to another host name)."""
+        assert self.s3 is not None
+        link = link or self.links[0]
         cluster: dict[str, Any] = {
             "storage_url": f"s3://{BUCKET}/{PREFIX}",
-            "s3_endpoint": self.s3.endpoint,
+            "s3_endpoint": link.endpoint,
             "s3_region": self.s3.region,
             "s3_access_key_id": self.s3.access_key_id,
             "s3_secret_access_key": self.s3.secret_access_key,
         }
         if redirect:
-            cluster.update(redirect_to_storage=True, s3_endpoint=f"http://{STORE_HOST}:{self.s3.port}")
+            cluster.update(redirect_to_storage=True, s3_endpoint=f"http://{STORE_HOST}:{link.port}")
         return {"cluster": cluster}
 
     @contextlib.contextmanager
-    def node(self, name: str, redirect: bool = False) -> Iterator[MirrorDaemon]:
+    def node(self, name: str, redirect: bool = False, link: Link | None = None) -> Iterator[MirrorDaemon]:
         """A fresh cluster node (empty cache directory) on the registry (*redirect*: with
-        ``cluster.redirect_to_storage``); on the way out its VmHWM and the warnings and errors in its log
-        are recorded, it is stopped and its directory deleted."""
+        ``cluster.redirect_to_storage``; the store through *link*); on the way out its VmHWM and the
+        warnings and errors in its log are recorded, it is stopped and its directory deleted."""
         assert self.registry is not None
         root = self.new_dir(name)
         daemon = MirrorDaemon(
             root / "cache",
             self.registry.url,
-            config=self.cluster_config(redirect),
+            config=self.cluster_config(redirect, link),
             workdir=root / "daemon",
             overrides=self.args.set,
             start=False,
         )
         record: dict[str, Any] = {"name": name, "overrides": dict(self.args.set)}
+        if link is not None:
+            record["link"] = link.key
         try:
             daemon.start()
             record["pid"] = daemon.pid
@@ -247,6 +318,26 @@ class ClusterBench(Bench):
         assert self.s3 is not None
         return sum(proc_cpu_s(pid) or 0.0 for pid in self.s3.pids.values())
 
+    def proxy_cpu_s(self) -> float | None:
+        """CPU seconds of the link's proxy process (None on loopback)."""
+        proxy = self._link.proxy if self._link is not None else None
+        return proc_cpu_s(proxy.proc.pid) if proxy is not None else None
+
+    def cpu_since(
+        self, machine0: float, weed0: float, proxy0: float | None, started: float
+    ) -> dict[str, Any]:
+        """What the machine, the store and the proxy used since the client started; ``machine_busy`` =
+        the machine's CPU over every core for the client's whole run (start-up and digest check too)."""
+        proxy1 = self.proxy_cpu_s()
+        wall = time.monotonic() - started
+        machine = busy_cpu_s() - machine0
+        return {
+            "machine_cpu_s": machine,
+            "machine_busy": machine / (wall * (os.cpu_count() or 1)) if wall > 0 else None,
+            "s3_cpu_s": self.weed_cpu_s() - weed0,
+            "proxy_cpu_s": proxy1 - proxy0 if proxy0 is not None and proxy1 is not None else None,
+        }
+
     def measure(self, **kwargs: Any) -> Sample:
         """pull_1g's ``measure``; the client ``DISCOVER`` is the ranged one with Ollama's discovery first,
         and each sample records its round."""
@@ -256,19 +347,31 @@ class ClusterBench(Bench):
         finally:
             self._client = ""
         sample.extra["round"] = self.round_number
+        link = self._link or self.links[0]
+        sample.extra.update(link=link.key, link_title=link.title)
         return sample
 
     def ranged(self, url: str, size: int, digest: str, *, discover: bool = False) -> dict[str, Any]:
-        machine0, weed0 = busy_cpu_s(), self.weed_cpu_s()
+        machine0, weed0, proxy0, started = (
+            busy_cpu_s(),
+            self.weed_cpu_s(),
+            self.proxy_cpu_s(),
+            time.monotonic(),
+        )
         discover = discover or self._client == DISCOVER
         report: dict[str, Any] = super().ranged(url, size, digest, discover=discover)
-        self.cpu = {"machine_cpu_s": busy_cpu_s() - machine0, "s3_cpu_s": self.weed_cpu_s() - weed0}
+        self.cpu = self.cpu_since(machine0, weed0, proxy0, started)
         return report
 
     def curl(self, url: str, size: int) -> dict[str, Any]:
-        machine0, weed0 = busy_cpu_s(), self.weed_cpu_s()
+        machine0, weed0, proxy0, started = (
+            busy_cpu_s(),
+            self.weed_cpu_s(),
+            self.proxy_cpu_s(),
+            time.monotonic(),
+        )
         report: dict[str, Any] = super().curl(url, size)
-        self.cpu = {"machine_cpu_s": busy_cpu_s() - machine0, "s3_cpu_s": self.weed_cpu_s() - weed0}
+        self.cpu = self.cpu_since(machine0, weed0, proxy0, started)
         return report
 
     # -- small helpers -------------------------------------------------------------------------------
@@ -279,8 +382,13 @@ class ClusterBench(Bench):
     def manifest_key(self, model: PushedModel) -> str:
         return f"{PREFIX}/manifests/{MANIFEST_HOST}/{model.repo}/{model.tag}"
 
-    def presigned(self, hexdigest: str) -> str:
-        url: str = self.client.generate_presigned_url(
+    def presigned(self, hexdigest: str, link: Link | None = None) -> str:
+        """A presigned GET URL of the blob object on *link*'s endpoint (default the store's own)."""
+        assert self.s3 is not None
+        endpoint = (link or self.links[0]).endpoint
+        if endpoint not in self._presigners:
+            self._presigners[endpoint] = s3_client(self.s3, endpoint)
+        url: str = self._presigners[endpoint].generate_presigned_url(
             "get_object",
             Params={"Bucket": BUCKET, "Key": self.blob_key(hexdigest)},
             ExpiresIn=PRESIGN_SECONDS,
@@ -424,18 +532,27 @@ class ClusterBench(Bench):
         print(f"- warm-up: one untimed ranged read straight from S3, {report['elapsed']:.2f} s")
 
     def node_step(
-        self, model: PushedModel, name: str, client: str, label: str, baseline: str, redirect: bool = False
+        self,
+        model: PushedModel,
+        name: str,
+        client: str,
+        label: str,
+        baseline: str,
+        redirect: bool = False,
+        link: Link | None = None,
     ) -> Sample:
         """A fresh node: its manifest, then the blob through it with *client*; what the registry sent
         during the whole step (node start, manifest, blob) is recorded with the sample, and what the node
         served itself for the blob meanwhile (its ``/mirror/stats`` and its access log). *redirect*: the
         node has ``cluster.redirect_to_storage`` and the client reads the blob from the discovery's
-        ``Location`` (the node must send none of it, nor keep a copy)."""
+        ``Location`` (the node must send none of it, nor keep a copy). *link*: how the node reaches the
+        store (default loopback)."""
         assert self.registry is not None
         layer = model.model_layer
         blob_path = f"/v2/{model.repo}/blobs/{layer.digest}"
         offset = self.registry.log_offset()
-        with self.node(name, redirect=redirect) as daemon:
+        link = link or self.links[0]
+        with self.node(name, redirect=redirect, link=link) as daemon:
             manifest_s = self.get_manifest(daemon, model)
             stats0 = self.node_stats(daemon)
             log_offset = daemon.log_path.stat().st_size
@@ -488,7 +605,7 @@ class ClusterBench(Bench):
                 }
             )
             if redirect:
-                self.check_redirect(sample)
+                self.check_redirect(sample, link)
             requests = self.upstream_since(offset)
             sample.upstream_bytes = sum(r["written"] for r in requests if r["uri"] == blob_path)
             sample.upstream_requests = len(requests)
@@ -501,17 +618,17 @@ class ClusterBench(Bench):
             )
         return sample
 
-    def check_redirect(self, sample: Sample) -> None:
+    def check_redirect(self, sample: Sample, link: Link) -> None:
         """The redirect case as it must go: the discovery answered 307 to the store (not the node), and the
         node sent no blob bytes, read none from the store and kept no copy; any miss is printed and
-        recorded (``redirect_problems``), the table's figures stay."""
+        recorded (``redirect_problems``), the table's figures stay. The ``Location`` must name the store
+        as *link* reaches it (on a link: the proxy's port)."""
         report = sample.extra["client"]
         location = urlsplit(str(report.get("location", "")))
         problems = []
         if report.get("discovery_statuses") != [307]:
             problems.append(f"discovery statuses {report.get('discovery_statuses')} (expected [307])")
-        assert self.s3 is not None
-        if location.hostname != STORE_HOST or location.port != self.s3.port:
+        if location.hostname != STORE_HOST or location.port != link.port:
             problems.append(f"Location {location.geturl()[:120]} is not the store's")
         for key in ("node_bytes_served", "node_access_blob_bytes", "node_bytes_from_storage"):
             if sample.extra[key] != 0:
@@ -524,35 +641,53 @@ class ClusterBench(Bench):
         for problem in problems:
             print(f"  redirect case: {problem}")
 
-    def direct(self, model: PushedModel, name: str, client: str, label: str) -> Sample:
-        """The same client straight from S3, on a presigned URL of the blob object."""
+    def direct(
+        self, model: PushedModel, name: str, client: str, label: str, link: Link | None = None
+    ) -> Sample:
+        """The same client straight from S3 (through *link*), on a presigned URL of the blob object."""
         sample = self.measure(
             name=name,
             label=label,
             group="cluster",
             client=client,
-            url=self.presigned(model.model_layer.hex),
+            url=self.presigned(model.model_layer.hex, link),
             model=model,
         )
         sample.extra.update(self.cpu, client_cpu_s=sample.extra["client"].get("cpu_s"))
         return sample
 
-    def round(self, model: PushedModel) -> None:
+    def round(self, model: PushedModel, link: Link) -> None:
+        """Steps 2 to 5 with the store reached through *link* (loopback: straight)."""
         layer = model.model_layer
-        print(f"\n{layer.size / MiB:.0f} MiB blob: straight from S3 and through a fresh node")
-        ranged = self.ranged_label
-        self.direct(model, "s3.ranged", "ranged", f"direct S3 (presigned), {ranged}")
-        self.node_step(model, "node_b.ranged", "ranged", f"node B (fresh), {ranged}", "s3.ranged")
-        self.node_step(
-            model,
-            "node_d.redirect",
-            DISCOVER,
-            f"node D (fresh, redirect_to_storage), discovery + {ranged}",
-            "s3.ranged",
-            redirect=True,
-        )
-        self.direct(model, "s3.curl", "curl", "direct S3 (presigned), curl")
-        self.node_step(model, "node_c.curl", "curl", "node C (fresh), curl", "s3.curl")
+        print(f"\n{layer.size / MiB:.0f} MiB blob: straight from S3 and through a fresh node; {link.title}")
+        self._link = link
+        try:
+            ranged = self.ranged_label
+            name, label = link.name, link.label
+            self.direct(model, name("s3.ranged"), "ranged", label(f"direct S3 (presigned), {ranged}"), link)
+            self.node_step(
+                model,
+                name("node_b.ranged"),
+                "ranged",
+                label(f"node B (fresh), {ranged}"),
+                name("s3.ranged"),
+                link=link,
+            )
+            self.node_step(
+                model,
+                name("node_d.redirect"),
+                DISCOVER,
+                label(f"node D (fresh, redirect_to_storage), discovery + {ranged}"),
+                name("s3.ranged"),
+                redirect=True,
+                link=link,
+            )
+            self.direct(model, name("s3.curl"), "curl", label("direct S3 (presigned), curl"), link)
+            self.node_step(
+                model, name("node_c.curl"), "curl", label("node C (fresh), curl"), name("s3.curl"), link=link
+            )
+        finally:
+            self._link = None
 
     def run(self) -> None:
         with self.stack:
@@ -561,11 +696,14 @@ class ClusterBench(Bench):
             self.start_s3()
             self.fill_cluster(model)
             self.warm_up(model)
+            if self.args.s3_rate_mib is not None:
+                self.start_link(self.args.s3_rate_mib)
             for round_ in range(self.args.repeat):
                 self.round_number = round_ + 1
                 if self.args.repeat > 1:
                     print(f"\n=== round {round_ + 1} of {self.args.repeat}")
-                self.round(model)
+                for link in self.links:
+                    self.round(model, link)
 
 
 # --- reporting ----------------------------------------------------------------------------------------
@@ -612,6 +750,8 @@ def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
             {
                 "name": name,
                 "label": first.label,
+                "link": first.extra.get("link", LOOPBACK),
+                "link_title": first.extra.get("link_title"),
                 "client": first.client,
                 "size": first.size,
                 "seconds": secs,
@@ -628,7 +768,9 @@ def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
                 "upstream_requests": max(reqs) if reqs else None,
                 "daemon_cpu_s": statistics.median(cpu) if cpu else None,
                 "machine_cpu_s": median_extra("machine_cpu_s"),
+                "machine_busy": median_extra("machine_busy"),
                 "s3_cpu_s": median_extra("s3_cpu_s"),
+                "proxy_cpu_s": median_extra("proxy_cpu_s"),
                 "client_cpu_s": median_extra("client_cpu_s"),
                 "daemon_peak_rss_mb": max(rss) if rss else None,
                 "rounds": len(group),
@@ -665,7 +807,9 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         "upstream reqs",
         "node CPU s",
         "S3 CPU s",
+        "proxy CPU s",
         "all CPU s",
+        "busy",
         "peak RSS MB",
     )
     table = [
@@ -683,7 +827,9 @@ def render_table(rows: list[dict[str, Any]]) -> str:
             fmt(row["upstream_requests"], "d"),
             fmt(row["daemon_cpu_s"], ".2f"),
             fmt(row["s3_cpu_s"], ".2f"),
+            fmt(row["proxy_cpu_s"], ".2f"),
             fmt(row["machine_cpu_s"], ".2f"),
+            fmt(row["machine_busy"], ".0%"),
             fmt(row["daemon_peak_rss_mb"], ".0f"),
         )
         for row in rows
@@ -697,14 +843,35 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         )
         return "  ".join(padded).rstrip()
 
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in table)])
+    body: list[str] = []
+    sections = len({row["link"] for row in rows}) > 1  # headings only when a link was measured too
+    for index, (row, cells) in enumerate(zip(rows, table, strict=True)):
+        if sections and (index == 0 or row["link"] != rows[index - 1]["link"]):
+            body.append(f"-- {row['link_title'] or row['link']}")
+        body.append(line(cells))
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *body])
 
 
 def verdict(rows: list[dict[str, Any]]) -> list[str]:
     """The target, in one line each: the 16-part pull through a fresh node against the same from S3, and
-    the same client with Ollama's discovery on a fresh node that redirects to the store."""
+    the same client with Ollama's discovery on a fresh node that redirects to the store; once per link
+    (loopback, then the throttled link if measured), each line prefixed with the link when there are two."""
+    links: list[str] = []
+    for r in rows:
+        if r["link"] not in links:
+            links.append(r["link"])
     lines = []
-    row = next((r for r in rows if r["name"] == "node_b.ranged"), None)
+    for link in links:
+        link_rows = [r for r in rows if r["link"] == link]
+        prefix = f"[{link_rows[0]['link_title'] or link}] " if len(links) > 1 else ""
+        lines += [prefix + line for line in link_verdict(link_rows)]
+    return lines
+
+
+def link_verdict(rows: list[dict[str, Any]]) -> list[str]:
+    """``verdict``'s lines for the rows of one link."""
+    lines = []
+    row = next((r for r in rows if r["name"].split("@")[0] == "node_b.ranged"), None)
     if row is not None and row["speed_vs_direct_s3"] is not None:
         upstream = row["upstream_blob_bytes"]
         lines.append(
@@ -714,7 +881,7 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
             f"upstream bytes for the blob during the node's pull: {upstream} "
             f"({'ok' if upstream == 0 else 'NOT 0'})"
         )
-    row = next((r for r in rows if r["name"] == "node_d.redirect"), None)
+    row = next((r for r in rows if r["name"].split("@")[0] == "node_d.redirect"), None)
     if row is not None and row["speed_vs_direct_s3"] is not None:
         sent, upstream, problems = (
             row["node_blob_bytes_served"],
@@ -757,7 +924,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="profile nodes B, C and D during their pulls with this py-spy (raw stacks into --keep-logs)",
     )
     p.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples per second")
+    p.add_argument(
+        "--s3-rate-mib",
+        type=float,
+        default=None,
+        metavar="R",
+        help="also measure with S3 behind a throttling proxy, R MiB/s per connection (e.g. 8), side by side",
+    )
     args = p.parse_args(argv)
+    if args.s3_rate_mib is not None and args.s3_rate_mib <= 0:
+        p.error("--s3-rate-mib must be positive")
     if args.py_spy is not None and args.keep_logs is None:
         p.error("--py-spy needs --keep-logs DIR (where the profiles go)")
     args.size_mib = args.size_mib or (64 if args.quick else 256)
@@ -796,8 +972,10 @@ def main(argv: list[str] | None = None) -> int:
             "the blob (bytes) and all requests it answered, from the node's start to the end of its pull; "
             "node CPU = user+system seconds the node used from the request until the blob was in its cache "
             "(node D, which keeps none: until the client ended); S3 CPU = what SeaweedFS's four processes "
-            "used while the client ran; all CPU = what the whole machine (every core, every process: the "
-            "client with its start-up and its digest check, and anything else running) used meanwhile."
+            "used while the client ran; proxy CPU = what the link's throttling proxy used meanwhile (S3 "
+            "over a link only); all CPU = what the whole machine (every core, every process: the "
+            "client with its start-up and its digest check, and anything else running) used meanwhile; "
+            "busy = that over every core for the client's whole run (100%: the machine had no CPU to spare)."
         )
         for line in verdict(rows):
             print(line)

@@ -240,9 +240,12 @@ class InfoRegistry(RegistryProcess):
 class ThrottleProxy:
     """``bench/_worker.py proxy``: a FaultProxy throttled per connection, in a process of its own."""
 
-    def __init__(self, upstream: str, rate: float, start_timeout: float = 15.0) -> None:
+    def __init__(
+        self, upstream: str, rate: float, start_timeout: float = 15.0, *, keep_host: bool = False
+    ) -> None:
+        cmd = [sys.executable, str(WORKER), "proxy", upstream, "--rate", str(rate)]
         self.proc: subprocess.Popen[str] = subprocess.Popen(
-            [sys.executable, str(WORKER), "proxy", upstream, "--rate", str(rate)],
+            cmd + (["--keep-host"] if keep_host else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

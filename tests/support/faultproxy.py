@@ -6,6 +6,8 @@ back in bounded chunks (never a whole body in memory). Client connections are ke
 upstream bodies with a ``Content-Length`` are passed through as they are, others are re-framed as chunked
 (HTTP/1.1 clients) or close-delimited (HTTP/1.0 clients). A ``Location`` pointing at the upstream is
 rewritten to point at the proxy, so that a client following it stays behind the proxy.
+``keep_host=True`` forwards the client's ``Host`` as it came instead: a transparent link, for an upstream
+that checks it (an S3 endpoint verifies the ``Host`` its client signed with AWS Signature Version 4).
 
 It records, thread-safely, every request (``ProxyRecord``: method, path, the client's ``Range``, status,
 response body bytes sent, faults applied, ...), and answers ``bytes_for(substring)`` /
@@ -316,7 +318,8 @@ class _Handler(BaseHTTPRequestHandler):
             t.strip().lower() for t in self.headers.get("Connection", "").split(",") if t.strip()
         }
         strip_range = proxy._ignoring_range(self.path)
-        headers: list[tuple[str, str]] = [("Host", up.netloc)]
+        host = self.headers.get("Host") if proxy._keep_host else None
+        headers: list[tuple[str, str]] = [("Host", host or up.netloc)]
         chunked_request = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
         for name, value in self.headers.items():
             low = name.lower()
@@ -474,6 +477,7 @@ class FaultProxy:
         port: int = 0,
         upstream_timeout: float = 30.0,
         upstream_ssl_context: ssl.SSLContext | None = None,
+        keep_host: bool = False,
     ) -> None:
         parts = urlsplit(upstream_base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -490,6 +494,7 @@ class FaultProxy:
         )
         self._upstream_timeout = upstream_timeout
         self._upstream_ssl_context = upstream_ssl_context
+        self._keep_host = keep_host
         self._requested_port = port
         self._port = 0
         self._lock = threading.Lock()
