@@ -64,14 +64,14 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from tests.support.s3server import (
     REGION,
     S3RequestError,
     S3Response,
     S3StartError,
-    SignedRequests,
+    StoreAccess,
     free_ports,
     sign_v4,
     tail,
@@ -116,7 +116,7 @@ def moto_missing() -> str | None:
     return None
 
 
-class MotoServer(SignedRequests):
+class MotoServer(StoreAccess):
     """moto's S3 on ``127.0.0.1:<free port>``, authentication on, one bucket; started at construction.
 
     ``workdir`` holds ``moto.log`` and moto's temporary files; without it a temporary directory is made, and
@@ -157,22 +157,8 @@ class MotoServer(SignedRequests):
         return self._port
 
     @property
-    def endpoint(self) -> str:
-        """``http://127.0.0.1:PORT`` (no trailing slash); path-style addressing."""
-        return f"http://127.0.0.1:{self._port}"
-
-    @property
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
-
-    def client_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``botocore``'s ``create_client("s3", **kwargs)`` (but ``config``)."""
-        return {
-            "endpoint_url": self.endpoint,
-            "region_name": self.region,
-            "aws_access_key_id": self.access_key_id,
-            "aws_secret_access_key": self.secret_access_key,
-        }
 
     # -- life cycle ------------------------------------------------------------------------------------
 

@@ -65,7 +65,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any, Protocol, cast
+from typing import IO, Any, Protocol
 
 __all__ = [
     "REGION",
@@ -75,8 +75,8 @@ __all__ = [
     "S3Server",
     "S3StartError",
     "S3Store",
+    "StoreAccess",
     "free_ports",
-    "send_request",
     "sign_v4",
     "tail",
     "weed_binary",
@@ -247,44 +247,26 @@ class S3Store(Protocol):
     def is_running(self) -> bool: ...
 
 
-def send_request(
-    store: S3Store,
-    method: str,
-    path: str,
-    body: bytes = b"",
-    headers: Mapping[str, str] | None = None,
-    *,
-    signed: bool = True,
-    timeout: float = 10.0,
-) -> S3Response:
-    """One request to ``store``'s endpoint (``path`` is ``/bucket/key?query``, already URL-encoded), signed
-    with its credentials unless ``signed`` is false."""
-    all_headers = dict(headers or {})
-    if signed:
-        all_headers = sign_v4(
-            method,
-            store.endpoint + path,
-            access_key_id=store.access_key_id,
-            secret_access_key=store.secret_access_key,
-            region=store.region,
-            headers=all_headers,
-            payload_sha256=hashlib.sha256(body).hexdigest(),
-        )
-    connection = http.client.HTTPConnection("127.0.0.1", store.port, timeout=timeout)
-    try:
-        connection.request(method, path, body=body or None, headers=all_headers)
-        response = connection.getresponse()
-        data = response.read()
-        return S3Response(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
-    finally:
-        connection.close()
+class StoreAccess:
+    """What a store class with the attributes of :class:`S3Store` offers from its port and credentials: the
+    endpoint, botocore's client arguments, and signed requests."""
 
+    @property
+    def endpoint(self: S3Store) -> str:
+        """``http://127.0.0.1:PORT`` (no trailing slash); path-style addressing."""
+        return f"http://127.0.0.1:{self.port}"
 
-class SignedRequests:
-    """``request``, for a store class with the attributes of :class:`S3Store`."""
+    def client_kwargs(self: S3Store) -> dict[str, Any]:
+        """Keyword arguments for ``botocore``'s ``create_client("s3", **kwargs)`` (but ``config``)."""
+        return {
+            "endpoint_url": self.endpoint,
+            "region_name": self.region,
+            "aws_access_key_id": self.access_key_id,
+            "aws_secret_access_key": self.secret_access_key,
+        }
 
     def request(
-        self,
+        self: S3Store,
         method: str,
         path: str,
         body: bytes = b"",
@@ -294,11 +276,29 @@ class SignedRequests:
         timeout: float = 10.0,
     ) -> S3Response:
         """One request to the S3 endpoint (``path`` is ``/bucket/key?query``, already URL-encoded), signed
-        with the server's credentials unless ``signed`` is false."""
-        return send_request(cast(S3Store, self), method, path, body, headers, signed=signed, timeout=timeout)
+        with the store's credentials unless ``signed`` is false."""
+        all_headers = dict(headers or {})
+        if signed:
+            all_headers = sign_v4(
+                method,
+                self.endpoint + path,
+                access_key_id=self.access_key_id,
+                secret_access_key=self.secret_access_key,
+                region=self.region,
+                headers=all_headers,
+                payload_sha256=hashlib.sha256(body).hexdigest(),
+            )
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            connection.request(method, path, body=body or None, headers=all_headers)
+            response = connection.getresponse()
+            data = response.read()
+            return S3Response(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+        finally:
+            connection.close()
 
 
-class S3Server(SignedRequests):
+class S3Server(StoreAccess):
     """SeaweedFS's S3 gateway on ``127.0.0.1:<free port>`` with its own storage, started at construction.
 
     ``workdir`` holds everything (``master/``, ``volume/``, ``filer/`` data, ``s3.json``, ``logs/*.log``);
@@ -350,22 +350,8 @@ class S3Server(SignedRequests):
         return self.ports["s3"]
 
     @property
-    def endpoint(self) -> str:
-        """``http://127.0.0.1:PORT`` (no trailing slash); path-style addressing."""
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
     def pids(self) -> dict[str, int]:
         return {name: process.pid for name, process in self._processes.items()}
-
-    def client_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``botocore``'s ``create_client("s3", **kwargs)`` (but ``config``)."""
-        return {
-            "endpoint_url": self.endpoint,
-            "region_name": self.region,
-            "aws_access_key_id": self.access_key_id,
-            "aws_secret_access_key": self.secret_access_key,
-        }
 
     # -- life cycle ------------------------------------------------------------------------------------
 
