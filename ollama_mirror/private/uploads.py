@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 
 from ..cache.store import Store
 from ..names import PrivateNamespaces
+from ..registryerror import RegistryError
 from ..runner import Runner
 
 log = Logger(namespace="ollama_mirror.private")
@@ -42,14 +43,8 @@ MAX_PENDING = 8 * 2**20  # bytes of a part waiting for the disk before the conne
 NOTE = ".repo"  # beside a session's file: the repository it pushes to (any worker process takes it up)
 
 
-class UploadError(Exception):
+class UploadError(RegistryError):
     """A push request that cannot be done: the registry status and error code, and why."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 @dataclass

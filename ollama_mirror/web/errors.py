@@ -41,16 +41,6 @@ def registry_error(request: IRequest, status: int, code: str, message: str, deta
     return json_body(request, status, {"errors": [error]})
 
 
-class RegistryError(Exception):
-    """An error a registry route answers with its status and registry error code."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
 def routing_answer(
     request: IRequest, failure: Failure, answer: Callable[[IRequest, int, str], bytes]
 ) -> bytes:

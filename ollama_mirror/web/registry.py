@@ -39,11 +39,12 @@ from ..names import (
     parse_digest,
 )
 from ..private.source import NoUpstream
+from ..registryerror import RegistryError
 from ..upstream.client import AsClient, Upstream, ollama_agent
 from ..upstream.errors import UpstreamError
 from ..upstream.hosts import Upstreams
 from .blobstream import BlobProducer, StreamingResource
-from .errors import RegistryError, json_body, registry_error, routing_answer
+from .errors import json_body, registry_error, routing_answer
 from .ranges import InvalidRange, UnsatisfiableRange, parse_range
 
 log = Logger(namespace="ollama_mirror.registry")  # pinned: log names are public
