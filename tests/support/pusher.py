@@ -806,21 +806,8 @@ class _Pusher:
                 raise PushError("http: no Location header in response")
             redirect = urljoin(resp.url, location)
             part.redirected_to = redirect
-            error: PushError | None = None
-            for attempt in range(self.max_retries):
-                if cancelled.is_set():
-                    raise _Cancelled()
-                try:
-                    self.upload_part("PUT", redirect, part, path, digest, next_urls, cancelled)
-                except _MaxRetries:
-                    raise
-                except PushError as exc:
-                    error = exc
-                    self.sleep(attempt)
-                    continue
-                return
-            assert error is not None
-            raise _MaxRetries(f"{ERR_MAX_RETRIES}: {error}", status=error.status, body=error.body)
+            self.upload_with_retries("PUT", redirect, part, path, digest, next_urls, cancelled)
+            return
         if resp.status == 401:
             token = self.fetch_token(
                 resp.header("WWW-Authenticate"), urlsplit(url).netloc, digest=digest, part=part.index
@@ -846,12 +833,26 @@ class _Pusher:
     ) -> None:
         """The goroutine ``Run`` starts per part: up to ``maxRetries`` PATCH attempts with sleeps."""
         part.url = url
+        self.upload_with_retries("PATCH", url, part, path, digest, next_urls, cancelled)
+
+    def upload_with_retries(
+        self,
+        method: str,
+        url: str,
+        part: PartPush,
+        path: Path,
+        digest: str,
+        next_urls: queue.Queue[str],
+        cancelled: threading.Event,
+    ) -> None:
+        """Go's retry loop, the same for a part's PATCH and for the PUT of its redirect: up to
+        ``maxRetries`` attempts with sleeps between them."""
         error: PushError | None = None
         for attempt in range(self.max_retries):
             if cancelled.is_set():
                 raise _Cancelled()
             try:
-                self.upload_part("PATCH", url, part, path, digest, next_urls, cancelled)
+                self.upload_part(method, url, part, path, digest, next_urls, cancelled)
             except _MaxRetries:
                 raise
             except PushError as exc:
