@@ -91,9 +91,10 @@ from pull_1g import (  # noqa: E402
     ThrottleProxy,
     busy_before,
     cpu_times,
+    finish,
     kill_group,
-    machine_info,
     parse_set,
+    print_log_problems,
     proc_cpu_s,
     run_and_clean_up,
     tree_total,
@@ -944,10 +945,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def args_record(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if shutil.which("curl") is None:
@@ -958,7 +955,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workdir = work_directory(args, "bench-cluster-")
     bench = ClusterBench(args, workdir)
-    busy_at_start, top_at_start = busy_before()
+    before = busy_before()
     started = time.monotonic()
     error = run_and_clean_up(bench.run, workdir)
     rows = summarize(bench.samples)
@@ -979,25 +976,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         for line in verdict(rows):
             print(line)
-    for daemon in bench.daemons:
-        if daemon.get("log_problems"):
-            print(f"node {daemon['name']} logged {len(daemon['log_problems'])} warnings/errors:")
-            print("\n".join("  " + entry[:300] for entry in daemon["log_problems"][:5]))
-    result = {
-        "error": error,
-        "elapsed_s": time.monotonic() - started,
-        "machine": {**machine_info(), "busy_at_start": busy_at_start, "top_at_start": top_at_start},
-        "args": args_record(args),
+    print_log_problems(bench.daemons, lambda daemon: f"node {daemon['name']}")
+    sections = {
         "setup": bench.setup,
         "rows": rows,
         "daemons": bench.daemons,
         "samples": [asdict(s) for s in bench.samples],
     }
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        print(f"results written to {args.out}")
-    print(f"elapsed {time.monotonic() - started:.0f} s")
-    return 1 if error else 0
+    return finish(args, started, error, before, sections)
 
 
 if __name__ == "__main__":

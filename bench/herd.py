@@ -58,14 +58,15 @@ for _path in (BENCH_DIR, REPO_ROOT):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from cluster import BUCKET, EXPECTED_WARNING, LOG_PROBLEM, ClusterBench, args_record  # noqa: E402
+from cluster import BUCKET, EXPECTED_WARNING, LOG_PROBLEM, ClusterBench  # noqa: E402
 from pull_1g import (  # noqa: E402
     WORKER,
     BenchError,
     busy_before,
+    finish,
     kill_group,
-    machine_info,
     parse_set,
+    print_log_problems,
     run_and_clean_up,
     settle,
     work_directory,
@@ -543,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workdir = work_directory(args, "bench-herd-")
     bench = HerdBench(args, workdir)
-    busy_at_start, top_at_start = busy_before()
+    before = busy_before()
     started = time.monotonic()
     error = run_and_clean_up(bench.run, workdir)
     summary = summarize(bench.results)
@@ -558,24 +559,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         for line in verdict(summary):
             print(line)
-    for daemon in bench.daemons:
-        if daemon.get("log_problems"):
-            print(f"node {daemon['name']} logged {len(daemon['log_problems'])} warnings/errors:")
-            print("\n".join("  " + entry[:300] for entry in daemon["log_problems"][:5]))
-    result = {
-        "error": error,
-        "elapsed_s": time.monotonic() - started,
-        "machine": {**machine_info(), "busy_at_start": busy_at_start, "top_at_start": top_at_start},
-        "args": args_record(args),
-        "summary": summary,
-        "samples": bench.results,
-        "daemons": bench.daemons,
-    }
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        print(f"results written to {args.out}")
-    print(f"elapsed {time.monotonic() - started:.0f} s")
-    return 1 if error else 0
+    print_log_problems(bench.daemons, lambda daemon: f"node {daemon['name']}")
+    sections = {"summary": summary, "samples": bench.results, "daemons": bench.daemons}
+    return finish(args, started, error, before, sections)
 
 
 if __name__ == "__main__":

@@ -804,6 +804,39 @@ def work_directory(args: argparse.Namespace, prefix: str) -> Path:
     return workdir
 
 
+def print_log_problems(daemons: list[dict[str, Any]], title: Callable[[dict[str, Any]], str]) -> None:
+    """The warnings and errors each daemon logged (``log_problems``), five lines each at most."""
+    for daemon in daemons:
+        problems = daemon.get("log_problems")
+        if problems:
+            print(f"{title(daemon)} logged {len(problems)} warnings/errors:")
+            print("\n".join("  " + entry[:300] for entry in problems[:5]))
+
+
+def finish(
+    args: argparse.Namespace,
+    started: float,
+    error: str | None,
+    before: tuple[float, list[str]],
+    sections: dict[str, Any],
+) -> int:
+    """The end of every benchmark: the run as JSON (its error, duration, machine, arguments, then
+    *sections*) into ``--out`` when asked, the elapsed time, and the exit status (1 after an error)."""
+    busy_at_start, top_at_start = before
+    result = {
+        "error": error,
+        "elapsed_s": time.monotonic() - started,
+        "machine": {**machine_info(), "busy_at_start": busy_at_start, "top_at_start": top_at_start},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **sections,
+    }
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"results written to {args.out}")
+    print(f"elapsed {time.monotonic() - started:.0f} s")
+    return 1 if error else 0
+
+
 def busy_before() -> tuple[float, list[str]]:
     """How busy the machine is before a benchmark, and its busiest processes (said when it is not quiet)."""
     busy, top = machine_busy(), top_processes()
@@ -820,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workdir = work_directory(args, "bench-pull-")
     bench = Bench(args, workdir)
-    busy_at_start, top_at_start = busy_before()
+    before = busy_before()
     started = time.monotonic()
     error = run_and_clean_up(bench.run, workdir)
     rows = summarize(bench.samples)
@@ -836,19 +869,8 @@ def main(argv: list[str] | None = None) -> int:
     for daemon in bench.daemons:
         if daemon.get("log_errors"):
             print(f"daemon {daemon['name']} logged errors: {daemon['log_errors'][:3]}")
-    result = {
-        "error": error,
-        "elapsed_s": time.monotonic() - started,
-        "machine": {**machine_info(), "busy_at_start": busy_at_start, "top_at_start": top_at_start},
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "rows": rows,
-        "daemons": bench.daemons,
-        "samples": [asdict(s) for s in bench.samples],
-    }
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"results written to {args.out}")
-    return 1 if error else 0
+    sections = {"rows": rows, "daemons": bench.daemons, "samples": [asdict(s) for s in bench.samples]}
+    return finish(args, started, error, before, sections)
 
 
 if __name__ == "__main__":

@@ -81,8 +81,9 @@ from pull_1g import (  # noqa: E402
     BenchError,
     InfoRegistry,
     busy_before,
-    machine_info,
+    finish,
     parse_set,
+    print_log_problems,
     proc_cpu_s,
     run_and_clean_up,
     run_bounded,
@@ -665,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = work_directory(args, "bench-push-")
     bench = PushBench(args, workdir)
-    busy_at_start, top_at_start = busy_before()
+    before = busy_before()
     started = time.monotonic()
     error = run_and_clean_up(bench.run, workdir)
     rows = summarize(bench.samples)
@@ -682,26 +683,14 @@ def main(argv: list[str] | None = None) -> int:
         line = verdict(rows)
         if line:
             print(line)
-    for daemon in bench.daemons:
-        if daemon.get("log_problems"):
-            count = len(daemon["log_problems"])
-            print(f"the daemon of round {daemon['round'] + 1} logged {count} warnings/errors:")
-            print("\n".join("  " + entry[:300] for entry in daemon["log_problems"][:5]))
-    result = {
-        "error": error,
-        "elapsed_s": time.monotonic() - started,
-        "machine": {**machine_info(), "busy_at_start": busy_at_start, "top_at_start": top_at_start},
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    print_log_problems(bench.daemons, lambda daemon: f"the daemon of round {daemon['round'] + 1}")
+    sections = {
         "setup": bench.setup,
         "rows": rows,
         "daemons": bench.daemons,
         "samples": [asdict(s) for s in bench.samples],
     }
-    if args.out is not None:
-        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        print(f"results written to {args.out}")
-    print(f"elapsed {time.monotonic() - started:.0f} s")
-    return 1 if error else 0
+    return finish(args, started, error, before, sections)
 
 
 if __name__ == "__main__":
