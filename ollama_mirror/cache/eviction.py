@@ -196,10 +196,8 @@ class Sweeper(Events):
             return found.last_used if found is not None else model.modified
 
         cutoff = now - self.config.retention_days * DAY
-        pinned = self._pinned()
-        evictable = [
-            m for m in remaining.values() if not self.private.holds(m.name) and str(m.name) not in pinned
-        ]
+        kept = self._kept_on_purpose()
+        evictable = [m for m in remaining.values() if not kept(m.name)]
         for model in sorted(evictable, key=last_used):
             if last_used(model) < cutoff and not _in_use(model, protected):
                 remove(model, "retention")
@@ -226,9 +224,11 @@ class Sweeper(Events):
         report.seconds = time.monotonic() - started
         return report
 
-    def _pinned(self) -> frozenset[str]:
-        """(thread) The pinned tags, read afresh: ``ollama-mirror pin`` may have changed them."""
-        return self.pins.names() if self.pins is not None else frozenset()
+    def _kept_on_purpose(self) -> Callable[[ModelName], bool]:
+        """(thread) Whether a model is removed on purpose alone: private (the only copy) or pinned (the
+        operator's wish).  The pins are read afresh: ``ollama-mirror pin`` may have changed them."""
+        pinned = self.pins.names() if self.pins is not None else frozenset()
+        return lambda name: self.private.holds(name) or str(name) in pinned
 
     @staticmethod
     def _index_write(report: SweepReport, write: Callable[..., None], *args: Any) -> None:
@@ -382,10 +382,9 @@ class Sweeper(Events):
 
     def _clear(self, protected: set[str]) -> SweepReport:
         report = SweepReport()
-        pinned = self._pinned()
+        kept = self._kept_on_purpose()
         for model in self.catalog.models(complete_only=False):
-            # (private: the only copy; pinned: the operator's wish; either is removed on purpose alone)
-            if self.private.holds(model.name) or str(model.name) in pinned:
+            if kept(model.name):
                 protected.update(digest for digest, _ in model.blobs)
                 continue
             if self._unlink_manifest(model):
